@@ -1,0 +1,1 @@
+"""chanprune: reconstruction-based channel pruning for PyTorch."""

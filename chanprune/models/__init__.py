@@ -1,0 +1,1 @@
+"""Model definitions with torchvision-compatible state_dict keys."""
