@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["UnsupportedLayerError", "ConvergenceWarning"]
+__all__ = ["UnsupportedLayerError", "ConvergenceWarning", "SingularGramWarning"]
 
 
 class UnsupportedLayerError(TypeError):
@@ -15,3 +15,7 @@ class UnsupportedLayerError(TypeError):
 
 class ConvergenceWarning(UserWarning):
     """A solver stopped before reaching its tolerance; the message reports the gap."""
+
+
+class SingularGramWarning(UserWarning):
+    """A least-squares system was singular; the minimum-norm solution was used instead."""

@@ -1,0 +1,122 @@
+"""Least-squares refit of the kept channels' weights, and exact reconstruction errors.
+
+Both work from :class:`~chanprune.stats.Moments` alone. With ``A`` the Gram matrix of the
+kept blocks plus the ones column and ``B`` their cross moments with the targets, the refit
+solves ``(A + ridge) W'^T = B`` and the squared error of any solution ``W'`` is
+
+    ||Y - X' W'^T||^2 = y2 - 2 tr(W' B) + tr(W' A W'^T),
+
+exact, without the samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import scipy.linalg
+
+from .exceptions import SingularGramWarning
+from .stats import Moments
+
+__all__ = ["least_squares_refit", "reconstruction_error", "regularized_gram"]
+
+logger = logging.getLogger(__name__)
+
+# Cholesky pivots below this fraction of the largest one mean the system is numerically
+# singular: the solution would be dominated by rounding, so the min-norm solve is used.
+_PIVOT_RATIO = 1e-12
+
+
+def regularized_gram(moments: Moments, cols: np.ndarray, ridge: float) -> np.ndarray:
+    """``xtx[cols][:, cols]`` with ``ridge * mean(diag)`` added to the patch columns.
+
+    The ridge is relative (scale-free) and never applied to the ones column (last of
+    ``cols``), so the intercept is not shrunk.
+    """
+    gram = moments.xtx[np.ix_(cols, cols)]
+    if ridge > 0:
+        diag = np.einsum("ii->i", gram)
+        scale = diag[:-1].mean() if diag.size > 1 else 1.0
+        diag[:-1] += ridge * (scale if scale > 0 else 1.0)
+    return gram
+
+
+def _solve_psd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve ``gram @ sol = rhs`` for symmetric PSD ``gram``: Cholesky, min-norm fallback."""
+    try:
+        factor = scipy.linalg.cho_factor(gram, lower=True, check_finite=False)
+        pivots = np.abs(np.diag(factor[0]))
+        if pivots.min() ** 2 > _PIVOT_RATIO * pivots.max() ** 2:
+            return scipy.linalg.cho_solve(factor, rhs, check_finite=False)
+    except np.linalg.LinAlgError:
+        pass
+    sol, _, rank, _ = scipy.linalg.lstsq(gram, rhs, check_finite=False, lapack_driver="gelsd")
+    warnings.warn(
+        f"the Gram matrix of the kept channels is singular (numerical rank {rank} of "
+        f"{gram.shape[0]}); using the minimum-norm least-squares solution. Sample more "
+        "positions or pass ridge > 0.",
+        SingularGramWarning,
+        stacklevel=3,
+    )
+    return sol
+
+
+def least_squares_refit(
+    moments: Moments, kept: np.ndarray, *, ridge: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weights and bias of the kept channels minimising the squared reconstruction error.
+
+    Solves ``min ||Y - X_kept W'^T - 1 b'^T||^2 + ridge * mean(diag) * ||W'||^2``.
+
+    Parameters
+    ----------
+    moments : Moments
+        Statistics of the layer (targets ``Y`` are whatever was accumulated).
+    kept : ndarray of shape (n_kept,)
+        Sorted indices of the input channels kept.
+    ridge : float, default=0.0
+        Relative ridge; 0 is plain least squares.
+
+    Returns
+    -------
+    weight : ndarray of shape (n_outputs, n_kept * block_size)
+        The refit weights, channel-major (reshape to ``(n, n_kept, kh, kw)``).
+    bias : ndarray of shape (n_outputs,)
+        The refit intercept: the layer's new bias (it replaces the original one).
+
+    Notes
+    -----
+    Singular systems (fewer independent samples than unknowns, dead channels) fall back to
+    the minimum-norm solution with a :class:`~chanprune.exceptions.SingularGramWarning`.
+    """
+    cols = moments.block_columns(kept)
+    gram = regularized_gram(moments, cols, ridge)
+    sol = _solve_psd(gram, moments.xty[cols])  # (d_kept + 1, n)
+    return sol[:-1].T.copy(), sol[-1].copy()
+
+
+def reconstruction_error(
+    moments: Moments, kept: np.ndarray, weight: np.ndarray, bias: np.ndarray
+) -> float:
+    """Exact ``||Y - X_kept W^T - 1 b^T||^2`` from the statistics.
+
+    Parameters
+    ----------
+    moments : Moments
+    kept : ndarray of shape (n_kept,)
+    weight : ndarray of shape (n_outputs, n_kept * block_size)
+    bias : ndarray of shape (n_outputs,)
+
+    Returns
+    -------
+    error : float
+        The squared error, clipped at 0 against rounding. Divide by ``moments.yty`` for
+        the relative error.
+    """
+    cols = moments.block_columns(kept)
+    sol = np.vstack([np.asarray(weight).T, np.asarray(bias)[None, :]])  # (d_kept + 1, n)
+    gram = moments.xtx[np.ix_(cols, cols)]
+    error = moments.yty - 2.0 * np.sum(sol * moments.xty[cols]) + np.sum(sol * (gram @ sol))
+    return max(float(error), 0.0)

@@ -1,0 +1,447 @@
+"""Channel selection: which input channels of one layer to keep.
+
+Every selector returns a :class:`Selection` whose ``kept`` holds exactly ``keep`` sorted
+int64 channel indices. The selectors work on arrays only (statistics from
+:mod:`chanprune.stats`, the layer's weight); they know nothing of ``nn.Module``.
+
+- ``lasso``: the channel-selection LASSO of He, Zhang and Sun (ICCV 2017), solved with
+  scikit-learn's :class:`~sklearn.linear_model.Lasso` on the exact c x c reduction of the
+  problem, with the penalty found by bisection so that exactly ``keep`` channels survive.
+- ``greedy_ls``: backward elimination on the least-squares refit objective itself, with
+  exact block downdates of the inverse Gram (Optimal Brain Surgeon for a weight group).
+- ``thinet``: ThiNet's greedy removal of the channels whose summed contribution is
+  smallest (Luo et al., ICCV 2017).
+- ``max_response`` (largest ``||W_i||_1``), ``first_k``, ``random`` and ``by_score``
+  (an externally computed importance, e.g. APoZ, activation entropy or BatchNorm scale).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import scipy.linalg
+from scipy.linalg import blas
+from sklearn.exceptions import ConvergenceWarning as SklearnConvergenceWarning
+from sklearn.linear_model import Lasso
+
+from .exceptions import ConvergenceWarning, SingularGramWarning
+from .refit import regularized_gram
+from .stats import Moments
+
+__all__ = [
+    "Selection",
+    "SELECTORS",
+    "channel_gram",
+    "select_lasso",
+    "select_greedy_ls",
+    "select_thinet",
+    "select_max_response",
+    "select_first_k",
+    "select_random",
+    "select_by_score",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Names accepted by ``method=`` in :func:`chanprune.prune_layer`.
+SELECTORS = (
+    "lasso",
+    "greedy_ls",
+    "thinet",
+    "max_response",
+    "first_k",
+    "random",
+    "by_score",
+)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Outcome of one channel selection.
+
+    Attributes
+    ----------
+    kept : ndarray of shape (keep,)
+        Sorted int64 indices of the kept input channels.
+    coef : ndarray of shape (n_channels,) or None
+        LASSO only: the multiplier ``beta_i`` of each channel's original weight
+        (0 for dropped channels), in the units of the unnormalised weight.
+    alpha : float or None
+        LASSO only: the penalty used, in scikit-learn's convention for the raw problem with
+        ``n_samples * n_outputs`` rows (objective ``1/(2 n_rows) ||T - Z beta||^2 +
+        alpha ||beta||_1``).
+    n_iter : int
+        Iterations of the selector (bisection steps, elimination steps, ...).
+    exact : bool
+        LASSO only: whether a penalty with exactly ``keep`` nonzeros was found (else the
+        ``keep`` largest contributions of the nearest denser solution were kept).
+    """
+
+    kept: np.ndarray
+    coef: Optional[np.ndarray] = None
+    alpha: Optional[float] = None
+    n_iter: int = 0
+    exact: bool = True
+    info: dict = field(default_factory=dict)
+
+
+def _top_k(scores: np.ndarray, keep: int) -> np.ndarray:
+    """Sorted indices of the ``keep`` largest scores; ties go to the lower index."""
+    order = np.lexsort((np.arange(scores.size), -scores))
+    return np.sort(order[:keep]).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------- LASSO
+def channel_gram(
+    moments: Moments, weight: np.ndarray, bias: Optional[np.ndarray] = None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Second moments of the per-channel contributions ``Z_i = X_i W_i^T``.
+
+    Parameters
+    ----------
+    moments : Moments
+    weight : ndarray of shape (n_outputs, n_channels, block_size)
+    bias : ndarray of shape (n_outputs,) or None
+        The target is ``T = Y - bias``.
+
+    Returns
+    -------
+    gram : ndarray of shape (n_channels, n_channels)
+        ``G_ij = <Z_i, Z_j>`` summed over samples and outputs.
+    linear : ndarray of shape (n_channels,)
+        ``g_i = <Z_i, T>``.
+    t2 : float
+        ``||T||^2``, so that ``||T - Z beta||^2 = t2 - 2 beta.g + beta^T G beta``.
+    """
+    n, c, k = weight.shape
+    d = c * k
+    w = weight.reshape(n, d)
+    xtx = moments.xtx[:d, :d]
+    x_sum = moments.xtx[:d, d]
+    xtt = moments.xty[:d]
+    y_sum = moments.xty[d]
+    t2 = moments.yty
+    if bias is not None:
+        xtt = xtt - np.outer(x_sum, bias)
+        t2 = t2 - 2.0 * float(bias @ y_sum) + moments.n_samples * float(bias @ bias)
+    # G_ij = sum_o W_i[o] A_ij W_j[o]^T = sum over the (i, j) block of A * (W^T W).
+    gram = (xtx * (w.T @ w)).reshape(c, k, c, k).sum(axis=(1, 3))
+    linear = (w.T * xtt).sum(axis=1).reshape(c, k).sum(axis=1)
+    return gram, linear, float(t2)
+
+
+def select_lasso(
+    moments: Moments,
+    weight: np.ndarray,
+    bias: Optional[np.ndarray],
+    keep: int,
+    *,
+    normalize: bool = True,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    max_bisect: int = 60,
+) -> Selection:
+    """LASSO channel selection with exactly ``keep`` survivors.
+
+    Solves ``min_beta 1/(2 N n) ||T - sum_i beta_i Z_i||^2 + alpha ||beta||_1`` with
+    ``Z_i = X_i W_i^T``, ``T = Y - bias`` and ``N n`` the number of (sample, output) rows,
+    bisecting ``alpha`` (in log space) until exactly ``keep`` coefficients are nonzero.
+
+    Parameters
+    ----------
+    moments : Moments
+    weight : ndarray of shape (n_outputs, n_channels, block_size)
+    bias : ndarray of shape (n_outputs,) or None
+    keep : int
+        Channels to keep, in ``[1, n_channels]``.
+    normalize : bool, default=True
+        Scale each ``W_i`` to unit Frobenius norm, as in the paper (the original code does
+        not); ``coef`` is reported for the unscaled weights either way.
+    max_iter, tol : int, float
+        Passed to :class:`sklearn.linear_model.Lasso`.
+    max_bisect : int, default=60
+        Bound on the bisection steps.
+
+    Returns
+    -------
+    Selection
+
+    Notes
+    -----
+    The objective depends on the samples only through ``G = Z^T Z`` (c x c) and
+    ``g = Z^T T``: ``||T - Z beta||^2 = ||T||^2 - 2 beta.g + beta^T G beta``. With the
+    Cholesky factor ``G = L L^T`` the same minimiser is obtained from a Lasso on the c x c
+    design ``L^T`` and target ``L^{-1} g`` with ``alpha_cc = alpha (N n) / c``, because
+    scikit-learn scales the loss by ``1 / (2 n_rows)``. If no penalty gives exactly
+    ``keep`` nonzeros (channels entering together), the nearest denser solution is
+    truncated to the ``keep`` channels of largest contribution ``|beta_i| ||Z_i||``, ties
+    to the lower index, and ``exact`` is False.
+    """
+    n, c, _ = weight.shape
+    coef_all = np.ones(c)
+    if keep >= c:
+        return Selection(kept=np.arange(c, dtype=np.int64), coef=coef_all, alpha=0.0)
+    gram, linear, _ = channel_gram(moments, weight, bias)
+    scale = np.sqrt(np.clip(np.diag(gram), 0.0, None))  # ||Z_i||; zero for dead channels
+    if normalize:
+        w_norm = np.linalg.norm(weight, axis=(0, 2))
+        w_norm = np.where(w_norm > 0, w_norm, 1.0)
+        gram = gram / np.outer(w_norm, w_norm)
+        linear = linear / w_norm
+    else:
+        w_norm = np.ones(c)
+    n_rows = moments.n_samples * n
+    # A tiny jitter keeps the Cholesky factor defined for rank-deficient G (dead channels,
+    # fewer samples than channels); it perturbs the objective by ~1e-12 relative.
+    jitter = 1e-12 * max(float(np.trace(gram)) / c, np.finfo(float).tiny)
+    chol = np.linalg.cholesky(gram + jitter * np.eye(c))
+    design = np.ascontiguousarray(chol.T)
+    target = scipy.linalg.solve_triangular(chol, linear, lower=True)
+    to_cc = n_rows / c
+
+    model = Lasso(
+        alpha=1.0,
+        fit_intercept=False,
+        precompute=True,
+        max_iter=max_iter,
+        tol=tol,
+        warm_start=True,
+        selection="cyclic",
+    )
+    not_converged: list[float] = []
+
+    def fit(alpha: float) -> np.ndarray:
+        model.alpha = alpha * to_cc
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SklearnConvergenceWarning)
+            model.fit(design, target)
+        if any(issubclass(w.category, SklearnConvergenceWarning) for w in caught):
+            not_converged.append(float(model.dual_gap_))
+        else:
+            not_converged.clear()
+        return model.coef_.copy()
+
+    alpha_hi = float(np.max(np.abs(linear))) / n_rows  # at and above it, beta = 0
+    if alpha_hi <= 0:
+        # No channel correlates with the target (e.g. a zero target): fall back to scale.
+        return Selection(kept=_top_k(scale, keep), coef=np.zeros(c), alpha=0.0, exact=False)
+
+    n_iter = 0
+    alpha_lo, coef_lo = alpha_hi, np.zeros(c)
+    # Walk down one decade at a time (the warm-started path direction) to bracket keep.
+    for _ in range(16):
+        alpha_lo = alpha_lo / 10.0
+        coef_lo = fit(alpha_lo)
+        n_iter += 1
+        if np.count_nonzero(coef_lo) >= keep:
+            break
+    nnz_lo = np.count_nonzero(coef_lo)
+    best_alpha, best_coef = alpha_lo, coef_lo
+    if nnz_lo > keep:
+        lo, hi = math.log(alpha_lo), math.log(alpha_hi)
+        for _ in range(max_bisect):
+            mid = 0.5 * (lo + hi)
+            coef = fit(math.exp(mid))
+            n_iter += 1
+            nnz = np.count_nonzero(coef)
+            if nnz == keep:
+                best_alpha, best_coef = math.exp(mid), coef
+                break
+            if nnz > keep:
+                lo, best_alpha, best_coef = mid, math.exp(mid), coef
+            else:
+                hi = mid
+            if hi - lo < 1e-12:
+                break
+    if not_converged:
+        warnings.warn(
+            f"Lasso did not converge at alpha={best_alpha:.3g}: duality gap "
+            f"{not_converged[-1]:.3g} above tol={tol:g} x ||target||^2; raise max_iter.",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    coef = best_coef / w_norm  # multiplier of the unnormalised W_i
+    nnz = np.count_nonzero(best_coef)
+    exact = bool(nnz == keep)
+    if exact:
+        kept = np.flatnonzero(best_coef).astype(np.int64)
+    else:
+        contribution = np.abs(coef) * scale
+        kept = _top_k(contribution, keep)
+        logger.debug("lasso: no alpha gives exactly %d nonzeros (got %d); truncated", keep, nnz)
+    mask = np.zeros(c, dtype=bool)
+    mask[kept] = True
+    coef = np.where(mask, coef, 0.0)
+    return Selection(kept=kept, coef=coef, alpha=best_alpha, n_iter=n_iter, exact=exact)
+
+
+# ---------------------------------------------------------------------------- greedy LS
+def _inverse_psd(gram: np.ndarray, ridge: float, moments: Moments) -> np.ndarray:
+    """Inverse of the (ridge-regularised) Gram; grows the ridge if it is singular."""
+    cols = np.arange(gram.shape[0])
+    for attempt in range(6):
+        try:
+            factor = scipy.linalg.cho_factor(gram, lower=True, check_finite=False)
+            pivots = np.abs(np.diag(factor[0]))
+            if pivots.min() ** 2 > 1e-13 * pivots.max() ** 2:
+                if attempt:
+                    warnings.warn(
+                        f"the Gram matrix is singular; greedy_ls used ridge={ridge:.1e} "
+                        "instead. Sample more positions or pass ridge > 0.",
+                        SingularGramWarning,
+                        stacklevel=3,
+                    )
+                return scipy.linalg.cho_solve(factor, np.eye(gram.shape[0]), check_finite=False)
+        except np.linalg.LinAlgError:
+            pass
+        ridge = max(ridge * 100.0, 1e-10)
+        gram = regularized_gram(moments, cols, ridge)
+    raise np.linalg.LinAlgError("the Gram matrix of the layer's inputs is singular.")
+
+
+def select_greedy_ls(moments: Moments, keep: int, *, ridge: float = 0.0) -> Selection:
+    """Backward elimination of channels on the least-squares refit objective.
+
+    Starting from all channels, repeatedly remove the channel block ``g`` whose removal
+    raises the refit error least. With ``H`` the inverse Gram of the kept blocks (plus the
+    ones column, which is never removed) and ``W = H B`` the current least-squares
+    solution, that increase is exactly ``tr(W_g^T [H_gg]^{-1} W_g)``; after removing ``g``,
+    ``H <- H - H_:g H_gg^{-1} H_g:`` and ``W <- W - H_:g H_gg^{-1} W_g``.
+
+    Parameters
+    ----------
+    moments : Moments
+    keep : int
+    ridge : float, default=0.0
+        Relative ridge of the refit objective (see
+        :func:`chanprune.refit.least_squares_refit`); use the same value for the refit.
+
+    Returns
+    -------
+    Selection
+        ``info["cost"]`` lists the error increase of each removal, in removal order, and
+        ``info["removed"]`` the channels in that order.
+
+    Notes
+    -----
+    Cost per removal is ``O(d^2 k)`` for ``d`` remaining unknowns and block size ``k``;
+    removed blocks are compacted away whenever a third of the matrix is dead.
+    """
+    c, k = moments.n_channels, moments.block_size
+    if keep >= c:
+        return Selection(kept=np.arange(c, dtype=np.int64))
+    gram = regularized_gram(moments, np.arange(moments.n_features + 1), ridge)
+    # Fortran order: H is symmetric, and BLAS updates it in place without copies.
+    H = np.asfortranarray(_inverse_psd(gram, ridge, moments))
+    W = H @ moments.xty  # (d + 1, n): the current least-squares solution
+    blocks = np.arange(c)  # channel id of each block position in the compacted H
+    alive = np.ones(c, dtype=bool)
+    removed, costs = [], []
+    for _ in range(c - keep):
+        m = blocks.size
+        positions = np.flatnonzero(alive)
+        idx = positions[:, None] * k + np.arange(k)  # (g, k) rows of each live block
+        diag = H[idx[:, :, None], idx[:, None, :]]  # (g, k, k) diagonal blocks H_gg
+        w_blocks = W[idx]  # (g, k, n)
+        if k == 1:
+            cost = np.einsum("gn,gn->g", w_blocks[:, 0], w_blocks[:, 0]) / diag[:, 0, 0]
+        else:
+            cost = np.einsum("gpn,gpn->g", w_blocks, np.linalg.solve(diag, w_blocks))
+        j = int(np.argmin(cost))
+        pos = positions[j]
+        removed.append(int(blocks[pos]))
+        costs.append(float(cost[j]))
+        sl = slice(pos * k, (pos + 1) * k)
+        h_cols = np.array(H[:, sl])  # (d + 1, k)
+        coupling = h_cols @ np.linalg.inv(h_cols[sl])  # H_:g H_gg^-1
+        W -= coupling @ W[sl]
+        # H -= coupling @ h_cols^T, in place (H is F-ordered and symmetric).
+        H = blas.dgemm(-1.0, coupling, h_cols, beta=1.0, c=H, trans_b=True, overwrite_c=True)
+        alive[pos] = False
+        if alive.sum() * 3 < 2 * m:  # compact: drop dead blocks from H and W
+            keep_pos = np.flatnonzero(alive)
+            cols = (keep_pos[:, None] * k + np.arange(k)).ravel()
+            cols = np.append(cols, m * k)
+            H = np.asfortranarray(H[np.ix_(cols, cols)])
+            W = W[cols]
+            blocks = blocks[keep_pos]
+            alive = np.ones(blocks.size, dtype=bool)
+    kept = np.sort(blocks[alive]).astype(np.int64)
+    return Selection(kept=kept, n_iter=c - keep, info={"removed": removed, "cost": costs})
+
+
+# ---------------------------------------------------------------------------- ThiNet
+def select_thinet(
+    moments: Moments, weight: np.ndarray, bias: Optional[np.ndarray], keep: int
+) -> Selection:
+    """ThiNet's greedy selection (Luo, Wu and Lin, ICCV 2017).
+
+    Grows the set ``T`` of removed channels one at a time, each time adding the channel
+    that keeps ``||sum_{i in T} Z_i||^2`` (the summed contribution of the removed channels
+    to the outputs) smallest; computed exactly from the contribution Gram ``G``.
+
+    Parameters
+    ----------
+    moments : Moments
+    weight : ndarray of shape (n_outputs, n_channels, block_size)
+    bias : ndarray of shape (n_outputs,) or None
+    keep : int
+
+    Returns
+    -------
+    Selection
+    """
+    c = weight.shape[1]
+    gram, _, _ = channel_gram(moments, weight, bias)
+    diag = np.diag(gram).copy()
+    removed_mask = np.zeros(c, dtype=bool)
+    g_sum = np.zeros(c)  # G @ 1_T
+    current = 0.0
+    for _ in range(c - keep):
+        cost = current + 2.0 * g_sum + diag
+        cost[removed_mask] = np.inf
+        i = int(np.argmin(cost))
+        current = float(cost[i])
+        removed_mask[i] = True
+        g_sum += gram[:, i]
+    kept = np.flatnonzero(~removed_mask).astype(np.int64)
+    return Selection(kept=kept, n_iter=c - keep)
+
+
+# ---------------------------------------------------------------------------- baselines
+def select_max_response(weight: np.ndarray, keep: int) -> Selection:
+    """Keep the channels whose consumer weights are largest: ``||W[:, i]||_1``.
+
+    ``weight`` has shape ``(n_outputs, n_channels, block_size)``.
+    """
+    return Selection(kept=_top_k(np.abs(weight).sum(axis=(0, 2)), keep))
+
+
+def select_first_k(n_channels: int, keep: int) -> Selection:
+    """Keep channels ``0 .. keep - 1`` (a naive baseline)."""
+    return Selection(kept=np.arange(min(keep, n_channels), dtype=np.int64))
+
+
+def select_random(n_channels: int, keep: int, random_state=None) -> Selection:
+    """Keep ``keep`` channels drawn uniformly without replacement.
+
+    ``random_state`` is an int seed, a :class:`numpy.random.Generator` or None.
+    """
+    rng = np.random.default_rng(random_state)
+    return Selection(
+        kept=np.sort(rng.choice(n_channels, size=keep, replace=False)).astype(np.int64)
+    )
+
+
+def select_by_score(scores: np.ndarray, keep: int) -> Selection:
+    """Keep the ``keep`` channels of highest importance ``scores`` (ties: lower index).
+
+    This is how criteria computed outside the solver plug in: APoZ (pass ``-apoz``),
+    activation entropy, or the BatchNorm scale ``|gamma|`` of Network Slimming.
+    """
+    return Selection(kept=_top_k(np.asarray(scores, dtype=np.float64), keep))

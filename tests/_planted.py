@@ -1,0 +1,37 @@
+"""Planted layer problems with known answers, shared by the solver tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def planted_conv(
+    seed: int = 0,
+    *,
+    n_samples: int = 600,
+    c: int = 10,
+    n: int = 6,
+    k: int = 3,
+    support=(1, 4, 5, 8),
+    noise: float = 0.0,
+    bias: float = 0.0,
+):
+    """``Y = sum_{i in support} X_i W_i^T + bias + noise``: only ``support`` matters.
+
+    Returns ``X (n_samples, c, k, k)``, ``Y (n_samples, n)``, ``W (n, c, k, k)``,
+    ``b (n,)`` and the support as a sorted int64 array.
+    """
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_samples, c, k, k))
+    W = rng.normal(size=(n, c, k, k))
+    b = np.full(n, bias)
+    support = np.asarray(sorted(support), dtype=np.int64)
+    Y = np.einsum("scij,ocij->so", X[:, support], W[:, support]) + b
+    Y = Y + noise * rng.normal(size=Y.shape)
+    return X, Y, W, b, support
+
+
+def dense_design(X: np.ndarray, kept) -> np.ndarray:
+    """Flattened patches of channels ``kept`` plus a ones column: the raw LS design."""
+    Xk = X[:, np.asarray(kept)].reshape(X.shape[0], -1)
+    return np.hstack([Xk, np.ones((X.shape[0], 1))])
