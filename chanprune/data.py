@@ -1,0 +1,952 @@
+"""Datasets, preprocessing, calibration sampling and accuracy evaluation.
+
+Everything here uses Pillow, numpy and torch only (no torchvision), so that chanprune runs
+wherever a plain PyTorch install does.
+
+- :class:`Preprocess` and :func:`get_preset`: PIL image -> normalised ``float32`` tensor
+  ``(C, H, W)``, matching torchvision's ``Resize(int)``, ``CenterCrop``, ``ToTensor`` and
+  ``Normalize`` step for step.
+- :class:`ImageFolder`: ``root/<class>/<file>`` image trees (for example the CIFAR-10 JPEG
+  export, ``<split>/<class>/<NNNN>.jpg``).
+- :class:`CIFAR10Batches`: the CIFAR-10 "python version" pickles, read with a restricted
+  unpickler that cannot run arbitrary code.
+- :func:`load_digits_dataset`: scikit-learn's bundled 8x8 digits, for offline demos.
+- :func:`calibration_subset`, :func:`make_loader`, :func:`iter_batches`: deterministic
+  sampling and batching of calibration images.
+- :func:`evaluate_accuracy`: top-1 accuracy of a classifier over a dataset.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import math
+import os
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from tqdm.auto import tqdm
+
+from ._validation import check_choice, check_int_in_range, check_real_in_range
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CIFAR10_CLASSES",
+    "DIGITS_MEAN",
+    "DIGITS_STD",
+    "Preprocess",
+    "get_preset",
+    "list_presets",
+    "ImageFolder",
+    "CIFAR10Batches",
+    "load_digits_dataset",
+    "calibration_subset",
+    "make_loader",
+    "iter_batches",
+    "evaluate_accuracy",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Per-channel mean used by every shipped preset (the usual ImageNet statistics).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+#: Per-channel standard deviation used by every shipped preset.
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: CIFAR-10 class names in label order (label = index); also alphabetical.
+CIFAR10_CLASSES: tuple[str, ...] = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+#: Pixel mean of scikit-learn's digits after scaling to [0, 1] (all 1797 images, rounded).
+DIGITS_MEAN: float = 0.3053
+#: Pixel standard deviation of scikit-learn's digits after scaling to [0, 1] (rounded).
+DIGITS_STD: float = 0.3760
+
+_RESAMPLING = getattr(Image, "Resampling", Image)  # Pillow >= 9.1 moved the enum
+_CHANNELS = {"RGB": 3, "L": 1}
+
+PreprocessLike = Union[str, Callable[[Image.Image], torch.Tensor]]
+
+
+# --------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------
+
+
+def _check_optional_size(value: Any, name: str) -> int | None:
+    return None if value is None else check_int_in_range(value, name, 1)
+
+
+def _check_stats(value: Any, name: str, n_channels: int) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in value)
+    except TypeError as exc:
+        raise TypeError(
+            f"The {name!r} parameter must be a sequence of {n_channels} real numbers; "
+            f"got {value!r}."
+        ) from exc
+    if len(values) != n_channels:
+        raise ValueError(
+            f"The {name!r} parameter must have one value per channel ({n_channels}); "
+            f"got {len(values)}: {values}."
+        )
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"The {name!r} parameter must be finite; got {values}.")
+    return values
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """PIL image -> normalised ``float32`` tensor of shape ``(C, H, W)``.
+
+    The steps, in order, reproduce torchvision's ``Resize(resize)``, ``CenterCrop(crop)``,
+    ``ToTensor()`` and ``Normalize(mean, std)`` on PIL images:
+
+    1. convert to ``mode`` (``"RGB"``, C = 3, or ``"L"``, C = 1);
+    2. if ``resize`` is set, resize (bilinear) so that the shorter side equals ``resize``,
+       the longer side becoming ``int(resize * long / short)``; an image whose shorter side
+       already equals ``resize`` is left untouched;
+    3. if ``crop`` is set, take the central ``crop x crop`` square, its top-left corner at
+       ``round((H - crop) / 2), round((W - crop) / 2)``;
+    4. scale the ``uint8`` values to [0, 1] (``x / 255`` in float32);
+    5. if ``mean`` and ``std`` are set, normalise each channel: ``(x - mean[c]) / std[c]``.
+
+    Parameters
+    ----------
+    mode : {"RGB", "L"}, default="RGB"
+        Colour mode the image is converted to.
+    resize : int or None, default=None
+        Target length of the shorter side; ``None`` keeps the size.
+    crop : int or None, default=None
+        Side of the central square crop; ``None`` keeps the whole image. The (resized)
+        image must be at least ``crop`` pixels on each side.
+    mean, std : sequence of float of length C, or None, default=ImageNet statistics
+        Per-channel normalisation; both ``None`` to skip it. ``std`` must be positive.
+
+    Examples
+    --------
+    >>> from PIL import Image
+    >>> pre = Preprocess(resize=256, crop=224)
+    >>> pre(Image.new("RGB", (400, 300), (255, 0, 0))).shape
+    torch.Size([3, 224, 224])
+    """
+
+    mode: str = "RGB"
+    resize: int | None = None
+    crop: int | None = None
+    mean: tuple[float, ...] | None = IMAGENET_MEAN
+    std: tuple[float, ...] | None = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        check_choice(self.mode, "mode", tuple(_CHANNELS))
+        object.__setattr__(self, "resize", _check_optional_size(self.resize, "resize"))
+        object.__setattr__(self, "crop", _check_optional_size(self.crop, "crop"))
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(
+                "The 'mean' and 'std' parameters must both be set or both be None; "
+                f"got mean={self.mean!r}, std={self.std!r}."
+            )
+        if self.mean is not None:
+            n_channels = _CHANNELS[self.mode]
+            mean = _check_stats(self.mean, "mean", n_channels)
+            std = _check_stats(self.std, "std", n_channels)
+            if any(s <= 0 for s in std):
+                raise ValueError(f"The 'std' parameter must be positive; got {std}.")
+            object.__setattr__(self, "mean", mean)
+            object.__setattr__(self, "std", std)
+
+    @property
+    def n_channels(self) -> int:
+        """Number of channels C of the output (3 for ``"RGB"``, 1 for ``"L"``)."""
+        return _CHANNELS[self.mode]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """Preprocess one image.
+
+        Parameters
+        ----------
+        image : PIL.Image.Image
+            Any mode and size Pillow can convert to ``self.mode``.
+
+        Returns
+        -------
+        tensor : torch.Tensor of shape (C, H, W), dtype float32
+        """
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"Preprocess expects a PIL.Image.Image; got {type(image).__name__}.")
+        if image.mode != self.mode:
+            image = image.convert(self.mode)
+        if self.resize is not None:
+            image = _resize_shorter_side(image, self.resize)
+        if self.crop is not None:
+            image = _center_crop(image, self.crop)
+        array = np.asarray(image, dtype=np.uint8)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        tensor = tensor.to(torch.float32).div_(255.0)
+        if self.mean is not None:
+            mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+            std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+            tensor.sub_(mean).div_(std)
+        return tensor
+
+
+def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    if short == size:
+        return image
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    return image.resize((new_w, new_h), _RESAMPLING.BILINEAR)
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    if width < size or height < size:
+        raise ValueError(
+            f"Cannot centre-crop {size}x{size} from an image of size {width}x{height} "
+            "(width x height); set 'resize' to at least the crop size."
+        )
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+_PRESETS: dict[str, Preprocess] = {
+    "cifar": Preprocess(mode="RGB", mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "imagenet": Preprocess(mode="RGB", resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+}
+
+
+def list_presets() -> list[str]:
+    """Names accepted by :func:`get_preset`, sorted."""
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str) -> Preprocess:
+    """Return a named preprocessing preset.
+
+    Parameters
+    ----------
+    name : {"cifar", "imagenet"}
+        ``"cifar"``: RGB, [0, 1], normalised with mean (0.485, 0.456, 0.406) and std
+        (0.229, 0.224, 0.225); no resizing or cropping (the preprocessing of the shared
+        CIFAR-10 checkpoints). ``"imagenet"``: the same, after resizing the shorter side
+        to 256 and centre-cropping 224x224.
+
+    Returns
+    -------
+    preprocess : Preprocess
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a known preset; the message lists the valid names.
+    """
+    if not isinstance(name, str) or name not in _PRESETS:
+        raise ValueError(
+            f"Unknown preprocessing preset {name!r}; valid names are {list_presets()}."
+        )
+    return _PRESETS[name]
+
+
+def _resolve_preprocess(preprocess: PreprocessLike) -> Callable[[Image.Image], torch.Tensor]:
+    if isinstance(preprocess, str):
+        return get_preset(preprocess)
+    if not callable(preprocess):
+        raise TypeError(
+            "The 'preprocess' parameter must be a preset name or a callable taking a PIL "
+            f"image; got {type(preprocess).__name__}."
+        )
+    return preprocess
+
+
+# --------------------------------------------------------------------------------------
+# Image folders
+# --------------------------------------------------------------------------------------
+
+
+def _check_extensions(extensions: Any) -> tuple[str, ...]:
+    if isinstance(extensions, str):
+        extensions = (extensions,)
+    try:
+        exts = tuple(extensions)
+    except TypeError as exc:
+        raise TypeError(
+            f"The 'extensions' parameter must be a sequence of strings; got {extensions!r}."
+        ) from exc
+    if not exts or not all(isinstance(e, str) and e.startswith(".") and len(e) > 1 for e in exts):
+        raise ValueError(
+            "The 'extensions' parameter must be a non-empty sequence of suffixes such as "
+            f"'.jpg'; got {extensions!r}."
+        )
+    return tuple(e.lower() for e in exts)
+
+
+def _list_images(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
+    """Image files under ``folder`` (recursively), hidden entries skipped, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
+                found.append(Path(dirpath) / name)
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+class ImageFolder(Dataset):
+    """Images laid out as ``root/<class>/<file>``, labelled by class folder.
+
+    Classes are the sub-folders of ``root`` sorted by name (or the explicit ``classes``
+    list, in its order); the label of a class is its index. Within a class, image files
+    (searched recursively, matched by suffix case-insensitively, hidden files skipped) are
+    sorted by path, so the order of :attr:`samples` is deterministic.
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        The folder holding one sub-folder per class.
+    preprocess : str or callable, default="cifar"
+        A preset name (see :func:`get_preset`) or a callable mapping a PIL image to a tensor.
+        Images are opened and converted to ``preprocess.mode`` when ``preprocess`` is a
+        :class:`Preprocess`, else to ``"RGB"``, before it is called.
+    extensions : sequence of str, default=(".jpg", ".jpeg", ".png")
+        Accepted file suffixes.
+    classes : sequence of str or None, default=None
+        Class folder names in label order. ``None``: all sub-folders, sorted. When given,
+        every listed folder must exist; other sub-folders are ignored.
+
+    Attributes
+    ----------
+    root : pathlib.Path
+    classes : list of str
+        Class names in label order.
+    class_to_idx : dict of str to int
+    samples : list of (str, int)
+        ``(path, label)`` for every image, in dataset order.
+    targets : list of int
+        The labels alone, in dataset order.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``root`` (or a listed class folder) does not exist.
+    ValueError
+        If ``root`` holds no image with an accepted suffix, or a class folder holds none.
+        Reading a corrupt image in ``__getitem__`` raises ``ValueError`` naming the file.
+
+    Examples
+    --------
+    >>> ds = ImageFolder("../shared/data/cifar10-jpeg/test")  # doctest: +SKIP
+    >>> image, label = ds[0]  # doctest: +SKIP
+    >>> image.shape, label  # doctest: +SKIP
+    (torch.Size([3, 32, 32]), 0)
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        preprocess: PreprocessLike = "cifar",
+        extensions: Sequence[str] = (".jpg", ".jpeg", ".png"),
+        *,
+        classes: Sequence[str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.preprocess = _resolve_preprocess(preprocess)
+        self.extensions = _check_extensions(extensions)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"Image folder root {str(self.root)!r} does not exist.")
+        self.classes = self._find_classes(classes)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+        samples: list[tuple[str, int]] = []
+        empty = []
+        for label, name in enumerate(self.classes):
+            files = _list_images(self.root / name, self.extensions)
+            if not files:
+                empty.append(name)
+            samples.extend((str(path), label) for path in files)
+        if not samples:
+            raise ValueError(
+                f"No image files with extensions {list(self.extensions)} found under "
+                f"{str(self.root)!r} (expected the layout root/<class>/<file>)."
+            )
+        if empty:
+            raise ValueError(
+                f"Class folder(s) {empty} under {str(self.root)!r} hold no image files with "
+                f"extensions {list(self.extensions)}."
+            )
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self._mode = getattr(self.preprocess, "mode", "RGB")
+        logger.debug(
+            "ImageFolder %s: %d images in %d classes", self.root, len(samples), len(self.classes)
+        )
+
+    def _find_classes(self, classes: Sequence[str] | None) -> list[str]:
+        found = sorted(
+            entry.name
+            for entry in os.scandir(self.root)
+            if entry.is_dir() and not entry.name.startswith(".")
+        )
+        if classes is None:
+            return found
+        if isinstance(classes, str):
+            raise TypeError(
+                "The 'classes' parameter must be a sequence of folder names, not a str."
+            )
+        classes = [str(c) for c in classes]
+        if not classes:
+            raise ValueError("The 'classes' parameter must list at least one class.")
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"The 'classes' parameter has duplicate names: {classes}.")
+        missing = [c for c in classes if not (self.root / c).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"Class folder(s) {missing} listed in 'classes' do not exist under "
+                f"{str(self.root)!r}; found {found}."
+            )
+        ignored = sorted(set(found) - set(classes))
+        if ignored:
+            logger.info("ImageFolder %s: ignoring folders not in 'classes': %s", self.root, ignored)
+        return classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """Return ``(image, label)``: the preprocessed image (for the presets a float32
+        tensor of shape ``(C, H, W)``) and its class index."""
+        path, label = self.samples[index]
+        return self.preprocess(_open_image(path, self._mode)), label
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, n_images={len(self)}, "
+            f"n_classes={len(self.classes)})"
+        )
+
+
+def _open_image(path: str, mode: str) -> Image.Image:
+    """Read an image file fully and convert it to ``mode``; ``ValueError`` if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+            return image.convert(mode)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        # UnidentifiedImageError and truncated-file errors are OSErrors.
+        raise ValueError(f"Cannot read image file {path!r}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------
+# CIFAR-10 python batches
+# --------------------------------------------------------------------------------------
+
+
+def _numpy_pickle_globals() -> dict[tuple[str, str], Any]:
+    probe = np.zeros(1, dtype=np.uint8)
+    reconstruct = probe.__reduce__()[0]  # numpy.(_)core.multiarray._reconstruct
+    frombuffer = probe.__reduce_ex__(5)[0]  # numpy.(_)core.numeric._frombuffer
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles written by Py3
+    }
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals needed to rebuild numpy arrays.
+
+    A pickle can call any importable callable while loading; refusing every global but
+    ``ndarray``/``dtype`` reconstruction (and ``_codecs.encode`` for bytes) means a batch
+    file cannot run code. Lists, dicts, strings, bytes and numbers need no globals.
+    """
+
+    _allowed = _numpy_pickle_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load global {module}.{name}: only numpy array data is allowed"
+            ) from None
+
+
+def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one CIFAR-10 python batch: images ``(N, 32, 32, 3)`` uint8, labels ``(N,)``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"CIFAR-10 batch file {str(path)!r} does not exist.")
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+    except Exception as exc:  # corrupt pickles raise many types (EOFError, KeyError, ...)
+        raise ValueError(
+            f"Cannot read CIFAR-10 batch file {str(path)!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(batch, dict):
+        raise ValueError(
+            f"CIFAR-10 batch file {str(path)!r} must hold a dict; got {type(batch).__name__}."
+        )
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if data is None or labels is None:
+        raise ValueError(
+            f"CIFAR-10 batch file {str(path)!r} lacks the b'data' or b'labels' key; "
+            f"keys: {sorted(map(repr, batch))}."
+        )
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(
+            f"CIFAR-10 batch file {str(path)!r}: b'data' must be a uint8 array of shape "
+            f"(N, 3072); got dtype {data.dtype}, shape {data.shape}."
+        )
+    try:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"CIFAR-10 batch file {str(path)!r}: b'labels' must be a list of ints."
+        ) from exc
+    if labels.shape[0] != data.shape[0]:
+        raise ValueError(
+            f"CIFAR-10 batch file {str(path)!r}: {data.shape[0]} images but "
+            f"{labels.shape[0]} labels."
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES)):
+        raise ValueError(
+            f"CIFAR-10 batch file {str(path)!r}: labels must lie in [0, 9]; got values in "
+            f"[{labels.min()}, {labels.max()}]."
+        )
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # channel-major -> HWC
+    return np.ascontiguousarray(images), labels
+
+
+class CIFAR10Batches(Dataset):
+    """CIFAR-10 from the "python version" batch files (``cifar-10-python.tar.gz``).
+
+    Reads ``data_batch_1`` ... ``data_batch_5`` (``split="train"``, 50000 images) or
+    ``test_batch`` (``split="test"``, 10000 images). Each is a pickled dict with ``b'data'``,
+    a uint8 array of shape ``(N, 3072)`` (each row the 32x32 red plane, then green, then
+    blue, row-major) and ``b'labels'``, N ints in [0, 9]. The files are read with an
+    unpickler that only rebuilds numpy arrays, so a tampered file cannot run code.
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        The extracted ``cifar-10-batches-py`` folder, or a folder containing it.
+    split : {"test", "train"}, default="test"
+    preprocess : str or callable, default="cifar"
+        A preset name (see :func:`get_preset`) or a callable mapping an RGB PIL image to a
+        tensor.
+
+    Attributes
+    ----------
+    root : pathlib.Path
+        The folder the batch files were read from.
+    files : list of pathlib.Path
+    data : ndarray of shape (N, 32, 32, 3), dtype uint8
+        The images, height x width x RGB.
+    targets : list of int
+        The N labels.
+    classes : list of str
+        :data:`CIFAR10_CLASSES`.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``root`` or one of the split's batch files is missing (the message names it).
+    ValueError
+        If a batch file is corrupt, not in the documented format, or refers to anything but
+        numpy arrays (the message names the file).
+    """
+
+    _FILES = {
+        "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
+        "test": ("test_batch",),
+    }
+
+    def __init__(
+        self, root: str | os.PathLike, split: str = "test", preprocess: PreprocessLike = "cifar"
+    ) -> None:
+        self.split = check_choice(split, "split", tuple(self._FILES))
+        self.preprocess = _resolve_preprocess(preprocess)
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"CIFAR-10 root {str(root)!r} does not exist.")
+        nested = root / "cifar-10-batches-py"
+        if not (root / self._FILES[self.split][0]).exists() and nested.is_dir():
+            root = nested
+        self.root = root
+        self.files = [root / name for name in self._FILES[self.split]]
+        images, labels = zip(*(_load_cifar_batch(path) for path in self.files))
+        self.data = np.concatenate(images) if len(images) > 1 else images[0]
+        self.targets = np.concatenate(labels).tolist()
+        self.classes = list(CIFAR10_CLASSES)
+        self._mode = getattr(self.preprocess, "mode", "RGB")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """Return ``(image, label)``: for the presets a float32 tensor of shape
+        ``(3, 32, 32)``, and the class index."""
+        image = Image.fromarray(self.data[index])  # (32, 32, 3) uint8 -> RGB
+        if self._mode != "RGB":
+            image = image.convert(self._mode)
+        return self.preprocess(image), self.targets[index]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={len(self)})"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# scikit-learn digits
+# --------------------------------------------------------------------------------------
+
+
+def load_digits_dataset(
+    split: str = "train", *, test_fraction: float = 0.25, seed: int = 0
+) -> TensorDataset:
+    """scikit-learn's 8x8 handwritten digits (bundled, no download) as a ``TensorDataset``.
+
+    The 1797 images (values 0..16) are scaled to [0, 1] by dividing by 16, then normalised
+    with the fixed constants :data:`DIGITS_MEAN` and :data:`DIGITS_STD` (the pixel mean and
+    standard deviation over all images), so both splits share one preprocessing. The split is
+    stratified by label and depends only on ``test_fraction`` and ``seed``; within a split
+    the images keep the order of ``sklearn.datasets.load_digits``.
+
+    Parameters
+    ----------
+    split : {"train", "test"}, default="train"
+    test_fraction : float in (0, 1), default=0.25
+        Fraction of the images in the test split.
+    seed : int >= 0, default=0
+        Seed of the stratified split.
+
+    Returns
+    -------
+    dataset : TensorDataset
+        ``(images, labels)``: images float32 of shape ``(N, 1, 8, 8)``, labels int64 of
+        shape ``(N,)`` in [0, 9]. The two splits partition the 1797 images.
+
+    Examples
+    --------
+    >>> train = load_digits_dataset("train")
+    >>> test = load_digits_dataset("test")
+    >>> len(train) + len(test)
+    1797
+    >>> train.tensors[0].shape[1:]
+    torch.Size([1, 8, 8])
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    split = check_choice(split, "split", ("train", "test"))
+    test_fraction = check_real_in_range(
+        test_fraction, "test_fraction", 0.0, 1.0, low_inclusive=False, high_inclusive=False
+    )
+    seed = check_int_in_range(seed, "seed", 0, 2**32 - 1)
+
+    digits = load_digits()
+    labels = np.asarray(digits.target, dtype=np.int64)
+    indices = np.arange(labels.shape[0])
+    train_idx, test_idx = train_test_split(
+        indices, test_size=test_fraction, random_state=seed, stratify=labels
+    )
+    chosen = np.sort(train_idx if split == "train" else test_idx)
+    images = np.asarray(digits.images, dtype=np.float64)[chosen] / 16.0
+    images = ((images - DIGITS_MEAN) / DIGITS_STD).astype(np.float32)[:, None, :, :]
+    return TensorDataset(torch.from_numpy(images), torch.from_numpy(labels[chosen]))
+
+
+# --------------------------------------------------------------------------------------
+# Calibration sampling and batching
+# --------------------------------------------------------------------------------------
+
+
+def _cheap_labels(dataset: Dataset) -> np.ndarray | None:
+    """Labels of ``dataset`` as int64 ``(N,)`` if known without loading images, else None."""
+    labels: Any = None
+    if isinstance(dataset, Subset):
+        parent = _cheap_labels(dataset.dataset)
+        if parent is not None:
+            labels = parent[np.asarray(dataset.indices, dtype=np.int64)]
+    elif isinstance(dataset, TensorDataset):
+        if len(dataset.tensors) >= 2:
+            labels = dataset.tensors[1].detach().cpu().numpy()
+    elif hasattr(dataset, "targets"):
+        labels = dataset.targets
+        if isinstance(labels, torch.Tensor):
+            labels = labels.detach().cpu().numpy()
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if (
+        labels.ndim != 1
+        or labels.shape[0] != len(dataset)
+        or not np.issubdtype(labels.dtype, np.integer)
+    ):
+        return None
+    return labels.astype(np.int64, copy=False)
+
+
+def _stratified_choice(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw ``n`` indices without replacement, each class in proportion to its size.
+
+    Quotas are ``n * count / N`` rounded down, the remaining draws going to the classes with
+    the largest fractional parts (ties to the smaller label).
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = n * counts / labels.shape[0]
+    quotas = np.floor(exact).astype(np.int64)
+    remainder = n - int(quotas.sum())
+    if remainder:
+        order = np.argsort(-(exact - quotas), kind="stable")
+        quotas[order[:remainder]] += 1
+    chosen = [
+        rng.choice(np.flatnonzero(labels == c), size=int(q), replace=False)
+        for c, q in zip(classes, quotas)
+        if q
+    ]
+    return np.concatenate(chosen)
+
+
+def calibration_subset(
+    dataset: Dataset, n_images: int | None, *, seed: int = 0, stratify: bool = True
+) -> Subset:
+    """Pick ``n_images`` images of ``dataset`` for calibration, reproducibly.
+
+    Indices are drawn without replacement with ``numpy.random.default_rng(seed)`` and
+    returned sorted. When ``stratify`` is true and the labels are available without reading
+    images (a ``targets`` attribute as on :class:`ImageFolder` and :class:`CIFAR10Batches`,
+    a ``TensorDataset`` whose second tensor holds the labels, or a ``Subset`` of these),
+    each class contributes in proportion to its size; otherwise indices are drawn uniformly.
+
+    Parameters
+    ----------
+    dataset : Dataset
+        Any map-style dataset with ``__len__``.
+    n_images : int >= 1 or None
+        Number of images. ``None`` or ``n_images >= len(dataset)``: all of them, in order.
+    seed : int >= 0, default=0
+    stratify : bool, default=True
+
+    Returns
+    -------
+    subset : torch.utils.data.Subset
+        ``subset.indices`` is a sorted list of ``min(n_images, len(dataset))`` distinct ints.
+
+    Raises
+    ------
+    ValueError
+        If ``n_images < 1`` or ``dataset`` is empty.
+
+    Examples
+    --------
+    >>> ds = load_digits_dataset("train")
+    >>> sub = calibration_subset(ds, 100, seed=0)
+    >>> len(sub), sub.indices == sorted(sub.indices)
+    (100, True)
+    """
+    if n_images is not None:
+        n_images = check_int_in_range(n_images, "n_images", 1)
+    seed = check_int_in_range(seed, "seed", 0)
+    n_total = len(dataset)
+    if n_total == 0:
+        raise ValueError("The 'dataset' parameter is empty; cannot draw calibration images.")
+    if n_images is None or n_images >= n_total:
+        return Subset(dataset, list(range(n_total)))
+    rng = np.random.default_rng(seed)
+    labels = _cheap_labels(dataset) if stratify else None
+    if labels is not None:
+        indices = _stratified_choice(labels, n_images, rng)
+    else:
+        indices = rng.choice(n_total, size=n_images, replace=False)
+    return Subset(dataset, np.sort(indices).astype(np.int64).tolist())
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+) -> DataLoader:
+    """A deterministic ``DataLoader``: no shuffling, the last partial batch kept.
+
+    Parameters
+    ----------
+    dataset : Dataset
+        Items ``(image, label)``; batches are ``(images, labels)`` with images of shape
+        ``(batch_size, C, H, W)`` (fewer in the last batch).
+    batch_size : int >= 1
+    num_workers : int >= 0, default=0
+    device : str or torch.device, default="cpu"
+        Where the batches will be used; memory is pinned when it is a CUDA device.
+
+    Returns
+    -------
+    loader : torch.utils.data.DataLoader
+    """
+    batch_size = check_int_in_range(batch_size, "batch_size", 1)
+    num_workers = check_int_in_range(num_workers, "num_workers", 0)
+    device = torch.device(device)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def iter_batches(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(images, labels)`` batches of ``dataset`` in order, moved to ``device``.
+
+    Parameters are those of :func:`make_loader`.
+
+    Yields
+    ------
+    images : torch.Tensor of shape (B, C, H, W)
+    labels : torch.Tensor of shape (B,), int64
+    """
+    device = torch.device(device)
+    loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
+    non_blocking = device.type == "cuda"
+    for images, labels in loader:
+        yield (
+            images.to(device, non_blocking=non_blocking),
+            labels.to(device, non_blocking=non_blocking),
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def evaluate_accuracy(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+) -> float:
+    """Top-1 accuracy of a classifier over a dataset.
+
+    The model runs in eval mode under ``torch.inference_mode()``; the train/eval flag of
+    every submodule is restored afterwards, even on error.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Maps images ``(B, C, H, W)`` to scores ``(B, n_classes)``.
+    dataset : Dataset
+        Items ``(image, label)`` with integer labels.
+    batch_size : int >= 1, default=256
+    device : str, torch.device or None, default=None
+        Where to evaluate. ``None``: the device of the model's parameters. Otherwise the
+        model is moved there (``model.to(device)``, in place) and stays there.
+    progress : bool, default=True
+        Show a tqdm progress bar.
+    num_workers : int >= 0, default=0
+        DataLoader workers.
+
+    Returns
+    -------
+    accuracy : float in [0, 1]
+        Fraction of images whose arg-max score equals the label (ties: the first maximum).
+
+    Raises
+    ------
+    ValueError
+        If ``dataset`` is empty or the model's output is not of shape ``(B, n_classes)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"The 'model' parameter must be a torch.nn.Module; got {type(model).__name__}."
+        )
+    batch_size = check_int_in_range(batch_size, "batch_size", 1)
+    n_total = len(dataset)
+    if n_total == 0:
+        raise ValueError("The 'dataset' parameter is empty; cannot compute an accuracy.")
+    if device is None:
+        device = _model_device(model)
+    else:
+        device = torch.device(device)
+        model.to(device)
+
+    modes = [(module, module.training) for module in model.modules()]
+    correct = 0
+    seen = 0
+    try:
+        model.eval()
+        batches = iter_batches(dataset, batch_size, num_workers=num_workers, device=device)
+        with torch.inference_mode():
+            for images, labels in tqdm(
+                batches,
+                total=math.ceil(n_total / batch_size),
+                desc="accuracy",
+                unit="batch",
+                disable=not progress,
+                leave=False,
+            ):
+                scores = model(images)
+                if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
+                    raise ValueError(
+                        f"The model must return scores of shape (batch, n_classes) = "
+                        f"({labels.shape[0]}, n_classes); got {tuple(scores.shape)}."
+                    )
+                correct += int((scores.argmax(dim=1) == labels.view(-1)).sum())
+                seen += int(labels.shape[0])
+    finally:
+        for module, training in modes:
+            module.training = training
+    accuracy = correct / seen
+    logger.info("accuracy %.4f (%d/%d)", accuracy, correct, seen)
+    return accuracy
