@@ -1,0 +1,170 @@
+"""Feature sampling: output positions, input patches, and forward hooks that record them.
+
+For a conv layer, a sample is one spatial position of its output map: the input patch
+``X`` (shape ``(c, kh, kw)``, read from the zero-padded input, stride and dilation aware)
+and the output vector ``Y`` (shape ``(n,)``) at that position. Positions are drawn per
+image with a seeded generator, so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Positions",
+    "sample_positions",
+    "extract_patches",
+    "gather_outputs",
+    "record_activations",
+]
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Sampled output positions: image index, row and column, each of shape (n_samples,)."""
+
+    image: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.image.numel())
+
+    def to(self, device) -> Positions:
+        return Positions(self.image.to(device), self.row.to(device), self.col.to(device))
+
+
+def sample_positions(
+    n_images: int,
+    out_size: tuple[int, int],
+    per_image: Optional[int],
+    generator: torch.Generator,
+) -> Positions:
+    """Draw ``per_image`` distinct output positions in each of ``n_images`` maps.
+
+    Parameters
+    ----------
+    n_images : int
+    out_size : (int, int)
+        Height and width of the output map.
+    per_image : int or None
+        Positions per image; None, or at least ``H * W``, takes every position (small deep
+        maps such as the 2x2 conv5 of a CIFAR VGG are then used in full).
+    generator : torch.Generator
+        Seeded CPU generator; the draw depends only on it and the arguments.
+
+    Returns
+    -------
+    Positions
+        Image-major: all positions of image 0 first.
+    """
+    h, w = out_size
+    hw = h * w
+    if per_image is None or per_image >= hw:
+        flat = torch.arange(hw).repeat(n_images)
+        image = torch.arange(n_images).repeat_interleave(hw)
+    else:
+        # Distinct positions per image: the first ``per_image`` of a random permutation.
+        keys = torch.rand(n_images, hw, generator=generator)
+        flat = keys.argsort(dim=1)[:, :per_image].sort(dim=1).values.reshape(-1)
+        image = torch.arange(n_images).repeat_interleave(per_image)
+    return Positions(image=image, row=flat // w, col=flat % w)
+
+
+def extract_patches(x: torch.Tensor, conv: nn.Conv2d, positions: Positions) -> torch.Tensor:
+    """Input patches of ``conv`` at the given output positions.
+
+    Parameters
+    ----------
+    x : tensor of shape (n_images, c, H, W)
+        The conv's input.
+    conv : nn.Conv2d
+        Supplies kernel size, stride, padding and dilation (``groups=1``).
+    positions : Positions
+
+    Returns
+    -------
+    tensor of shape (n_samples, c, kh, kw)
+    """
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    dh, dw = conv.dilation
+    if isinstance(conv.padding, str):
+        raise ValueError(
+            f"conv with padding={conv.padding!r} is not supported; use explicit integer padding."
+        )
+    ph, pw = conv.padding
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph), mode="constant", value=0.0)
+    device = x.device
+    pos = positions.to(device)
+    rows = pos.row[:, None] * sh + torch.arange(kh, device=device) * dh  # (n, kh)
+    cols = pos.col[:, None] * sw + torch.arange(kw, device=device) * dw  # (n, kw)
+    # Advanced indices separated by a slice put their broadcast dims first: (n, kh, kw, c).
+    patches = x[pos.image[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return patches.permute(0, 3, 1, 2)
+
+
+def gather_outputs(y: torch.Tensor, positions: Positions) -> torch.Tensor:
+    """Output vectors at the positions: ``y[image, :, row, col]``, shape (n_samples, n)."""
+    pos = positions.to(y.device)
+    return y[pos.image, :, pos.row, pos.col]
+
+
+@contextlib.contextmanager
+def record_activations(
+    inputs: dict[str, nn.Module] | None = None,
+    outputs: dict[str, nn.Module] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Record module inputs and outputs during the forward passes run inside the block.
+
+    Parameters
+    ----------
+    inputs : dict of name -> module
+        Record the (first positional) input of each module, under ``name``.
+    outputs : dict of name -> module
+        Record the output of each module, under ``name``.
+
+    Yields
+    ------
+    dict of name -> tensor
+        Filled by the hooks; each entry is ``detach().clone()``-d, so an in-place ReLU or
+        ``+=`` run later cannot overwrite it. A module called several times per forward
+        (e.g. a shared ReLU) keeps the last call; record the conv or BN around it instead.
+
+    Notes
+    -----
+    Hooks are removed in ``finally``: an exception inside the block leaves the model as
+    it was.
+    """
+    recorded: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def pre_hook(name):
+        def hook(module, args):
+            recorded[name] = args[0].detach().clone()
+
+        return hook
+
+    def post_hook(name):
+        def hook(module, args, output):
+            recorded[name] = output.detach().clone()
+
+        return hook
+
+    try:
+        for name, module in (inputs or {}).items():
+            handles.append(module.register_forward_pre_hook(pre_hook(name)))
+        for name, module in (outputs or {}).items():
+            handles.append(module.register_forward_hook(post_hook(name)))
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,196 @@
+"""Turn a target MAC speed-up into per-layer widths.
+
+MACs are counted as in the original channel-pruning code: for each conv,
+``H_out * W_out * c_out * c_in * kh * kw`` multiply-accumulates, conv layers only (see
+:mod:`chanprune.flops`). A conv's cost is bilinear in its input and output widths, so
+once the spatial sizes are known the MACs of any choice of widths follow without running
+the network: :class:`MacModel` holds those coefficients.
+
+A *channel group* is a set of channels pruned together: the output channels of one conv,
+which are the input channels of the next (named after the consuming layer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from ._validation import check_real_in_range
+
+__all__ = ["ConvCost", "MacModel", "widths_for_speedup", "SCHEDULES"]
+
+#: Built-in schedule names; an explicit ``{group: keep}`` mapping is also accepted.
+SCHEDULES = ("uniform", "paper")
+
+
+@dataclass(frozen=True)
+class ConvCost:
+    """One conv's MACs as a function of its widths: ``coef * c_in * c_out``.
+
+    ``in_group`` / ``out_group`` name the channel group setting that width, or are None
+    when the width is fixed at ``in_fixed`` / ``out_fixed``.
+    """
+
+    name: str
+    coef: int
+    in_group: Optional[str]
+    out_group: Optional[str]
+    in_fixed: int
+    out_fixed: int
+
+
+@dataclass(frozen=True)
+class MacModel:
+    """MACs of a network as a function of the widths of its channel groups.
+
+    Attributes
+    ----------
+    groups : dict of name -> int
+        Prunable channel groups and their original sizes, in network order.
+    convs : tuple of ConvCost
+    """
+
+    groups: dict
+    convs: tuple
+
+    def macs(self, widths: Optional[Mapping[str, int]] = None) -> int:
+        """Total conv MACs per image; groups missing from ``widths`` keep their size."""
+        widths = dict(self.groups, **(widths or {}))
+        total = 0
+        for conv in self.convs:
+            c_in = widths[conv.in_group] if conv.in_group else conv.in_fixed
+            c_out = widths[conv.out_group] if conv.out_group else conv.out_fixed
+            total += conv.coef * c_in * c_out
+        return total
+
+    def per_layer(self, widths: Optional[Mapping[str, int]] = None) -> dict[str, int]:
+        widths = dict(self.groups, **(widths or {}))
+        return {
+            c.name: c.coef
+            * (widths[c.in_group] if c.in_group else c.in_fixed)
+            * (widths[c.out_group] if c.out_group else c.out_fixed)
+            for c in self.convs
+        }
+
+
+def _widths_at(model: MacModel, multipliers: Mapping[str, float], r: float) -> dict[str, int]:
+    out = {}
+    for name, size in model.groups.items():
+        mult = multipliers.get(name, 0.0)
+        if mult <= 0:
+            out[name] = size  # not pruned
+        else:
+            out[name] = int(min(size, max(1, round(min(1.0, mult * r) * size))))
+    return out
+
+
+def widths_for_speedup(
+    model: MacModel,
+    speedup: float,
+    multipliers: Mapping[str, float],
+    *,
+    tolerance: float = 0.02,
+) -> tuple[dict[str, int], float]:
+    """Widths whose MAC speed-up is as close as possible to ``speedup``.
+
+    Each group ``g`` keeps ``round(min(1, m_g r) * size_g)`` channels (at least 1), with
+    the multiplier ``m_g`` from ``multipliers`` (0 or absent: not pruned) and one ratio
+    ``r`` found by bisection. A final pass moves single channels between groups' rounding
+    to close the remaining gap.
+
+    Parameters
+    ----------
+    model : MacModel
+    speedup : float
+        Target ``macs(original) / macs(pruned)``, > 1.
+    multipliers : dict of group -> float
+        Relative kept ratios (1 everywhere: uniform; the paper's VGG schedule uses 1.5
+        for conv4_x and 0 for conv5_x).
+    tolerance : float, default=0.02
+        Relative distance to the target speed-up considered good enough.
+
+    Returns
+    -------
+    widths : dict of group -> int
+    achieved : float
+        The achieved speed-up.
+
+    Raises
+    ------
+    ValueError
+        If ``speedup <= 1``, or larger than the schedule can reach (one channel left in
+        every pruned group); the message says the largest reachable speed-up.
+    """
+    speedup = check_real_in_range(speedup, "speedup", 1.0, low_inclusive=False)
+    base = model.macs()
+    target = base / speedup
+    prunable = [g for g in model.groups if multipliers.get(g, 0.0) > 0]
+    if not prunable:
+        raise ValueError("the schedule prunes no layer, so no speed-up > 1 is reachable.")
+    floor = model.macs({g: 1 for g in prunable})
+    if floor > target:
+        raise ValueError(
+            f"speedup={speedup:g} is out of reach for this schedule: at most {base / floor:.3g}x "
+            "(one channel left in every pruned layer)."
+        )
+    lo, hi = 0.0, 1.0 / min(multipliers[g] for g in prunable)
+    for _ in range(100):  # macs(r) is non-decreasing in r: bisect for macs <= target
+        mid = 0.5 * (lo + hi)
+        if model.macs(_widths_at(model, multipliers, mid)) > target:
+            hi = mid
+        else:
+            lo = mid
+    candidates = [_widths_at(model, multipliers, lo), _widths_at(model, multipliers, hi)]
+    widths = min(candidates, key=lambda w: abs(math.log(base / model.macs(w) / speedup)))
+    widths = _refine(model, widths, prunable, target)
+    return widths, base / model.macs(widths)
+
+
+def _refine(model: MacModel, widths: dict, prunable: list, target: float) -> dict:
+    """Move single channels while that brings the MACs closer to the target (bounded)."""
+    widths = dict(widths)
+    for _ in range(4 * len(prunable)):
+        current = abs(model.macs(widths) - target)
+        best, best_gap = None, current
+        for g in prunable:
+            for step in (-1, 1):
+                w = widths[g] + step
+                if 1 <= w <= model.groups[g]:
+                    gap = abs(model.macs({**widths, g: w}) - target)
+                    if gap < best_gap:
+                        best, best_gap = (g, w), gap
+        if best is None:
+            break
+        widths[best[0]] = best[1]
+    return widths
+
+
+def resolve_explicit(model: MacModel, keep: Mapping[str, Union[int, float]]) -> dict[str, int]:
+    """Validate an explicit ``{group: keep}`` schedule (int counts or float ratios in (0, 1])."""
+    if not isinstance(keep, Mapping):
+        raise TypeError(
+            f"an explicit schedule must be a dict of layer -> keep; got {type(keep).__name__}."
+        )
+    unknown = sorted(set(keep) - set(model.groups))
+    if unknown:
+        raise ValueError(
+            f"the schedule names layers that cannot be pruned here: {unknown}; "
+            f"prunable layers: {list(model.groups)}."
+        )
+    out = {}
+    for name, value in keep.items():
+        size = model.groups[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"schedule[{name!r}] must be an int or a float; got {value!r}.")
+        if isinstance(value, float):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"schedule[{name!r}] as a ratio must be in (0, 1]; got {value}.")
+            value = max(1, round(value * size))
+        if not 1 <= value <= size:
+            raise ValueError(
+                f"schedule[{name!r}] must keep between 1 and {size} channels; got {value}."
+            )
+        out[name] = int(value)
+    return out
