@@ -25,7 +25,6 @@ from typing import Optional
 
 import numpy as np
 import scipy.linalg
-from scipy.linalg import blas
 from sklearn.exceptions import ConvergenceWarning as SklearnConvergenceWarning
 from sklearn.linear_model import Lasso
 
@@ -282,13 +281,17 @@ def select_lasso(
 
 # ---------------------------------------------------------------------------- greedy LS
 def _inverse_psd(gram: np.ndarray, ridge: float, moments: Moments) -> np.ndarray:
-    """Inverse of the (ridge-regularised) Gram; grows the ridge if it is singular."""
+    """Inverse of the (ridge-regularised) Gram; grows the ridge if it is numerically
+    singular (dead channels, fewer samples than unknowns), with a warning."""
     cols = np.arange(gram.shape[0])
+    scale = float(np.mean(np.diag(gram))) or 1.0
     for attempt in range(6):
         try:
-            factor = scipy.linalg.cho_factor(gram, lower=True, check_finite=False)
-            pivots = np.abs(np.diag(factor[0]))
-            if pivots.min() ** 2 > 1e-13 * pivots.max() ** 2:
+            inverse = np.linalg.inv(gram)
+            diag = np.diag(inverse)
+            # A PD matrix has a positive inverse diagonal; pivots ~1e-13 of the scale
+            # mean the inverse is rounding noise.
+            if np.all(np.isfinite(diag)) and diag.min() > 0 and diag.max() * scale < 1e13:
                 if attempt:
                     warnings.warn(
                         f"the Gram matrix is singular; greedy_ls used ridge={ridge:.1e} "
@@ -296,7 +299,7 @@ def _inverse_psd(gram: np.ndarray, ridge: float, moments: Moments) -> np.ndarray
                         SingularGramWarning,
                         stacklevel=3,
                     )
-                return scipy.linalg.cho_solve(factor, np.eye(gram.shape[0]), check_finite=False)
+                return inverse
         except np.linalg.LinAlgError:
             pass
         ridge = max(ridge * 100.0, 1e-10)
@@ -329,50 +332,54 @@ def select_greedy_ls(moments: Moments, keep: int, *, ridge: float = 0.0) -> Sele
 
     Notes
     -----
-    Cost per removal is ``O(d^2 k)`` for ``d`` remaining unknowns and block size ``k``;
-    removed blocks are compacted away whenever a third of the matrix is dead.
+    ``H`` is never updated in full: with ``T`` removals so far, ``H = H0 - C R^T`` where
+    the ``T k`` columns of ``C`` and ``R`` are the couplings ``H_:g H_gg^{-1}`` and columns
+    ``H_:g`` of the removed blocks. Each step reads one column block of ``H`` through that
+    low-rank form (``O(d T k^2)``) and updates the ``k x k`` diagonal blocks and ``W``, so
+    the whole elimination costs ``O(d^3)`` for the first inverse plus ``O(d k^2 T^2)``,
+    against ``O(d^2 k T)`` of memory-bound full updates.
     """
     c, k = moments.n_channels, moments.block_size
     if keep >= c:
         return Selection(kept=np.arange(c, dtype=np.int64))
-    gram = regularized_gram(moments, np.arange(moments.n_features + 1), ridge)
-    # Fortran order: H is symmetric, and BLAS updates it in place without copies.
-    H = np.asfortranarray(_inverse_psd(gram, ridge, moments))
-    W = H @ moments.xty  # (d + 1, n): the current least-squares solution
-    blocks = np.arange(c)  # channel id of each block position in the compacted H
+    d = moments.n_features
+    gram = regularized_gram(moments, np.arange(d + 1), ridge)
+    H0 = _inverse_psd(gram, ridge, moments)
+    W = H0 @ moments.xty  # (d + 1, n): the current least-squares solution
+    idx = np.arange(c)[:, None] * k + np.arange(k)  # (c, k) rows of each block
+    diag = H0[idx[:, :, None], idx[:, None, :]]  # (c, k, k) diagonal blocks of H
+    n_steps = c - keep
+    coupling = np.zeros((d + 1, n_steps * k))  # C
+    columns = np.zeros((d + 1, n_steps * k))  # R
     alive = np.ones(c, dtype=bool)
     removed, costs = [], []
-    for _ in range(c - keep):
-        m = blocks.size
-        positions = np.flatnonzero(alive)
-        idx = positions[:, None] * k + np.arange(k)  # (g, k) rows of each live block
-        diag = H[idx[:, :, None], idx[:, None, :]]  # (g, k, k) diagonal blocks H_gg
-        w_blocks = W[idx]  # (g, k, n)
+    for t in range(n_steps):
+        live = np.flatnonzero(alive)
+        w_blocks = W[idx[live]]  # (g, k, n)
         if k == 1:
-            cost = np.einsum("gn,gn->g", w_blocks[:, 0], w_blocks[:, 0]) / diag[:, 0, 0]
+            cost = np.einsum("gn,gn->g", w_blocks[:, 0], w_blocks[:, 0]) / diag[live, 0, 0]
         else:
-            cost = np.einsum("gpn,gpn->g", w_blocks, np.linalg.solve(diag, w_blocks))
+            # tr(W_g^T H_gg^-1 W_g) = <H_gg^-1, W_g W_g^T>: small k x k products only.
+            outer = np.einsum("gpn,gqn->gpq", w_blocks, w_blocks)
+            cost = np.einsum("gpq,gpq->g", np.linalg.inv(diag[live]), outer)
         j = int(np.argmin(cost))
-        pos = positions[j]
-        removed.append(int(blocks[pos]))
+        g = int(live[j])
+        removed.append(g)
         costs.append(float(cost[j]))
-        sl = slice(pos * k, (pos + 1) * k)
-        h_cols = np.array(H[:, sl])  # (d + 1, k)
-        coupling = h_cols @ np.linalg.inv(h_cols[sl])  # H_:g H_gg^-1
-        W -= coupling @ W[sl]
-        # H -= coupling @ h_cols^T, in place (H is F-ordered and symmetric).
-        H = blas.dgemm(-1.0, coupling, h_cols, beta=1.0, c=H, trans_b=True, overwrite_c=True)
-        alive[pos] = False
-        if alive.sum() * 3 < 2 * m:  # compact: drop dead blocks from H and W
-            keep_pos = np.flatnonzero(alive)
-            cols = (keep_pos[:, None] * k + np.arange(k)).ravel()
-            cols = np.append(cols, m * k)
-            H = np.asfortranarray(H[np.ix_(cols, cols)])
-            W = W[cols]
-            blocks = blocks[keep_pos]
-            alive = np.ones(blocks.size, dtype=bool)
-    kept = np.sort(blocks[alive]).astype(np.int64)
-    return Selection(kept=kept, n_iter=c - keep, info={"removed": removed, "cost": costs})
+        rows = idx[g]
+        used = slice(0, t * k)
+        h_cols = H0[:, rows] - coupling[:, used] @ columns[rows, used].T  # H_:g, (d + 1, k)
+        step = h_cols @ np.linalg.inv(h_cols[rows])  # H_:g H_gg^-1
+        W -= step @ W[rows]
+        new = slice(t * k, (t + 1) * k)
+        coupling[:, new] = step
+        columns[:, new] = h_cols
+        alive[g] = False
+        # Diagonal blocks of the downdated H: H_hh -= step_h h_cols_h^T.
+        live = np.flatnonzero(alive)
+        diag[live] -= np.einsum("gpk,gqk->gpq", step[idx[live]], h_cols[idx[live]])
+    kept = np.flatnonzero(alive).astype(np.int64)
+    return Selection(kept=kept, n_iter=n_steps, info={"removed": removed, "cost": costs})
 
 
 # ---------------------------------------------------------------------------- ThiNet

@@ -87,6 +87,10 @@ class LayerStats:
         ``(kh, kw)`` of a conv layer; 1 for a linear layer.
     device : str or torch.device, default="cpu"
         Where the sums live; batches are moved there. CUDA works as well as CPU.
+    compute_dtype : torch.float64 or torch.float32, default=torch.float64
+        Precision of each batch's products. The running sums are float64 either way;
+        float32 products are 2-4x faster on a CPU and err by ~1e-7 * sqrt(batch rows)
+        relative per entry, well under the refit's usual ridge.
 
     Notes
     -----
@@ -110,9 +114,15 @@ class LayerStats:
         kernel_size: int | tuple[int, int] = 1,
         *,
         device: str | torch.device = "cpu",
+        compute_dtype: torch.dtype = torch.float64,
     ) -> None:
         from ._validation import check_int_in_range
 
+        if compute_dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"compute_dtype must be torch.float32 or torch.float64; got {compute_dtype!r}."
+            )
+        self.compute_dtype = compute_dtype
         self.n_channels = check_int_in_range(n_channels, "n_channels", 1)
         self.n_outputs = check_int_in_range(n_outputs, "n_outputs", 1)
         if isinstance(kernel_size, int):
@@ -184,21 +194,26 @@ class LayerStats:
             )
         if X.shape[0] == 0:
             return self
-        check_finite(X, "X")
-        check_finite(Y, "Y")
-        x = X.reshape(X.shape[0], -1).to(self.device, torch.float64)
-        y = Y.to(self.device, torch.float64)
+        n_rows = int(X.shape[0])
+        if self.device.type == "cpu":
+            xtx, x_sum, xty, y_sum, yty = _products_numpy(X, Y, self.compute_dtype)
+        else:
+            xtx, x_sum, xty, y_sum, yty = _products_torch(X, Y, self.compute_dtype, self.device)
+        # A NaN or Inf anywhere in X or Y shows on the diagonal of X^T X or in y^T y: a
+        # cheap test, and the full scan (which locates the value) runs only on failure.
+        if not (torch.isfinite(torch.diagonal(xtx)).all() and torch.isfinite(yty)):
+            check_finite(X, "X")
+            check_finite(Y, "Y")
+            raise ValueError("X or Y is too large: its second moments overflow to Inf.")
         d = self.n_features
-        xtx = x.T @ x
-        x_sum = x.sum(dim=0)
         self.xtx[:d, :d] += xtx
         self.xtx[:d, d] += x_sum
         self.xtx[d, :d] += x_sum
-        self.xtx[d, d] += x.shape[0]
-        self.xty[:d] += x.T @ y
-        self.xty[d] += y.sum(dim=0)
-        self.yty += (y * y).sum()
-        self.n_samples += int(x.shape[0])
+        self.xtx[d, d] += n_rows
+        self.xty[:d] += xty
+        self.xty[d] += y_sum
+        self.yty += yty
+        self.n_samples += n_rows
         return self
 
     @classmethod
@@ -251,7 +266,10 @@ class LayerStats:
         return out
 
     def copy(self) -> LayerStats:
-        out = LayerStats(self.n_channels, self.n_outputs, self.kernel_size, device=self.device)
+        out = LayerStats(
+            self.n_channels, self.n_outputs, self.kernel_size, device=self.device,
+            compute_dtype=self.compute_dtype,
+        )  # fmt: skip
         out.xtx.copy_(self.xtx)
         out.xty.copy_(self.xty)
         out.yty.copy_(self.yty)
@@ -260,7 +278,10 @@ class LayerStats:
 
     def to(self, device: str | torch.device) -> LayerStats:
         """A copy of the statistics on ``device``."""
-        out = LayerStats(self.n_channels, self.n_outputs, self.kernel_size, device=device)
+        out = LayerStats(
+            self.n_channels, self.n_outputs, self.kernel_size, device=device,
+            compute_dtype=self.compute_dtype,
+        )  # fmt: skip
         out += self
         return out
 
@@ -313,3 +334,33 @@ class LayerStats:
             f"LayerStats(n_channels={self.n_channels}, n_outputs={self.n_outputs}, "
             f"kernel_size={self.kernel_size}, n_samples={self.n_samples}, device='{self.device}')"
         )
+
+
+def _products_numpy(X: torch.Tensor, Y: torch.Tensor, dtype: torch.dtype):
+    """Per-batch moments on the CPU through numpy, whose ``a.T @ a`` runs BLAS syrk."""
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    x = np.ascontiguousarray(X.reshape(X.shape[0], -1).cpu().numpy(), dtype=np_dtype)
+    y = np.ascontiguousarray(Y.cpu().numpy(), dtype=np_dtype)
+    xtx = torch.from_numpy(np.asarray(x.T @ x, dtype=np.float64))
+    xty = torch.from_numpy(np.asarray(x.T @ y, dtype=np.float64))
+    x_sum = torch.from_numpy(x.sum(axis=0, dtype=np.float64))
+    y_sum = torch.from_numpy(y.sum(axis=0, dtype=np.float64))
+    yty = torch.tensor(float(np.einsum("ij,ij->", y, y, dtype=np.float64)), dtype=torch.float64)
+    return xtx, x_sum, xty, y_sum, yty
+
+
+def _products_torch(X: torch.Tensor, Y: torch.Tensor, dtype: torch.dtype, device: torch.device):
+    """Per-batch moments with torch on ``device`` (CUDA); TF32 is not used."""
+    x = X.reshape(X.shape[0], -1).to(device, dtype)
+    y = Y.to(device, dtype)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        xtx = (x.T @ x).double()
+        xty = (x.T @ y).double()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    x_sum = x.sum(dim=0, dtype=torch.float64)
+    y_sum = y.sum(dim=0, dtype=torch.float64)
+    yty = (y.double() ** 2).sum()
+    return xtx, x_sum, xty, y_sum, yty

@@ -52,6 +52,7 @@ __all__ = [
     "prune_conv_in_channels",
     "prune_conv_out_channels",
     "prune_batchnorm",
+    "set_batchnorm_identity",
     "prune_linear_in_features",
     "prune_linear_out_features",
     "prune_conv_bn_conv",
@@ -460,6 +461,29 @@ def prune_batchnorm(bn: _BatchNorm, kept: IndexLike) -> _BatchNorm:
     _check_bn(bn, "bn")
     kept_t = _check_kept(kept, "kept", bn.num_features)
     _prune_bn_unchecked(bn, kept_t)
+    return bn
+
+
+def set_batchnorm_identity(bn: _BatchNorm) -> _BatchNorm:
+    """Make an eval-mode BatchNorm the identity, in place.
+
+    Used after a BN has been folded into the conv before it (the refit weights are in
+    folded form): ``running_mean = 0``, ``running_var = 1 - eps``, ``weight = 1``,
+    ``bias = 0``, so ``(x - 0) / sqrt(1 - eps + eps) * 1 + 0 == x``. The module stays, so
+    the architecture (and its state_dict keys) is unchanged.
+    """
+    _check_bn(bn, "bn")
+    with torch.no_grad():
+        if bn.track_running_stats and bn.running_mean is not None:
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0 - bn.eps)
+        else:
+            raise UnsupportedLayerError(
+                "set_batchnorm_identity needs a BatchNorm that tracks running statistics."
+            )
+        if bn.affine:
+            bn.weight.fill_(1.0)
+            bn.bias.zero_()
     return bn
 
 
