@@ -420,7 +420,9 @@ def prune_model(
     position = 0  # index in features that the caches are the input of
     held_t = torch.from_numpy(is_held)
 
-    with torch.inference_mode():
+    # no_grad, not inference_mode: parameters created by the surgery must stay ordinary
+    # tensors, so the pruned model can be fine-tuned afterwards.
+    with torch.no_grad():
         bar = tqdm(plan, desc="pruning", disable=not progress)
         for step, consumer in enumerate(bar):
             bar.set_postfix_str(consumer.name)

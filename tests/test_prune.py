@@ -1,0 +1,198 @@
+"""Tests of chanprune.prune: the layer-by-layer driver on small VGG-style networks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from chanprune import UnsupportedLayerError
+from chanprune.flops import count_macs
+from chanprune.models import VGG, build_model
+from chanprune.prune import MODEL_METHODS, prunable_layers, prune_model
+
+
+def _tiny_vgg(seed: int = 0, batch_norm: bool = True) -> VGG:
+    torch.manual_seed(seed)
+    model = VGG(
+        [12, 12, "M", 16, 16, "M", 24], batch_norm=batch_norm, num_classes=5, pool_size=1,
+        hidden_features=16,
+    )  # fmt: skip
+    if batch_norm:  # non-trivial BatchNorm statistics, so folding matters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.1, 0.3)
+    return model.eval()
+
+
+def _images(n: int = 60, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+QUIET = dict(progress=False)
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "paper"])
+def test_speedup_is_hit_and_model_is_physically_smaller(schedule):
+    model = _tiny_vgg()
+    pruned, report = prune_model(model, _images(), speedup=1.6, schedule=schedule, **QUIET)
+    assert abs(report.speedup / 1.6 - 1) <= 0.02
+    assert report.macs_after == count_macs(pruned, (3, 16, 16))
+    assert report.params_after < report.params_before
+    # An ordinary module of the same class, rebuilt from its widths + state_dict.
+    rebuilt = build_model(pruned.arch_config())
+    rebuilt.load_state_dict(pruned.state_dict())
+    x = _images(4, seed=9)
+    torch.testing.assert_close(rebuilt.eval()(x), pruned(x))
+    assert not pruned.training
+
+
+def test_input_model_is_not_modified():
+    model = _tiny_vgg()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prune_model(model, _images(), speedup=1.5, **QUIET)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training  # its mode is untouched
+
+
+def test_reported_error_is_the_measured_error_of_the_last_layer():
+    """With every position and no hold-out, the reported in-sample error of the last
+    pruned layer is exactly the error of the pruned network's output there."""
+    model = _tiny_vgg()
+    images = _images(40)
+    pruned, report = prune_model(
+        model, images, speedup=1.5, positions_per_image=None, holdout=0.0,
+        stats_dtype=torch.float64, **QUIET,
+    )  # fmt: skip
+    last = report.layers[-1]
+    index = int(last.name.split(".")[1])
+    with torch.no_grad():
+        ref = model.features[: index + 2](images)  # conv + BN of the original
+        out = pruned.features[: index + 2](images)
+    measured = float(((ref - out) ** 2).sum() / (ref**2).sum())
+    assert last.rel_error == pytest.approx(measured, rel=1e-4, abs=1e-9)
+
+
+def test_explicit_schedule_and_layer_names():
+    model = _tiny_vgg()
+    layers = prunable_layers(model)
+    assert list(layers) == ["features.3", "features.7", "features.10", "features.14"]
+    schedule = {"features.3": 6, "features.10": 0.5}
+    pruned, report = prune_model(model, _images(), schedule=schedule, method="greedy_ls", **QUIET)
+    assert pruned.features[3].in_channels == 6 and pruned.features[0].out_channels == 6
+    assert pruned.features[10].in_channels == 8 and pruned.features[7].out_channels == 8
+    assert pruned.features[14].in_channels == 16  # unscheduled layers keep their width
+    assert report.schedule == "explicit"
+
+
+@pytest.mark.parametrize("method", MODEL_METHODS)
+def test_every_method_runs_and_refit_helps(method):
+    model = _tiny_vgg()
+    pruned, report = prune_model(model, _images(), speedup=1.5, method=method, seed=3, **QUIET)
+    assert report.method == method and len(report.layers) == 4
+    for layer in report.layers:
+        assert 0.0 <= layer.rel_error <= layer.rel_error_before_refit + 1e-9
+        assert layer.rel_error_heldout is not None and layer.rel_error_heldout >= 0
+
+
+def test_runs_are_reproducible_and_seed_matters():
+    model = _tiny_vgg()
+    a, ra = prune_model(model, _images(), speedup=1.5, method="random", seed=5, **QUIET)
+    b, rb = prune_model(model, _images(), speedup=1.5, method="random", seed=5, **QUIET)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    c, _ = prune_model(model, _images(), speedup=1.5, method="random", seed=6, **QUIET)
+    x = _images(3, seed=7)
+    assert not torch.equal(a(x), c(x))
+
+
+def test_without_batchnorm():
+    model = _tiny_vgg(batch_norm=False)
+    pruned, report = prune_model(model, _images(), speedup=1.5, **QUIET)
+    assert abs(report.speedup / 1.5 - 1) <= 0.02
+    with pytest.raises(
+        UnsupportedLayerError, match=r"method='bn_scale' needs a BatchNorm after every pruned conv"
+    ):
+        prune_model(model, _images(), speedup=1.5, method="bn_scale", **QUIET)
+
+
+def test_dataset_calibration_input():
+    images = _images(30)
+    dataset = torch.utils.data.TensorDataset(images, torch.zeros(30, dtype=torch.long))
+    _, r1 = prune_model(_tiny_vgg(), dataset, speedup=1.5, n_images=20, **QUIET)
+    assert r1.n_images + r1.n_heldout == 20
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_parameters():
+    model = _tiny_vgg()
+    x = _images(10)
+    with pytest.raises(ValueError, match=r"'method' parameter must be one of"):
+        prune_model(model, x, speedup=2, method="magic", **QUIET)
+    with pytest.raises(ValueError, match=r"'speedup' parameter must be in \(1.0"):
+        prune_model(model, x, speedup=1.0, **QUIET)
+    with pytest.raises(ValueError, match=r"out of reach"):
+        prune_model(model, x, speedup=500.0, **QUIET)
+    with pytest.raises(ValueError, match=r"needs a target"):
+        prune_model(model, x, **QUIET)
+    with pytest.raises(ValueError, match=r"either speedup or an explicit schedule"):
+        prune_model(model, x, speedup=2, schedule={"features.3": 4}, **QUIET)
+    with pytest.raises(ValueError, match=r"'holdout'"):
+        prune_model(model, x, speedup=2, holdout=0.9, **QUIET)
+    with pytest.raises(TypeError, match=r"model must be an nn.Module"):
+        prune_model("vgg16", x, speedup=2, **QUIET)
+
+
+def test_bad_calibration_data():
+    model = _tiny_vgg()
+    with pytest.raises(ValueError, match=r"holds no images"):
+        prune_model(model, torch.zeros(0, 3, 16, 16), speedup=1.5, **QUIET)
+    bad = _images(10)
+    bad[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or Inf"):
+        prune_model(model, bad, speedup=1.5, **QUIET)
+    with pytest.raises(ValueError, match=r"does not accept calibration images of shape"):
+        prune_model(model, torch.randn(5, 4, 16, 16), speedup=1.5, **QUIET)
+    with pytest.raises(TypeError, match=r"calib must be a torch Dataset or a tensor"):
+        prune_model(model, [1, 2, 3], speedup=1.5, **QUIET)
+
+
+def test_unsupported_models_are_refused_with_names():
+    with pytest.raises(UnsupportedLayerError, match=r"Sequential is not a supported architecture"):
+        prune_model(nn.Sequential(nn.Conv2d(3, 4, 3)), _images(4), speedup=2, **QUIET)
+    model = _tiny_vgg()
+    model.features[6] = nn.Upsample(scale_factor=1)
+    with pytest.raises(UnsupportedLayerError, match=r"features.6 \(Upsample\) is not supported"):
+        prune_model(model, _images(4), speedup=2, **QUIET)
+    model = _tiny_vgg()
+    model.features[3] = nn.Conv2d(12, 12, 3, padding=1, groups=2)
+    with pytest.raises(UnsupportedLayerError, match=r"features.3 is a grouped convolution"):
+        prune_model(model, _images(4), speedup=2, **QUIET)
+
+
+def test_no_hooks_left_after_a_failure(monkeypatch):
+    model = _tiny_vgg()
+    import chanprune.prune as driver
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("solver failed")
+
+    monkeypatch.setattr(driver, "prune_layer_from_stats", boom)
+    with pytest.raises(RuntimeError, match="solver failed"):
+        prune_model(model, _images(), speedup=1.5, inplace=True, **QUIET)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_pruned_model_can_be_fine_tuned():
+    pruned, _ = prune_model(_tiny_vgg(), _images(), speedup=1.5, **QUIET)
+    pruned.train()
+    loss = pruned(_images(4)).sum()
+    loss.backward()
+    assert all(p.grad is not None for p in pruned.parameters() if p.requires_grad)
