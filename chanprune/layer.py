@@ -156,7 +156,7 @@ def prune_layer(
     scores: Optional[ArrayLike] = None,
     random_state=None,
     max_iter: int = 1000,
-    tol: float = 1e-4,
+    tol: float = 1e-6,
 ) -> LayerPruneResult:
     """Select ``keep`` input channels of one layer and refit its weights.
 
@@ -191,7 +191,8 @@ def prune_layer(
     random_state : int, numpy Generator or None
         Seed for ``method="random"``.
     max_iter, tol : int, float
-        LASSO solver options (scikit-learn).
+        LASSO solver options (scikit-learn). The tight default tolerance keeps the count
+        of nonzero coefficients monotone in alpha, so the bisection lands on the budget.
 
     Returns
     -------
@@ -266,7 +267,7 @@ def prune_layer_from_stats(
     scores: Optional[ArrayLike] = None,
     random_state=None,
     max_iter: int = 1000,
-    tol: float = 1e-4,
+    tol: float = 1e-6,
 ) -> LayerPruneResult:
     """:func:`prune_layer` from accumulated statistics instead of raw samples.
 

@@ -281,7 +281,7 @@ def prune_model(
     progress: bool = True,
     inplace: bool = False,
     max_iter: int = 1000,
-    tol: float = 1e-4,
+    tol: float = 1e-6,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune the channels of a VGG-style network, layer by layer, without retraining.
 
@@ -426,14 +426,16 @@ def prune_model(
         bar = tqdm(plan, desc="pruning", disable=not progress)
         for step, consumer in enumerate(bar):
             bar.set_postfix_str(consumer.name)
-            # Bring both caches to the input of this consumer.
+            # Bring both caches to the input of this consumer (only the first time, or
+            # after an untouched layer: otherwise the previous step left them there).
             if position < consumer.index:
                 segment_ref = list(ref_features[position : consumer.index])
-                segment = list(features[position : consumer.index])
                 cache_ref = _advance(segment_ref, cache_ref, batch_size, device)
-                cache_pruned = (
-                    _advance(segment, cache_pruned, batch_size, device) if diverged else cache_ref
-                )
+                if diverged:
+                    segment = list(features[position : consumer.index])
+                    cache_pruned = _advance(segment, cache_pruned, batch_size, device)
+                else:
+                    cache_pruned = cache_ref
                 position = consumer.index
             keep = widths[consumer.name]
             c = features[consumer.index].in_channels
@@ -442,8 +444,15 @@ def prune_model(
 
             layer_start = time.perf_counter()
             conv = features[consumer.index]
-            ref_conv = ref_features[consumer.index]
-            ref_bn = ref_features[consumer.bn_index] if consumer.bn_index is not None else None
+            ref_target = ref_features[
+                consumer.bn_index if consumer.bn_index is not None else consumer.index
+            ]
+            # The reference network runs up to the next consumer in the same pass that
+            # yields this layer's target (a hook on its BN output), so it costs one
+            # forward pass per sweep; the last layer stops at its own output.
+            nxt = plan[step + 1].index if step + 1 < len(plan) else None
+            end = nxt if nxt is not None else (consumer.bn_index or consumer.index) + 1
+            segment_ref = list(ref_features[consumer.index : end])
             stats = LayerStats(
                 c, conv.out_channels, conv.kernel_size, device=device, compute_dtype=stats_dtype
             )
@@ -452,15 +461,17 @@ def prune_model(
             )
             zeros = torch.zeros(c, dtype=torch.float64)
             gaps = []
+            next_ref = None
             for lo in range(0, n_total, batch_size):
                 hi = min(lo + batch_size, n_total)
                 x = cache_pruned[lo:hi].to(device)
-                target = ref_bn if ref_bn is not None else ref_conv
-                with record_activations(outputs={"y": target}) as rec:
-                    _run(
-                        [ref_conv] + ([ref_bn] if ref_bn is not None else []),
-                        cache_ref[lo:hi].to(device),
-                    )
+                with record_activations(outputs={"y": ref_target}) as rec:
+                    out = _run(segment_ref, cache_ref[lo:hi].to(device))
+                if nxt is not None:
+                    if next_ref is None:
+                        shape = (n_total,) + tuple(out.shape[1:])
+                        next_ref = torch.empty(shape, dtype=out.dtype, device=cache_ref.device)
+                    next_ref[lo:hi] = out.to(next_ref.device)
                 y = rec["y"]
                 pos = sample_positions(hi - lo, tuple(y.shape[2:]), positions_per_image, generator)
                 X = extract_patches(x, conv, pos)
@@ -533,6 +544,11 @@ def prune_model(
                     alpha=result.alpha,
                 )
             )
+            if nxt is not None:
+                segment = list(features[consumer.index : nxt])
+                cache_pruned = _advance(segment, cache_pruned, batch_size, device)
+                cache_ref = next_ref
+                position = nxt
             logger.info(
                 "%s: %d -> %d channels, rel. error %.4f (held-out %s)",
                 consumer.name, c, keep, result.rel_error,

@@ -142,7 +142,7 @@ def select_lasso(
     *,
     normalize: bool = True,
     max_iter: int = 1000,
-    tol: float = 1e-4,
+    tol: float = 1e-6,
     max_bisect: int = 60,
 ) -> Selection:
     """LASSO channel selection with exactly ``keep`` survivors.
