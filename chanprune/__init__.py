@@ -7,8 +7,11 @@ remove the dropped channels for real.
 """
 
 from .exceptions import ConvergenceWarning, SingularGramWarning, UnsupportedLayerError
+from .io import load, save
 from .layer import LayerPruneResult, prune_layer, prune_layer_from_stats
+from .prune import MODEL_METHODS, plan_widths, prunable_layers, prune_model
 from .refit import least_squares_refit, reconstruction_error
+from .report import LayerReport, PruneReport
 from .selection import SELECTORS, Selection
 from .stats import LayerStats, Moments
 
@@ -17,6 +20,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvergenceWarning",
     "LayerPruneResult",
+    "LayerReport",
+    "MODEL_METHODS",
+    "PruneReport",
     "LayerStats",
     "Moments",
     "SELECTORS",
@@ -24,7 +30,12 @@ __all__ = [
     "SingularGramWarning",
     "UnsupportedLayerError",
     "least_squares_refit",
+    "load",
+    "plan_widths",
     "prune_layer",
     "prune_layer_from_stats",
+    "prune_model",
+    "prunable_layers",
     "reconstruction_error",
+    "save",
 ]

@@ -22,7 +22,7 @@ from ._validation import (
     check_int_in_range,
     check_real_in_range,
 )
-from .refit import least_squares_refit, reconstruction_error
+from .refit import reconstruction_error, refit_with_error
 from .selection import (
     SELECTORS,
     Selection,
@@ -375,8 +375,7 @@ def _prune_from_moments(
         w_sel = (w_used[:, sel.kept] * coef[None, :, None]).reshape(n, -1)
         before = reconstruction_error(moments, sel.kept, w_sel, b_used)
         if refit:
-            w_new, b_new = least_squares_refit(moments, sel.kept, ridge=ridge)
-            after = reconstruction_error(moments, sel.kept, w_new, b_new)
+            w_new, b_new, after = refit_with_error(moments, sel.kept, ridge=ridge)
         else:
             w_new, b_new, after = w_sel, b_used.copy(), before
         return w_new, b_new, after, before

@@ -50,7 +50,13 @@ from .surgery import (
     set_conv_params,
 )
 
-__all__ = ["prune_model", "MODEL_METHODS", "load_calibration_images", "prunable_layers"]
+__all__ = [
+    "prune_model",
+    "MODEL_METHODS",
+    "load_calibration_images",
+    "plan_widths",
+    "prunable_layers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +149,8 @@ def prunable_layers(model: nn.Module) -> dict[str, int]:
     Keys are ``named_modules()`` paths of the consuming convs (``"features.3"``); these
     are the keys of an explicit ``schedule``.
     """
-    features = model.features
-    return {c.name: features[c.index].in_channels for c in _chain_plan(model)}
+    plan = _chain_plan(model)  # refuses unsupported architectures before touching them
+    return {c.name: model.features[c.index].in_channels for c in plan}
 
 
 def _mac_model(model: nn.Module, plan: list[_Consumer], input_shape) -> MacModel:
@@ -179,6 +185,65 @@ def _multipliers(plan: list[_Consumer], schedule: str) -> dict[str, float]:
     # The paper's VGG-16 schedule: conv1_x-conv3_x : conv4_x kept ratios 1 : 1.5, conv5_x
     # (stage 5 and beyond) untouched; conv1_1 sees the image and is never a consumer.
     return {c.name: (1.0 if c.stage <= 3 else 1.5 if c.stage == 4 else 0.0) for c in plan}
+
+
+def _check_target(speedup, schedule) -> bool:
+    """Validate the (speedup, schedule) pair; return whether the schedule is explicit."""
+    explicit = isinstance(schedule, Mapping)
+    if not explicit:
+        check_choice(schedule, "schedule", SCHEDULES)
+        if speedup is None:
+            raise ValueError(f"schedule={schedule!r} needs a target: pass speedup (> 1).")
+        check_real_in_range(speedup, "speedup", 1.0, low_inclusive=False)
+    elif speedup is not None:
+        raise ValueError("pass either speedup or an explicit schedule dict, not both.")
+    return explicit
+
+
+def plan_widths(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    speedup: Optional[float] = None,
+    schedule: Union[str, Mapping[str, Union[int, float]]] = "uniform",
+) -> tuple[dict[str, int], float]:
+    """Per-layer widths for a target speed-up, without any data or pruning.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A VGG-style network (see :func:`prune_model`).
+    input_shape : tuple of int
+        One input without the batch dimension, e.g. ``(3, 32, 32)``.
+    speedup, schedule
+        As in :func:`prune_model`.
+
+    Returns
+    -------
+    widths : dict of layer -> int
+        Input channels kept by each prunable layer (:func:`prunable_layers` keys).
+    speedup : float
+        The MAC speed-up those widths achieve.
+
+    Raises
+    ------
+    UnsupportedLayerError, ValueError
+        An unsupported model, an input shape the model does not accept, an unreachable or
+        invalid target.
+    """
+    plan = _chain_plan(model)
+    explicit = _check_target(speedup, schedule)
+    try:
+        mac_model = _mac_model(model, plan, tuple(input_shape))
+    except RuntimeError as exc:
+        raise ValueError(
+            f"the model does not accept inputs of shape {tuple(input_shape)}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    if explicit:
+        widths = {**mac_model.groups, **resolve_explicit(mac_model, schedule)}
+        return widths, mac_model.macs() / mac_model.macs(widths)
+    return widths_for_speedup(mac_model, speedup, _multipliers(plan, schedule))
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -357,13 +422,7 @@ def prune_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}.")
     method = check_choice(method, "method", MODEL_METHODS)
-    explicit = isinstance(schedule, Mapping)
-    if not explicit:
-        check_choice(schedule, "schedule", SCHEDULES)
-        if speedup is None:
-            raise ValueError(f"schedule={schedule!r} needs a target: pass speedup (> 1).")
-    elif speedup is not None:
-        raise ValueError("pass either speedup or an explicit schedule dict, not both.")
+    explicit = _check_target(speedup, schedule)
     if n_images is not None:
         n_images = check_int_in_range(n_images, "n_images", 1)
     if positions_per_image is not None:
@@ -396,18 +455,8 @@ def prune_model(
         pruned = model.to(device).eval()
     else:
         pruned = copy.deepcopy(model).to(device).eval()
-    try:
-        mac_model = _mac_model(reference, plan, input_shape)
-    except RuntimeError as exc:
-        raise ValueError(
-            f"the model does not accept calibration images of shape {input_shape}: {exc}"
-        ) from exc
-    if explicit:
-        widths = {**mac_model.groups, **resolve_explicit(mac_model, schedule)}
-        schedule_name = "explicit"
-    else:
-        widths, _ = widths_for_speedup(mac_model, speedup, _multipliers(plan, schedule))
-        schedule_name = schedule
+    widths, _ = plan_widths(reference, input_shape, speedup=speedup, schedule=schedule)
+    schedule_name = "explicit" if explicit else schedule
     macs_before = count_macs(reference, input_shape)
     params_before = count_params(reference)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -171,7 +172,10 @@ def save_model(model: nn.Module, path: str | os.PathLike[str]) -> None:
     model : nn.Module
         A chanprune model (has ``arch_config()``), pruned or not. Not modified.
     path : str or os.PathLike
-        Destination file; overwritten if present.
+        Destination file; overwritten if present. The file is written atomically: to a
+        temporary file in the same folder, then renamed over ``path``, so a reader never
+        sees a half-written file and a failed save leaves no temporary file behind and any
+        previous file at ``path`` intact.
     """
     if not callable(getattr(model, "arch_config", None)):
         raise TypeError(
@@ -180,7 +184,18 @@ def save_model(model: nn.Module, path: str | os.PathLike[str]) -> None:
         )
     p = _check_path(path)
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-    torch.save({"arch_config": model.arch_config(), "state_dict": state}, p)
+    payload = {"arch_config": model.arch_config(), "state_dict": state}
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        umask = os.umask(0)  # mkstemp creates 0600 files: give the usual permissions
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     logger.info("Saved %s (%d tensors) to '%s'.", type(model).__name__, len(state), p)
 
 

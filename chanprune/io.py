@@ -1,0 +1,227 @@
+"""Saving and loading (pruned) models as plain data: architecture config plus weights.
+
+A chanprune model file holds ``{"arch_config": model.arch_config(), "state_dict": ...}``
+(the format of :func:`chanprune.models.save_model`): a JSON-like dict describing the
+architecture (pruned widths included) and CPU tensors. It loads with
+``torch.load(path, weights_only=True)``; no pickled code is written or executed, and the model
+is rebuilt by :func:`chanprune.models.build_model`.
+
+Files are written atomically (a temporary file in the destination folder, then a rename), so
+a reader never sees a half-written file and a failed save leaves neither a temporary file nor
+a damaged previous file behind.
+
+Examples
+--------
+>>> import chanprune.io
+>>> from chanprune.models import vgg_digits
+>>> chanprune.io.save(vgg_digits(), "digits.pt")  # doctest: +SKIP
+>>> model = chanprune.io.load("digits.pt")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Callable, Union
+
+import torch
+from torch import nn
+
+from .models import load_model, save_model
+
+__all__ = ["save", "load", "atomic_write", "atomic_write_all"]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _as_path(path: object, name: str = "path") -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"The {name!r} parameter must be a str or os.PathLike; got {type(path).__name__}."
+        )
+    return Path(path)
+
+
+def _check_destination(path: Path) -> None:
+    """Raise if ``path`` cannot be a file destination (a folder, or its folder is missing)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"Cannot write to '{path}': it is a directory; pass a file path.")
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"Cannot write to '{path}': the folder '{parent}' does not exist.")
+
+
+def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
+    """Create or replace ``path`` atomically with what ``write`` writes.
+
+    ``write(tmp)`` is called with a temporary file in the folder of ``path`` (already created,
+    empty); once it returns, the file gets the usual permissions (``0o666`` minus the umask)
+    and is renamed over ``path`` with :func:`os.replace`. If ``write`` or the rename fails,
+    the temporary file is removed and ``path`` is left as it was.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination file. Its folder must exist.
+    write : callable
+        ``write(tmp_path: pathlib.Path) -> None``; should write the whole content to
+        ``tmp_path``.
+
+    Raises
+    ------
+    IsADirectoryError
+        If ``path`` is a directory.
+    FileNotFoundError
+        If the folder of ``path`` does not exist.
+    """
+    atomic_write_all([(path, write)])
+
+
+def atomic_write_all(outputs: Sequence[tuple[PathLike, Callable[[Path], None]]]) -> None:
+    """Write several files all or nothing, as far as the file system allows.
+
+    Every ``write(tmp)`` first writes its own temporary file beside its destination; only
+    when all of them have succeeded are the temporary files renamed over the destinations
+    (:func:`os.replace`, atomic per file). If any write fails, every temporary file is
+    removed and no destination is touched.
+
+    Parameters
+    ----------
+    outputs : sequence of (path, write)
+        Destination files (their folders must exist) and the callables that write them,
+        as in :func:`atomic_write`.
+
+    Raises
+    ------
+    IsADirectoryError
+        If a destination is a directory.
+    FileNotFoundError
+        If the folder of a destination does not exist.
+    ValueError
+        If two outputs name the same file.
+    """
+    items = [(_as_path(path), write) for path, write in outputs]
+    resolved = [p.resolve() for p, _ in items]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"Two outputs name the same file: {[str(p) for p, _ in items]}.")
+    for p, _ in items:
+        _check_destination(p)
+    umask = os.umask(0)  # mkstemp creates 0600 files; give them ordinary permissions
+    os.umask(umask)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for p, write in items:
+            fd, tmp_name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+            os.close(fd)
+            staged.append((Path(tmp_name), p))
+            write(Path(tmp_name))
+            os.chmod(tmp_name, 0o666 & ~umask)
+        for tmp, p in staged:
+            os.replace(tmp, p)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def save(model: nn.Module, path: PathLike) -> None:
+    """Save a chanprune model (pruned or not) to ``path``, atomically.
+
+    The file holds ``{"arch_config": model.arch_config(), "state_dict": ...}`` with CPU
+    tensors, as written by :func:`chanprune.models.save_model`; it loads with
+    ``torch.load(path, weights_only=True)`` and :func:`load` rebuilds the model from it.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model built by :mod:`chanprune.models` (it has ``arch_config()``), for example the
+        output of :func:`chanprune.prune.prune_model` on such a model. Not modified.
+    path : str or os.PathLike
+        Destination file (conventionally ``*.pt``); overwritten if present. Its folder must
+        exist.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` has no ``arch_config()`` (e.g. a torchvision VGG object): its
+        architecture cannot be stored as data. The message says how to proceed.
+    IsADirectoryError
+        If ``path`` is a directory.
+    FileNotFoundError
+        If the folder of ``path`` does not exist.
+
+    Examples
+    --------
+    >>> from chanprune.models import vgg_digits
+    >>> save(vgg_digits(), "digits.pt")  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"The 'model' parameter must be an nn.Module; got {type(model).__name__}.")
+    if not callable(getattr(model, "arch_config", None)):
+        raise TypeError(
+            f"Cannot save a {type(model).__name__}: chanprune.save stores the architecture as "
+            "data, from model.arch_config(), which only chanprune's own models have. Build the "
+            "network with chanprune.models instead (e.g. get_model('vgg16_bn', "
+            "weights=torchvision_model.state_dict()); the state_dict keys are torchvision's) "
+            "and prune/save that, or keep the architecture in your own code and save just "
+            "torch.save(model.state_dict(), path)."
+        )
+    p = _as_path(path)
+    _check_destination(p)
+    save_model(model, p)  # atomic: temporary file in the same folder, then os.replace
+
+
+def load(path: PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a model written by :func:`save`: rebuild its architecture, load weights strictly.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file written by :func:`save` (or :func:`chanprune.models.save_model`). It is read
+        with ``torch.load(weights_only=True)`` and never modified.
+    map_location : str or torch.device, default="cpu"
+        Device the returned model is moved to.
+
+    Returns
+    -------
+    model : nn.Module
+        The rebuilt model (pruned widths included), in eval mode, on ``map_location``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist (the message names it).
+    ValueError
+        If the file is corrupt, is not a chanprune model file (for example a bare
+        state_dict: use ``chanprune.models.get_model(name, weights=path)``), or its weights
+        do not match its architecture; the message names the file.
+
+    Examples
+    --------
+    >>> model = load("digits.pt")  # doctest: +SKIP
+    >>> model.training  # doctest: +SKIP
+    False
+    """
+    p = _as_path(path)
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"The 'map_location' parameter must be a device such as 'cpu' or 'cuda:0'; "
+            f"got {map_location!r}."
+        ) from exc
+    try:
+        model = load_model(p)
+    except FileNotFoundError:
+        raise
+    except (TypeError, ValueError, KeyError) as exc:
+        if isinstance(exc, ValueError) and str(p) in str(exc):
+            raise  # already names the file
+        raise ValueError(f"'{p}' is not a valid chanprune model file: {exc}") from exc
+    logger.debug("Loaded %s from '%s'.", type(model).__name__, p)
+    return model.to(device).eval()

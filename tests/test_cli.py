@@ -1,0 +1,433 @@
+"""Tests of the command line, through chanprune.cli.main(argv)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from threadpoolctl import threadpool_limits
+
+import chanprune.cli as cli
+import chanprune.io as cio
+from chanprune.flops import count_macs
+from chanprune.models import list_models, vgg_digits
+from chanprune.prune import MODEL_METHODS
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+#: Every option of every command, as the tests expect the help to list them.
+OPTIONS = {
+    None: ["--help", "--version"],
+    "prune": [
+        "--help", "--model", "--weights", "--preset", "--calib", "--speedup", "--widths",
+        "--method", "--schedule", "--n-images", "--positions", "--holdout", "--ridge",
+        "--batch-size", "--device", "--seed", "--out", "--report", "--quiet", "--verbose",
+    ],
+    "eval": [
+        "--help", "--model", "--weights", "--preset", "--data", "--n-images", "--seed",
+        "--batch-size", "--device", "--json", "--quiet", "--verbose",
+    ],
+    "info": ["--help", "--model", "--weights", "--preset", "--input-size", "--verbose"],
+    "demo": [
+        "--help", "--out-dir", "--cache-dir", "--methods", "--speedup", "--seed", "--quiet",
+        "--verbose",
+    ],
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The networks here are tiny: extra threads only oversubscribe a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(previous)
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    """``main(argv)`` -> (exit code, stdout, stderr), SystemExit included."""
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """An untrained vgg_digits saved with chanprune.save and 40 8x8 grey PNGs in 10 classes."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    cio.save(vgg_digits(), root / "saved.pt")
+    digits = load_digits()
+    calib = root / "calib"
+    for label in range(10):
+        folder = calib / str(label)
+        folder.mkdir(parents=True)
+        for i in np.flatnonzero(digits.target == label)[:4]:
+            pixels = np.round(digits.images[i] * 255 / 16).astype(np.uint8)
+            Image.fromarray(pixels, mode="L").save(folder / f"{i:04d}.png")
+    return root
+
+
+def _prune_argv(tiny, out_dir, *extra):
+    return [
+        "prune", "--model", tiny / "saved.pt", "--calib", tiny / "calib", "--preset", "digits",
+        "--out", out_dir / "out.pt", *extra,
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", list(OPTIONS))
+def test_help_exits_0_and_explains_every_option(command, capsys):
+    argv = ["--help"] if command is None else [command, "--help"]
+    code, out, _ = run(argv, capsys)
+    assert code == 0
+    for option in OPTIONS[command]:
+        assert option in out, f"{option} missing from the help of {command}"
+    parser = cli.build_parser()
+    sub = parser if command is None else _subparsers(parser)[command]
+    options = [a for a in sub._actions if a.option_strings]
+    assert all(a.help and a.help != argparse.SUPPRESS for a in options)
+    long_names = {s for a in options for s in a.option_strings if s.startswith("--")}
+    assert long_names == set(OPTIONS[command])  # the list above is complete
+
+
+def test_help_states_defaults(capsys):
+    _, out, _ = run(["prune", "--help"], capsys)
+    flat = " ".join(out.split())
+    for text in ("(default: 5000)", "(default: 10)", "(default: 0.1)", "(default: lasso)"):
+        assert text in flat
+    for method in MODEL_METHODS:
+        assert method in flat
+
+
+def test_no_command_is_a_usage_error(capsys):
+    code, _, err = run([], capsys)
+    assert code == 2
+    assert "COMMAND" in err or "command" in err
+
+
+def test_python_dash_m_runs_the_cli(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["chanprune", "--version"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("chanprune", run_name="__main__", alter_sys=False)
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("chanprune ")
+
+
+# ---------------------------------------------------------------------------- prune
+def test_prune_end_to_end(tiny, tmp_path, capsys):
+    argv = _prune_argv(tiny, tmp_path, "--speedup", 1.5, "--report", tmp_path / "r.json")
+    code, out, err = run([*argv, "--quiet"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt", "r.json"]
+    model = cio.load(tmp_path / "out.pt")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert abs(report["speedup"] / 1.5 - 1) < 0.02
+    assert report["method"] == "lasso"
+    assert report["n_images"] + report["n_heldout"] == 40
+    assert count_macs(model, (1, 8, 8)) == report["macs_after"]
+    assert "|---|" not in out  # --quiet: no table
+    assert "out.pt" in out
+
+
+def test_prune_prints_table_and_honours_options(tiny, tmp_path, capsys):
+    argv = _prune_argv(tiny, tmp_path, "--speedup", 2, "--method", "first_k", "--holdout", 0)
+    code, out, err = run([*argv, "--n-images", 30, "--positions", 4, "--seed", 3], capsys)
+    assert code == 0, err
+    assert "| features.3 |" in out and "first_k" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]
+
+
+def test_prune_with_explicit_widths(tiny, tmp_path, capsys):
+    widths = tmp_path / "widths.json"
+    widths.write_text(json.dumps({"features.3": 8, "features.10": 0.5}))
+    code, _, err = run(_prune_argv(tiny, tmp_path, "--widths", widths, "--quiet"), capsys)
+    assert code == 0, err
+    cfg = cio.load(tmp_path / "out.pt").arch_config()["cfg"]
+    assert cfg == [8, 16, "M", 16, 32, "M", 64, 64]
+
+
+def _make_corrupt(tmp_path: Path) -> Path:
+    path = tmp_path / "corrupt.pt"
+    path.write_bytes(b"PK\x03\x04 definitely not a torch checkpoint" * 20)
+    return path
+
+
+def _bad_prune_cases():
+    # (id, argv builder(tiny, tmp_path) -> argv, expected text in stderr)
+    return [
+        ("speedup-below-1", lambda t, d: _prune_argv(t, d, "--speedup", 0.9), "--speedup"),
+        ("speedup-1", lambda t, d: _prune_argv(t, d, "--speedup", 1), "--speedup"),
+        ("speedup-unreachable", lambda t, d: _prune_argv(t, d, "--speedup", 1000), "reach"),
+        ("no-target", lambda t, d: _prune_argv(t, d), "--speedup"),
+        (
+            "calib-missing",
+            lambda t, d: [
+                "prune", "--model", t / "saved.pt", "--calib", d / "nope", "--preset", "digits",
+                "--speedup", 1.5, "--out", d / "out.pt",
+            ],
+            "nope",
+        ),
+        (
+            "calib-empty",
+            lambda t, d: [
+                "prune", "--model", t / "saved.pt", "--calib", (d / "empty").mkdir() or d / "empty",
+                "--preset", "digits", "--speedup", 1.5, "--out", d / "out.pt",
+            ],
+            "No image files",
+        ),
+        (
+            "unknown-model",
+            lambda t, d: [
+                "prune", "--model", "vgg17", "--calib", t / "calib", "--speedup", 1.5,
+                "--out", d / "out.pt",
+            ],
+            "vgg_digits",
+        ),
+        (
+            "corrupt-model-file",
+            lambda t, d: [
+                "prune", "--model", _make_corrupt(d), "--calib", t / "calib", "--preset",
+                "digits", "--speedup", 1.5, "--out", d / "out.pt",
+            ],
+            "corrupt.pt",
+        ),
+        (
+            "corrupt-weights",
+            lambda t, d: [
+                "prune", "--model", "vgg_digits", "--weights", _make_corrupt(d), "--calib",
+                t / "calib", "--speedup", 1.5, "--out", d / "out.pt",
+            ],
+            "corrupt.pt",
+        ),
+        (
+            "weights-not-matching",
+            lambda t, d: [
+                "prune", "--model", "vgg16_bn_cifar10", "--weights", t / "saved.pt",
+                "--calib", t / "calib", "--speedup", 1.5, "--out", d / "out.pt",
+            ],
+            "does not match",
+        ),
+        ("weights-with-file", lambda t, d: _prune_argv(t, d, "--weights", t / "saved.pt",
+                                                       "--speedup", 1.5), "--weights"),
+        ("wrong-preset", lambda t, d: [
+            "prune", "--model", t / "saved.pt", "--calib", t / "calib", "--preset", "cifar",
+            "--speedup", 1.5, "--out", d / "out.pt",
+        ], "shape"),
+        ("unsupported-architecture", lambda t, d: [
+            "prune", "--model", "resnet20_cifar10", "--calib", t / "calib", "--preset", "digits",
+            "--speedup", 1.5, "--out", d / "out.pt",
+        ], "not a supported architecture"),
+        ("speedup-and-widths", lambda t, d: _prune_argv(
+            t, d, "--speedup", 1.5, "--widths", t / "saved.pt"), "exclusive"),
+        ("widths-not-json", lambda t, d: _prune_argv(t, d, "--widths", t / "saved.pt"), "JSON"),
+        ("holdout-too-big", lambda t, d: _prune_argv(t, d, "--speedup", 1.5, "--holdout", 0.9),
+         "--holdout"),
+        ("n-images-0", lambda t, d: _prune_argv(t, d, "--speedup", 1.5, "--n-images", 0),
+         "--n-images"),
+        ("bad-device", lambda t, d: _prune_argv(t, d, "--speedup", 1.5, "--device", "gpu0"),
+         "--device"),
+        ("out-is-a-directory", lambda t, d: [
+            "prune", "--model", t / "saved.pt", "--calib", t / "calib", "--preset", "digits",
+            "--speedup", 1.5, "--out", d,
+        ], "directory"),
+        ("out-equals-report", lambda t, d: _prune_argv(
+            t, d, "--speedup", 1.5, "--report", d / "out.pt"), "same file"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("builder,expected", [c[1:] for c in _bad_prune_cases()],
+                         ids=[c[0] for c in _bad_prune_cases()])  # fmt: skip
+def test_prune_bad_input_exits_2_and_writes_nothing(tiny, tmp_path, capsys, builder, expected):
+    argv = builder(tiny, tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run([*argv, "--quiet"], capsys)
+    assert code == 2, err
+    assert err.strip().splitlines()[-1].startswith("chanprune: error:")
+    assert expected in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out.pt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nor any temporary file
+
+
+def test_unknown_model_lists_every_valid_name(tiny, tmp_path, capsys):
+    argv = ["prune", "--model", "vgg17", "--calib", tiny / "calib", "--speedup", 1.5]
+    code, _, err = run([*argv, "--out", tmp_path / "o.pt"], capsys)
+    assert code == 2
+    assert all(name in err for name in list_models())
+
+
+def test_argparse_errors_exit_2(tiny, tmp_path, capsys):
+    argv = _prune_argv(tiny, tmp_path, "--speedup", "fast")
+    assert run(argv, capsys)[0] == 2
+    assert run(_prune_argv(tiny, tmp_path, "--method", "magic", "--speedup", 2), capsys)[0] == 2
+    assert run(["prune", "--calib", tiny / "calib"], capsys)[0] == 2  # --model, --out missing
+    assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_without_gpu_exits_2(tiny, tmp_path, capsys):
+    code, _, err = run(_prune_argv(tiny, tmp_path, "--speedup", 1.5, "--device", "cuda"), capsys)
+    assert code == 2 and "CUDA is not available" in err
+
+
+def test_failure_while_writing_outputs_leaves_nothing(tiny, tmp_path, capsys, monkeypatch):
+    old = b"previous model"
+    (tmp_path / "out.pt").write_bytes(old)
+
+    def broken_save(model, path):
+        Path(path).write_bytes(b"half")
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(cli, "save", broken_save)
+    argv = _prune_argv(tiny, tmp_path, "--speedup", 1.5, "--report", tmp_path / "sub" / "r.json")
+    code, _, err = run([*argv, "--quiet"], capsys)
+    assert code == 1  # not a usage error: unexpected, with the traceback
+    assert "Traceback" in err and "no space left" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]  # no report, no temp, no sub/
+    assert (tmp_path / "out.pt").read_bytes() == old
+
+
+def test_unexpected_error_exits_1_with_traceback(tiny, tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("solver exploded")
+
+    monkeypatch.setattr(cli, "prune_model", broken)
+    code, _, err = run(_prune_argv(tiny, tmp_path, "--speedup", 1.5), capsys)
+    assert code == 1
+    assert "Traceback" in err and "solver exploded" in err
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_value_error_outside_chanprune_is_unexpected(tiny, tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        np.linalg.cholesky(-np.eye(2))  # raises LinAlgError (a ValueError) inside numpy
+
+    monkeypatch.setattr(cli, "prune_model", broken)
+    code, _, err = run(_prune_argv(tiny, tmp_path, "--speedup", 1.5), capsys)
+    assert code == 1 and "Traceback" in err
+
+
+# ---------------------------------------------------------------------------- eval, info
+def test_eval_prints_accuracy_and_writes_json(tiny, tmp_path, capsys):
+    argv = ["eval", "--model", tiny / "saved.pt", "--data", tiny / "calib", "--preset", "digits"]
+    code, out, err = run([*argv, "--json", tmp_path / "acc.json", "--quiet"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "acc.json").read_text())
+    assert result["n_images"] == 40
+    assert result["accuracy"] == pytest.approx(result["correct"] / 40)
+    assert f"accuracy {result['accuracy']:.4f} ({result['correct']}/40 images)" in out
+
+    code, out, _ = run([*argv, "--n-images", 20, "--quiet"], capsys)
+    assert code == 0 and "/20 images" in out
+
+
+def test_eval_bad_inputs_exit_2(tiny, tmp_path, capsys):
+    base = ["eval", "--model", tiny / "saved.pt", "--preset", "digits"]
+    assert run([*base, "--data", tmp_path / "nope"], capsys)[0] == 2
+    assert run([*base, "--data", tiny / "calib", "--n-images", 0], capsys)[0] == 2
+
+
+def test_preset_of_a_model_file_is_inferred_from_its_architecture(tiny, tmp_path, capsys):
+    code, out, err = run(["eval", "--model", tiny / "saved.pt", "--data", tiny / "calib"], capsys)
+    assert code == 0, err
+    assert "using --preset digits, inferred" in err
+    argv = ["prune", "--model", tiny / "saved.pt", "--calib", tiny / "calib", "--speedup", 1.5]
+    code, _, err = run([*argv, "--out", tmp_path / "o.pt", "--quiet"], capsys)
+    assert code == 0, err
+    assert "inferred" not in err  # --quiet
+    for name, preset in [
+        ("vgg_digits", "digits"),
+        ("vgg16_bn_cifar10", "cifar"),
+        ("resnet20_cifar10", "cifar"),
+        ("vgg16", "imagenet"),
+        ("resnet18", "imagenet"),
+    ]:
+        model = cli.get_model(name)
+        assert cli._preset_from_architecture(model) == preset
+        assert cli._resolve_preset(None, name, model) == preset
+    assert cli._preset_from_architecture(torch.nn.Linear(2, 2)) is None
+
+
+def test_info_reports_widths_macs_and_params(tiny, capsys):
+    code, out, err = run(["info", "--model", "vgg_digits"], capsys)
+    assert code == 0, err
+    model = vgg_digits()
+    macs = count_macs(model, (1, 8, 8))
+    with_linear = count_macs(model, (1, 8, 8), include_linear=True)
+    assert f"{macs:,}" in out and f"{with_linear:,}" in out
+    assert f"{sum(p.numel() for p in model.parameters()):,}" in out
+    assert "features.17" in out and "input 1x8x8" in out
+    assert "WARNING" not in err  # info needs no weights
+
+    code, out, _ = run(["info", "--model", tiny / "saved.pt", "--input-size", 16], capsys)
+    assert code == 0 and "input 1x16x16" in out
+    code, out, _ = run(["info", "--model", tiny / "saved.pt"], capsys)
+    assert code == 0 and "input 1x8x8" in out  # size from the inferred digits preset
+    code, _, err = run(["info", "--model", "vgg_digits", "--input-size", 0], capsys)
+    assert code == 2 and "--input-size" in err
+
+
+# ---------------------------------------------------------------------------- demo
+@pytest.fixture
+def demo_cache_dir(tmp_path_factory) -> Path:
+    """One cache of the trained demo network for the whole session (test_demo.py uses it too)."""
+    return tmp_path_factory.getbasetemp() / "demo-cache"
+
+
+def test_demo_end_to_end(tmp_path, capsys, demo_cache_dir):
+    out_dir = tmp_path / "demo"
+    argv = ["demo", "--out-dir", out_dir, "--cache-dir", demo_cache_dir]
+    code, out, err = run([*argv, "--methods", "first_k,random", "--quiet"], capsys)
+    assert code == 0, err
+    result = json.loads((out_dir / "demo.json").read_text())
+    assert list(result["methods"]) == ["first_k", "random"]
+    assert (out_dir / "demo.png").is_file()
+    assert "first_k" in out and "unpruned" in out
+
+    code, _, err = run([*argv, "--methods", "magic", "--quiet"], capsys)
+    assert code == 2 and "magic" in err
+    code, _, err = run([*argv, "--speedup", 1, "--quiet"], capsys)
+    assert code == 2 and "speedup" in err
+
+
+# ---------------------------------------------------------------------------- shared
+@pytest.mark.shared
+@pytest.mark.slow
+def test_eval_shared_vgg16_bn_cifar10(capsys):
+    if not (SHARED / "README.md").is_file():
+        pytest.skip(f"needs the shared data and checkpoints at {SHARED} (absent on this machine)")
+    argv = [
+        "eval", "--model", "vgg16_bn_cifar10",
+        "--weights", SHARED / "models" / "vgg16_bn_cifar10.pth",
+        "--data", SHARED / "data" / "cifar10-jpeg" / "test", "--quiet",
+    ]  # fmt: skip
+    torch.set_num_threads(2)  # a real network: use both cores
+    try:
+        code, out, err = run(argv, capsys)
+    finally:
+        torch.set_num_threads(1)
+    assert code == 0, err
+    accuracy = float(out.split()[1])
+    assert abs(accuracy - 0.8993) < 5e-4
+    assert "(8993/10000 images)" in out or "/10000 images" in out
