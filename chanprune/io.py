@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .models import load_model, save_model
+from .models.vgg import vgg_config_of
 
 __all__ = ["save", "load", "atomic_write", "atomic_write_all"]
 
@@ -162,18 +163,22 @@ def save(model: nn.Module, path: PathLike) -> None:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"The 'model' parameter must be an nn.Module; got {type(model).__name__}.")
+    config = None
     if not callable(getattr(model, "arch_config", None)):
-        raise TypeError(
-            f"Cannot save a {type(model).__name__}: chanprune.save stores the architecture as "
-            "data, from model.arch_config(), which only chanprune's own models have. Build the "
-            "network with chanprune.models instead (e.g. get_model('vgg16_bn', "
-            "weights=torchvision_model.state_dict()); the state_dict keys are torchvision's) "
-            "and prune/save that, or keep the architecture in your own code and save just "
-            "torch.save(model.state_dict(), path)."
-        )
+        # A VGG-structured module from elsewhere (torchvision): infer its architecture.
+        try:
+            config = vgg_config_of(model)
+        except TypeError as exc:
+            raise TypeError(
+                f"Cannot save a {type(model).__name__}: chanprune.save stores the architecture "
+                f"as data, which it can read from chanprune's own models and from VGG-structured "
+                f"ones (torchvision's VGG), not from this model ({exc}). Build it with "
+                "chanprune.models (get_model(name, weights=...)), or keep the architecture in "
+                "your own code and save torch.save(model.state_dict(), path) instead."
+            ) from exc
     p = _as_path(path)
     _check_destination(p)
-    save_model(model, p)  # atomic: temporary file in the same folder, then os.replace
+    save_model(model, p, config=config)  # atomic: temporary file, then os.replace
 
 
 def load(path: PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:

@@ -204,3 +204,43 @@ def test_atomic_write_all_writes_nothing_when_one_output_fails(tmp_path):
     assert first.read_text() == "new"
     with pytest.raises(ValueError, match="same file"):
         cio.atomic_write_all([(first, str), (tmp_path / "." / "a.txt", str)])
+
+
+class _ForeignVGG(nn.Module):
+    """A VGG built outside chanprune (as torchvision does): same layout, no arch_config."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2), nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12),
+            nn.ReLU(inplace=True),
+        )  # fmt: skip
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.classifier = nn.Sequential(
+            nn.Linear(12, 16), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(16, 4)
+        )
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def test_foreign_vgg_is_pruned_saved_and_loaded(tmp_path):
+    from chanprune import prune_model
+
+    torch.manual_seed(0)
+    model = _ForeignVGG().eval()
+    images = torch.randn(30, 3, 16, 16)
+    pruned, report = prune_model(model, images, speedup=1.33, progress=False)
+    assert isinstance(pruned, _ForeignVGG) and abs(report.speedup / 1.33 - 1) <= 0.02
+    path = tmp_path / "foreign.pt"
+    cio.save(pruned, path)
+    loaded = cio.load(path)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), pruned(x))
+
+
+def test_unstructured_model_cannot_be_saved(tmp_path):
+    with pytest.raises(TypeError, match="Cannot save a Sequential"):
+        cio.save(nn.Sequential(nn.Linear(2, 2)), tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()

@@ -164,27 +164,33 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     return ARCHITECTURES[arch].from_config(config)
 
 
-def save_model(model: nn.Module, path: str | os.PathLike[str]) -> None:
+def save_model(
+    model: nn.Module, path: str | os.PathLike[str], *, config: Mapping[str, Any] | None = None
+) -> None:
     """Save ``{"arch_config": ..., "state_dict": ...}`` to ``path`` (CPU tensors).
 
     Parameters
     ----------
     model : nn.Module
         A chanprune model (has ``arch_config()``), pruned or not. Not modified.
+    config : dict, optional
+        The architecture, for a model without ``arch_config()`` (see
+        :func:`chanprune.models.vgg.vgg_config_of`).
     path : str or os.PathLike
         Destination file; overwritten if present. The file is written atomically: to a
         temporary file in the same folder, then renamed over ``path``, so a reader never
         sees a half-written file and a failed save leaves no temporary file behind and any
         previous file at ``path`` intact.
     """
-    if not callable(getattr(model, "arch_config", None)):
+    if config is None and not callable(getattr(model, "arch_config", None)):
         raise TypeError(
             "The 'model' parameter must be a chanprune model with arch_config(); "
             f"got {type(model).__name__}."
         )
     p = _check_path(path)
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-    payload = {"arch_config": model.arch_config(), "state_dict": state}
+    config = dict(config) if config is not None else model.arch_config()
+    payload = {"arch_config": config, "state_dict": state}
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -262,27 +262,78 @@ class VGG(nn.Module):
             "in_channels": int, "pool_size": int, "hidden_features": [int, ...],
             "dropout": float}``.
         """
-        convs = [m for m in self.features if isinstance(m, nn.Conv2d)]
-        linears = [m for m in self.classifier if isinstance(m, nn.Linear)]
-        dropouts = [m for m in self.classifier if isinstance(m, nn.Dropout)]
-        pool = self.avgpool.output_size
-        pool_size = pool[0] if isinstance(pool, tuple) else pool
-        return {
-            "arch": "vgg",
-            "cfg": self.cfg,
-            "batch_norm": any(isinstance(m, nn.BatchNorm2d) for m in self.features),
-            "num_classes": int(linears[-1].out_features),
-            "in_channels": int(convs[0].in_channels),
-            "pool_size": int(pool_size),
-            "hidden_features": [int(m.out_features) for m in linears[:-1]],
-            "dropout": float(dropouts[0].p) if dropouts else float(self._dropout),
-        }
+        return vgg_config_of(self, check=False)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> VGG:
         """Build from :meth:`arch_config` output (weights freshly initialised)."""
         kwargs = _check_config_keys(config, "vgg", required=_REQUIRED, optional=_OPTIONAL)
         return cls(kwargs.pop("cfg"), **kwargs)
+
+
+def vgg_config_of(model: nn.Module, *, check: bool = True) -> dict[str, Any]:
+    """The :meth:`VGG.arch_config` of any VGG-structured module, e.g. a torchvision VGG.
+
+    Reads ``features`` (Conv2d/BatchNorm2d/ReLU/MaxPool2d), ``avgpool`` and the Linear
+    layers of ``classifier`` from the live modules.
+
+    Parameters
+    ----------
+    model : nn.Module
+        With ``features``, ``avgpool`` and ``classifier`` laid out as in torchvision.
+    check : bool, default=True
+        Rebuild the architecture from the config and check that every parameter and
+        buffer of ``model`` has the same name and shape; raise ``TypeError`` otherwise.
+
+    Returns
+    -------
+    dict
+        ``{"arch": "vgg", "cfg": [...], "batch_norm": bool, "num_classes": int,
+        "in_channels": int, "pool_size": int, "hidden_features": [int, ...],
+        "dropout": float}``.
+    """
+    features = getattr(model, "features", None)
+    classifier = getattr(model, "classifier", None)
+    avgpool = getattr(model, "avgpool", None)
+    if not all(isinstance(m, nn.Module) for m in (features, classifier, avgpool)):
+        raise TypeError(
+            f"{type(model).__name__} is not VGG-structured: it needs `features`, `avgpool` "
+            "and `classifier` modules."
+        )
+    cfg: list[CfgItem] = []
+    for m in features:
+        if isinstance(m, nn.Conv2d):
+            cfg.append(int(m.out_channels))
+        elif isinstance(m, nn.MaxPool2d):
+            cfg.append("M")
+    convs = [m for m in features if isinstance(m, nn.Conv2d)]
+    linears = [m for m in classifier if isinstance(m, nn.Linear)]
+    dropouts = [m for m in classifier if isinstance(m, nn.Dropout)]
+    if not convs or not linears:
+        raise TypeError(f"{type(model).__name__} has no conv or no Linear layer: not a VGG.")
+    pool = avgpool.output_size
+    pool_size = pool[0] if isinstance(pool, tuple) else pool
+    config = {
+        "arch": "vgg",
+        "cfg": cfg,
+        "batch_norm": any(isinstance(m, nn.BatchNorm2d) for m in features),
+        "num_classes": int(linears[-1].out_features),
+        "in_channels": int(convs[0].in_channels),
+        "pool_size": int(pool_size),
+        "hidden_features": [int(m.out_features) for m in linears[:-1]],
+        "dropout": float(dropouts[0].p) if dropouts else float(getattr(model, "_dropout", 0.5)),
+    }
+    if check:
+        rebuilt = VGG.from_config(config).state_dict()
+        mine = model.state_dict()
+        shapes = {k: tuple(v.shape) for k, v in mine.items()}
+        if shapes != {k: tuple(v.shape) for k, v in rebuilt.items()}:
+            raise TypeError(
+                f"{type(model).__name__} looks like a VGG but its layers differ from "
+                "chanprune.models.VGG's (state_dict names or shapes), so it cannot be rebuilt "
+                "from a config."
+            )
+    return config
 
 
 _REQUIRED = ("cfg",)
