@@ -82,25 +82,26 @@ _CHAIN_MODULES = (
 # ---------------------------------------------------------------------------- the plan
 @dataclass(frozen=True)
 class _Consumer:
-    """A conv whose input channels are selected, and the conv (+BN) that produces them."""
+    """A conv whose input channels are selected, and the conv (+BN) that produces them.
 
-    name: str  # e.g. "features.3"
-    index: int  # position in ``features``
-    bn_index: Optional[int]
-    producer_index: int
-    producer_bn_index: Optional[int]
-    stage: int  # 1 + number of pooling layers before it
+    All modules are named by their ``named_modules()`` path.
+    """
+
+    name: str  # the consuming conv, e.g. "features.3" or "layer1.0.conv2"
+    bn: Optional[str]  # its BatchNorm, if any
+    producer: str  # the conv whose filters are removed
+    producer_bn: Optional[str]
+    stage: int  # chain: 1 + pooling layers before it; residual: 1-based stage
+    index: Optional[int] = None  # chain only: position in ``features``
+    block: Optional[str] = None  # residual only: the block's path
+    last_in_block: bool = False  # residual only: the branch's last conv
+    sensitive: bool = False  # residual only: last stage, or the block changes the size
+    role: str = "chain"  # "chain", "basic" (BasicBlock conv2), "2b", "2c" (Bottleneck)
 
 
 def _chain_plan(model: nn.Module) -> list[_Consumer]:
     """The consumers of a VGG-style model (``features`` Sequential, then a head)."""
-    features = getattr(model, "features", None)
-    if not isinstance(features, nn.Sequential):
-        raise UnsupportedLayerError(
-            f"{type(model).__name__} is not a supported architecture: chanprune prunes "
-            "VGG-style models (a `features` nn.Sequential of Conv2d/BatchNorm2d/ReLU/pooling "
-            "followed by a classifier head), e.g. chanprune.models.vgg16_bn or torchvision's VGG."
-        )
+    features = model.features
     convs: list[int] = []
     bns: dict[int, int] = {}
     stages: dict[int, int] = {}
@@ -112,11 +113,7 @@ def _chain_plan(model: nn.Module) -> list[_Consumer]:
                 f"supported: {', '.join(m.__name__ for m in _CHAIN_MODULES)}."
             )
         if isinstance(module, nn.Conv2d):
-            if module.groups != 1:
-                raise UnsupportedLayerError(
-                    f"features.{i} is a grouped convolution (groups={module.groups}); "
-                    "only groups=1 is supported."
-                )
+            _check_groups(module, f"features.{i}")
             convs.append(i)
             stages[i] = stage
         elif isinstance(module, nn.BatchNorm2d):
@@ -130,48 +127,148 @@ def _chain_plan(model: nn.Module) -> list[_Consumer]:
             stage += 1
     if len(convs) < 2:
         raise UnsupportedLayerError("the model has fewer than two convs: nothing to prune.")
+
+    def bn_name(i: int) -> Optional[str]:
+        return f"features.{bns[i]}" if i in bns else None
+
     return [
         _Consumer(
             name=f"features.{j}",
-            index=j,
-            bn_index=bns.get(j),
-            producer_index=i,
-            producer_bn_index=bns.get(i),
+            bn=bn_name(j),
+            producer=f"features.{i}",
+            producer_bn=bn_name(i),
             stage=stages[j],
+            index=j,
         )
         for i, j in zip(convs[:-1], convs[1:])
     ]
 
 
+def _check_groups(conv: nn.Conv2d, name: str) -> None:
+    if conv.groups != 1:
+        raise UnsupportedLayerError(
+            f"{name} is a grouped convolution (groups={conv.groups}); only groups=1 is supported."
+        )
+
+
+_RESIDUAL_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _shortcut(block: nn.Module) -> Optional[nn.Module]:
+    """The block's shortcut module (CIFAR ``shortcut``, torchvision ``downsample``); None
+    means the identity without a module."""
+    for attr in ("shortcut", "downsample"):
+        module = getattr(block, attr, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+def _residual_plan(model: nn.Module) -> list[_Consumer]:
+    """Branch-internal consumers of a ResNet: BasicBlock conv2; Bottleneck conv2 and conv3."""
+    stages = [n for n in _RESIDUAL_STAGES if isinstance(getattr(model, n, None), nn.Sequential)]
+    consumers: list[_Consumer] = []
+    for s, stage_name in enumerate(stages, start=1):
+        for b, block in enumerate(getattr(model, stage_name)):
+            path = f"{stage_name}.{b}"
+
+            def conv(attr: str, block=block) -> Optional[nn.Conv2d]:
+                module = getattr(block, attr, None)
+                return module if isinstance(module, nn.Conv2d) else None
+
+            def bn(attr: str, block=block) -> bool:
+                return isinstance(getattr(block, attr, None), nn.BatchNorm2d)
+
+            if (
+                conv("conv1")
+                and conv("conv2")
+                and conv("conv3")
+                and bn("bn1")
+                and bn("bn2")
+                and bn("bn3")
+            ):
+                convs = ["conv1", "conv2", "conv3"]
+                roles = ["2b", "2c"]
+            elif (
+                conv("conv1")
+                and conv("conv2")
+                and bn("bn1")
+                and bn("bn2")
+                and not hasattr(block, "conv3")
+            ):
+                convs = ["conv1", "conv2"]
+                roles = ["basic"]
+            else:
+                raise UnsupportedLayerError(
+                    f"block {path} ({type(block).__name__}) is not a branch pattern chanprune "
+                    "knows: a BasicBlock (conv1-bn1-relu-conv2-bn2 + shortcut) or a Bottleneck "
+                    "(conv1-bn1-relu-conv2-bn2-relu-conv3-bn3 + shortcut), each conv followed "
+                    "by its BatchNorm2d."
+                )
+            for attr in convs:
+                _check_groups(conv(attr), f"{path}.{attr}")
+            sensitive = (
+                s == len(stages)
+                or any(conv(attr).stride != (1, 1) for attr in convs)
+                or (_shortcut(block) is not None and not isinstance(_shortcut(block), nn.Identity))
+            )
+            for k, role in enumerate(roles):
+                consumers.append(
+                    _Consumer(
+                        name=f"{path}.{convs[k + 1]}",
+                        bn=f"{path}.bn{k + 2}",
+                        producer=f"{path}.{convs[k]}",
+                        producer_bn=f"{path}.bn{k + 1}",
+                        stage=s,
+                        block=path,
+                        last_in_block=k == len(roles) - 1,
+                        sensitive=sensitive,
+                        role=role,
+                    )
+                )
+    return consumers
+
+
+def _plan(model: nn.Module) -> list[_Consumer]:
+    """The consumers of a supported architecture, in network order."""
+    if isinstance(getattr(model, "features", None), nn.Sequential):
+        return _chain_plan(model)
+    if isinstance(getattr(model, "layer1", None), nn.Sequential):
+        return _residual_plan(model)
+    raise UnsupportedLayerError(
+        f"{type(model).__name__} is not a supported architecture: chanprune prunes VGG-style "
+        "models (a `features` nn.Sequential of Conv2d/BatchNorm2d/ReLU/pooling followed by a "
+        "classifier head, e.g. chanprune.models.vgg16_bn or torchvision's VGG) and ResNets "
+        "(`layer1`... of BasicBlock/Bottleneck, e.g. chanprune.models.resnet56_cifar10 or "
+        "torchvision's ResNet)."
+    )
+
+
 def prunable_layers(model: nn.Module) -> dict[str, int]:
     """The layers whose input channels :func:`prune_model` can select, with their widths.
 
-    Keys are ``named_modules()`` paths of the consuming convs (``"features.3"``); these
-    are the keys of an explicit ``schedule``.
+    Keys are ``named_modules()`` paths of the consuming convs (``"features.3"``,
+    ``"layer1.0.conv2"``); these are the keys of an explicit ``schedule``.
     """
-    plan = _chain_plan(model)  # refuses unsupported architectures before touching them
-    return {c.name: model.features[c.index].in_channels for c in plan}
+    plan = _plan(model)  # refuses unsupported architectures before touching them
+    return {c.name: model.get_submodule(c.name).in_channels for c in plan}
 
 
 def _mac_model(model: nn.Module, plan: list[_Consumer], input_shape) -> MacModel:
     sizes = conv_output_sizes(model, input_shape)
-    features = model.features
-    groups = {c.name: features[c.index].in_channels for c in plan}
-    group_of_input = {c.index: c.name for c in plan}
-    group_of_output = {c.producer_index: c.name for c in plan}
+    groups = {c.name: model.get_submodule(c.name).in_channels for c in plan}
+    group_of_input = {c.name: c.name for c in plan}
+    group_of_output = {c.producer: c.name for c in plan}
     convs = []
     for name, (h, w) in sizes.items():
-        if not name.startswith("features."):
-            continue
-        i = int(name.split(".")[1])
-        conv = features[i]
+        conv = model.get_submodule(name)
         kh, kw = conv.kernel_size
         convs.append(
             ConvCost(
                 name=name,
                 coef=h * w * kh * kw,
-                in_group=group_of_input.get(i),
-                out_group=group_of_output.get(i),
+                in_group=group_of_input.get(name),
+                out_group=group_of_output.get(name),
                 in_fixed=conv.in_channels,
                 out_fixed=conv.out_channels,
             )
@@ -179,12 +276,23 @@ def _mac_model(model: nn.Module, plan: list[_Consumer], input_shape) -> MacModel
     return MacModel(groups=groups, convs=tuple(convs))
 
 
+# Paper schedule for ResNets: sensitive blocks keep 70%, others 30% (ratio 7 : 3), and
+# inside a Bottleneck the kept ratios of the 2b and 2c inputs are 4 : 3.
+_RESIDUAL_ROLE = {"basic": 1.0, "2b": 4.0 / 3.5, "2c": 3.0 / 3.5}
+
+
 def _multipliers(plan: list[_Consumer], schedule: str) -> dict[str, float]:
     if schedule == "uniform":
         return {c.name: 1.0 for c in plan}
-    # The paper's VGG-16 schedule: conv1_x-conv3_x : conv4_x kept ratios 1 : 1.5, conv5_x
-    # (stage 5 and beyond) untouched; conv1_1 sees the image and is never a consumer.
-    return {c.name: (1.0 if c.stage <= 3 else 1.5 if c.stage == 4 else 0.0) for c in plan}
+    multipliers = {}
+    for c in plan:
+        if c.role == "chain":
+            # The paper's VGG-16 schedule: conv1_x-conv3_x : conv4_x kept ratios 1 : 1.5,
+            # conv5_x (stage 5 and beyond) untouched; conv1_1 sees the image, never pruned.
+            multipliers[c.name] = 1.0 if c.stage <= 3 else 1.5 if c.stage == 4 else 0.0
+        else:
+            multipliers[c.name] = (0.7 if c.sensitive else 0.3) * _RESIDUAL_ROLE[c.role]
+    return multipliers
 
 
 def _check_target(speedup, schedule) -> bool:
@@ -231,7 +339,7 @@ def plan_widths(
         An unsupported model, an input shape the model does not accept, an unreachable or
         invalid target.
     """
-    plan = _chain_plan(model)
+    plan = _plan(model)
     explicit = _check_target(speedup, schedule)
     try:
         mac_model = _mac_model(model, plan, tuple(input_shape))
@@ -339,6 +447,7 @@ def prune_model(
     normalize: bool = True,
     alternate: bool = False,
     correct_unpruned: bool = True,
+    residual_correction: bool = True,
     batch_size: int = 100,
     stats_dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device] = "cpu",
@@ -354,16 +463,21 @@ def prune_model(
     ----------
     model : nn.Module
         A VGG-style network (``features`` Sequential of conv/BN/ReLU/pool, then a head),
-        e.g. :func:`chanprune.models.vgg16_bn_cifar10` or a torchvision VGG. Not modified
-        unless ``inplace=True``.
+        e.g. :func:`chanprune.models.vgg16_bn_cifar10` or a torchvision VGG; or a ResNet
+        (``layer1``... of BasicBlock/Bottleneck), e.g.
+        :func:`chanprune.models.resnet56_cifar10` or a torchvision ResNet, of which the
+        branch-internal channels are pruned (the residual stream keeps its width). Not
+        modified unless ``inplace=True``.
     calib : Dataset or tensor of shape (n_images, C, H, W)
         Preprocessed calibration images (a dataset may yield ``(image, label)``).
     speedup : float, optional
         Target MAC speed-up (> 1), turned into per-layer widths by ``schedule``. The
         achieved value is reported (within 2% of the target).
     schedule : {"uniform", "paper"} or dict of layer -> keep
-        ``uniform``: one kept ratio everywhere; ``paper``: He et al.'s VGG-16 schedule
-        (conv1_x-conv3_x : conv4_x kept ratios 1 : 1.5, conv5_x untouched); or explicit
+        ``uniform``: one kept ratio everywhere; ``paper``: He et al.'s schedules (VGG-16:
+        conv1_x-conv3_x : conv4_x kept ratios 1 : 1.5, conv5_x untouched; ResNet: blocks
+        of the last stage and blocks that change the map size keep 7/3 the ratio of the
+        others, Bottleneck 2b : 2c inputs 4 : 3); or explicit
         widths ``{"features.3": 32, ...}`` (int counts or float ratios), in which case
         ``speedup`` must be None. :func:`prunable_layers` lists the keys.
     method : str, default="lasso"
@@ -389,6 +503,10 @@ def prune_model(
     correct_unpruned : bool, default=True
         Also refit the layers the schedule keeps whole (when their input has changed), so
         they absorb the error accumulated before them.
+    residual_correction : bool, default=True
+        ResNets: the last conv of each branch reconstructs ``Y2 + Y1 - Y1'`` (original
+        branch output plus original shortcut minus the pruned network's shortcut) instead
+        of ``Y2``, so each block's sum tracks the original one (He et al., Sec. 4.2).
     batch_size : int, default=100
         Images per forward chunk (memory).
     stats_dtype : torch.float32, torch.float64 or None
@@ -433,9 +551,9 @@ def prune_model(
     device = torch.device(device)
     if stats_dtype is None:
         stats_dtype = torch.float32 if device.type == "cpu" else torch.float64
-    plan = _chain_plan(model)
+    plan = _plan(model)
     if method == "bn_scale":
-        missing = [c.name for c in plan if c.producer_bn_index is None]
+        missing = [c.name for c in plan if c.producer_bn is None]
         if missing:
             raise UnsupportedLayerError(
                 f"method='bn_scale' needs a BatchNorm after every pruned conv; the producers of "
@@ -445,9 +563,10 @@ def prune_model(
     images = load_calibration_images(calib, n_images, seed=seed, progress=progress)
     n_total = images.shape[0]
     n_held = int(round(holdout * n_total)) if n_total > 1 else 0
-    rng = np.random.default_rng(seed)
-    is_held = np.zeros(n_total, dtype=bool)
-    is_held[rng.choice(n_total, size=n_held, replace=False)] = True
+    # Held-out images go last, so every chunk splits into fit and held-out rows by slicing.
+    order = np.random.default_rng(seed).permutation(n_total)
+    fit_idx, held_idx = np.sort(order[n_held:]), np.sort(order[:n_held])
+    images = images[torch.from_numpy(np.concatenate([fit_idx, held_idx]))]
     input_shape = tuple(images.shape[1:])
 
     reference = copy.deepcopy(model).to(device).eval()
@@ -456,159 +575,29 @@ def prune_model(
     else:
         pruned = copy.deepcopy(model).to(device).eval()
     widths, _ = plan_widths(reference, input_shape, speedup=speedup, schedule=schedule)
-    schedule_name = "explicit" if explicit else schedule
     macs_before = count_macs(reference, input_shape)
     params_before = count_params(reference)
 
-    generator = torch.Generator().manual_seed(seed)
-    ref_features, features = reference.features, pruned.features
-    layer_reports: list[LayerReport] = []
-    cache_ref = images
-    cache_pruned = images  # the same tensor until the first layer is pruned
-    diverged = False
-    position = 0  # index in features that the caches are the input of
-    held_t = torch.from_numpy(is_held)
-
+    sweep = _Sweep(
+        reference=reference, pruned=pruned, widths=widths, n_fit=n_total - n_held,
+        method=method, refit=refit, ridge=ridge, normalize=normalize, alternate=alternate,
+        correct_unpruned=correct_unpruned, residual_correction=residual_correction,
+        positions_per_image=positions_per_image, batch_size=batch_size,
+        stats_dtype=stats_dtype, device=device, seed=seed, max_iter=max_iter, tol=tol,
+    )  # fmt: skip
     # no_grad, not inference_mode: parameters created by the surgery must stay ordinary
     # tensors, so the pruned model can be fine-tuned afterwards.
     with torch.no_grad():
-        bar = tqdm(plan, desc="pruning", disable=not progress)
-        for step, consumer in enumerate(bar):
-            bar.set_postfix_str(consumer.name)
-            # Bring both caches to the input of this consumer (only the first time, or
-            # after an untouched layer: otherwise the previous step left them there).
-            if position < consumer.index:
-                segment_ref = list(ref_features[position : consumer.index])
-                cache_ref = _advance(segment_ref, cache_ref, batch_size, device)
-                if diverged:
-                    segment = list(features[position : consumer.index])
-                    cache_pruned = _advance(segment, cache_pruned, batch_size, device)
-                else:
-                    cache_pruned = cache_ref
-                position = consumer.index
-            keep = widths[consumer.name]
-            c = features[consumer.index].in_channels
-            if keep == c and (not diverged or not correct_unpruned or not refit):
-                continue  # nothing to select, nothing to correct
-
-            layer_start = time.perf_counter()
-            conv = features[consumer.index]
-            ref_target = ref_features[
-                consumer.bn_index if consumer.bn_index is not None else consumer.index
-            ]
-            # The reference network runs up to the next consumer in the same pass that
-            # yields this layer's target (a hook on its BN output), so it costs one
-            # forward pass per sweep; the last layer stops at its own output.
-            nxt = plan[step + 1].index if step + 1 < len(plan) else None
-            end = nxt if nxt is not None else (consumer.bn_index or consumer.index) + 1
-            segment_ref = list(ref_features[consumer.index : end])
-            stats = LayerStats(
-                c, conv.out_channels, conv.kernel_size, device=device, compute_dtype=stats_dtype
-            )
-            held_stats = LayerStats(
-                c, conv.out_channels, conv.kernel_size, device=device, compute_dtype=stats_dtype
-            )
-            zeros = torch.zeros(c, dtype=torch.float64)
-            gaps = []
-            next_ref = None
-            for lo in range(0, n_total, batch_size):
-                hi = min(lo + batch_size, n_total)
-                x = cache_pruned[lo:hi].to(device)
-                with record_activations(outputs={"y": ref_target}) as rec:
-                    out = _run(segment_ref, cache_ref[lo:hi].to(device))
-                if nxt is not None:
-                    if next_ref is None:
-                        shape = (n_total,) + tuple(out.shape[1:])
-                        next_ref = torch.empty(shape, dtype=out.dtype, device=cache_ref.device)
-                    next_ref[lo:hi] = out.to(next_ref.device)
-                y = rec["y"]
-                pos = sample_positions(hi - lo, tuple(y.shape[2:]), positions_per_image, generator)
-                X = extract_patches(x, conv, pos)
-                Y = gather_outputs(y, pos)
-                held_rows = held_t[lo:hi][pos.image].to(device)
-                stats.update(X[~held_rows], Y[~held_rows])
-                if held_rows.any():
-                    held_stats.update(X[held_rows], Y[held_rows])
-                fit_images = x[~held_t[lo:hi].to(device)]
-                if method == "apoz":
-                    zeros += (fit_images == 0).sum(dim=(0, 2, 3)).double().cpu()
-                elif method == "entropy":
-                    gaps.append(fit_images.mean(dim=(2, 3)).cpu())
-
-            bn = features[consumer.bn_index] if consumer.bn_index is not None else None
-            weight, bias = _folded(conv, bn)
-            options: dict[str, Any] = {}
-            selector = method
-            if keep == c:
-                selector = "first_k"  # keep everything: a pure least-squares correction
-            elif method in ACTIVATION_METHODS:
-                selector = "by_score"
-                if method == "apoz":
-                    per_channel = max(1, int((~held_t).sum()) * cache_pruned[0, 0].numel())
-                    options["scores"] = -(zeros.numpy() / per_channel)
-                elif method == "entropy":
-                    options["scores"] = _entropy_scores(torch.cat(gaps))
-                else:
-                    producer_bn = ref_features[consumer.producer_bn_index]
-                    options["scores"] = producer_bn.weight.detach().abs().cpu().double().numpy()
-            result = prune_layer_from_stats(
-                stats, weight, bias, keep=keep, method=selector, refit=refit, ridge=ridge,
-                normalize=normalize, alternate=alternate and selector == "lasso",
-                random_state=seed + step, max_iter=max_iter, tol=tol, **options,
-            )  # fmt: skip
-            held_error = None
-            if held_stats.n_samples:
-                held = held_stats.moments()
-                err = reconstruction_error(
-                    held,
-                    result.kept,
-                    result.weight.reshape(result.weight.shape[0], -1),
-                    result.bias,
-                )
-                held_error = err / held.yty if held.yty > 0 else 0.0
-
-            # Surgery: drop the producer's filters (and BN channels), install the refit
-            # weights in folded form and make this layer's BN the identity.
-            kept = torch.from_numpy(result.kept)
-            if keep < c:
-                prune_conv_out_channels(features[consumer.producer_index], kept)
-                if consumer.producer_bn_index is not None:
-                    prune_batchnorm(features[consumer.producer_bn_index], kept)
-                cache_pruned = cache_pruned[:, kept.to(cache_pruned.device)]
-            set_conv_params(conv, result.weight, result.bias)
-            if bn is not None:
-                set_batchnorm_identity(bn)
-            diverged = True
-            layer_reports.append(
-                LayerReport(
-                    name=consumer.name,
-                    producer=f"features.{consumer.producer_index}",
-                    channels_before=c,
-                    channels_after=keep,
-                    rel_error=float(result.rel_error),
-                    rel_error_heldout=None if held_error is None else float(held_error),
-                    rel_error_before_refit=float(result.rel_error_before_refit),
-                    n_samples=stats.n_samples,
-                    time_s=time.perf_counter() - layer_start,
-                    alpha=result.alpha,
-                )
-            )
-            if nxt is not None:
-                segment = list(features[consumer.index : nxt])
-                cache_pruned = _advance(segment, cache_pruned, batch_size, device)
-                cache_ref = next_ref
-                position = nxt
-            logger.info(
-                "%s: %d -> %d channels, rel. error %.4f (held-out %s)",
-                consumer.name, c, keep, result.rel_error,
-                "-" if held_error is None else f"{held_error:.4f}",
-            )  # fmt: skip
+        if plan[0].role == "chain":
+            sweep.run_chain(plan, images, progress)
+        else:
+            sweep.run_residual(plan, images, progress)
 
     macs_after = count_macs(pruned, input_shape)
     report = PruneReport(
         model=type(model).__name__,
         method=method,
-        schedule=schedule_name,
+        schedule="explicit" if explicit else schedule,
         speedup_target=None if speedup is None else float(speedup),
         speedup=macs_before / macs_after,
         macs_before=int(macs_before),
@@ -619,27 +608,344 @@ def prune_model(
         n_heldout=int(n_held),
         wall_time_s=time.perf_counter() - start,
         device=str(device),
-        layers=layer_reports,
+        layers=sweep.reports,
         options=dict(
             positions_per_image=positions_per_image, ridge=ridge, refit=refit,
             normalize=normalize, alternate=alternate, correct_unpruned=correct_unpruned,
-            seed=seed, widths=widths,
+            residual_correction=residual_correction, seed=seed, widths=widths,
         ),
     )  # fmt: skip
     return pruned.eval(), report
 
 
 def _advance(
-    modules: list[nn.Module], cache: torch.Tensor, batch_size: int, device: torch.device
+    module: nn.Module | list[nn.Module],
+    cache: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
 ) -> torch.Tensor:
-    """Run ``modules`` over every cached activation, chunk by chunk."""
+    """Run ``module`` (or a list of modules in turn) over every cached activation."""
+    modules = module if isinstance(module, list) else [module]
     out = None
     for lo in range(0, cache.shape[0], batch_size):
         hi = min(lo + batch_size, cache.shape[0])
         y = _run(modules, cache[lo:hi].to(device))
         if out is None:
-            out = torch.empty(
-                (cache.shape[0],) + tuple(y.shape[1:]), dtype=y.dtype, device=cache.device
-            )
+            shape = (cache.shape[0],) + tuple(y.shape[1:])
+            out = torch.empty(shape, dtype=y.dtype, device=cache.device)
         out[lo:hi] = y.to(cache.device)
     return out
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the wanted activation is recorded."""
+
+
+def _block_inputs(
+    model: nn.Module, block: nn.Module, images: torch.Tensor, batch_size: int, device
+) -> torch.Tensor:
+    """The input of ``block`` for every image: the model's own forward, stopped there."""
+    chunks: list[torch.Tensor] = []
+
+    def hook(module, args):
+        chunks.append(args[0].detach().clone().to(images.device))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook)
+    try:
+        for lo in range(0, images.shape[0], batch_size):
+            try:
+                model(images[lo : lo + batch_size].to(device))
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(chunks)
+
+
+class _Sweep:
+    """State of one pruning sweep: the two networks, the options, the per-layer reports.
+
+    ``fit_layer`` is the per-layer step shared by both architectures: gather statistics
+    from chunks of (input map, target map) pairs, select and refit through
+    :func:`prune_layer_from_stats`, then cut the producer and install the new weights.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self.__dict__.update(options)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.reports: list[LayerReport] = []
+        self.step = 0
+
+    # ------------------------------------------------------------------ per layer
+    def keep_of(self, consumer: _Consumer) -> tuple[int, int]:
+        c = self.pruned.get_submodule(consumer.name).in_channels
+        return self.widths[consumer.name], c
+
+    def skip(self, consumer: _Consumer, diverged: bool) -> bool:
+        keep, c = self.keep_of(consumer)
+        # Nothing to select; a whole layer is still refit (when its input has drifted) so
+        # it absorbs the error accumulated before it.
+        return keep == c and (not diverged or not self.correct_unpruned or not self.refit)
+
+    def new_stats(self, consumer: _Consumer) -> tuple[LayerStats, LayerStats]:
+        conv = self.pruned.get_submodule(consumer.name)
+        make = lambda: LayerStats(  # noqa: E731
+            conv.in_channels, conv.out_channels, conv.kernel_size, device=self.device,
+            compute_dtype=self.stats_dtype,
+        )  # fmt: skip
+        return make(), make()
+
+    def accumulate(
+        self,
+        consumer: _Consumer,
+        stats: tuple[LayerStats, LayerStats],
+        scores: _Scores,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        lo: int,
+    ) -> None:
+        """Sample one chunk: ``x`` the consumer's input maps, ``y`` its target output maps,
+        for images ``lo .. lo + len(x)`` (fit images first, then held-out ones)."""
+        conv = self.pruned.get_submodule(consumer.name)
+        n = x.shape[0]
+        pos = sample_positions(n, tuple(y.shape[2:]), self.positions_per_image, self.generator)
+        X = extract_patches(x, conv, pos)
+        Y = gather_outputs(y, pos)
+        n_fit_here = int(min(max(self.n_fit - lo, 0), n))  # images of this chunk in the fit
+        rows = int((pos.image < n_fit_here).sum())  # positions are image-major
+        if rows:
+            stats[0].update(X[:rows], Y[:rows])
+            scores.update(x[:n_fit_here])
+        if rows < len(pos):
+            stats[1].update(X[rows:], Y[rows:])
+
+    def fit_layer(
+        self,
+        consumer: _Consumer,
+        stats: tuple[LayerStats, LayerStats],
+        scores: _Scores,
+        start: float,
+    ) -> torch.Tensor:
+        """Select, refit and cut one layer; return the kept channel indices."""
+        keep, c = self.keep_of(consumer)
+        conv = self.pruned.get_submodule(consumer.name)
+        bn = self.pruned.get_submodule(consumer.bn) if consumer.bn else None
+        weight, bias = _folded(conv, bn)
+        options: dict[str, Any] = {}
+        selector = self.method
+        if keep == c:
+            selector = "first_k"  # keep everything: a pure least-squares correction
+        elif self.method in ACTIVATION_METHODS:
+            selector = "by_score"
+            options["scores"] = scores.scores(self.reference, consumer)
+        fit, held = stats
+        result = prune_layer_from_stats(
+            fit, weight, bias, keep=keep, method=selector, refit=self.refit, ridge=self.ridge,
+            normalize=self.normalize, alternate=self.alternate and selector == "lasso",
+            random_state=self.seed + self.step, max_iter=self.max_iter, tol=self.tol, **options,
+        )  # fmt: skip
+        self.step += 1
+        held_error = None
+        if held.n_samples:
+            m = held.moments()
+            w2 = result.weight.reshape(result.weight.shape[0], -1)
+            err = reconstruction_error(m, result.kept, w2, result.bias)
+            held_error = err / m.yty if m.yty > 0 else 0.0
+        unknowns = keep * fit.block_size + 1
+        if fit.n_samples < 2 * unknowns:
+            logger.warning(
+                "%s: %d samples for %d unknowns per output; the refit may overfit (use more "
+                "images or positions per image, or a larger ridge).",
+                consumer.name, fit.n_samples, unknowns,
+            )  # fmt: skip
+
+        # Surgery: drop the producer's filters (and BN channels), install the refit weights
+        # in folded form; this layer's BN becomes the identity plus the refit bias (so a
+        # conv without bias, as in ResNets, keeps its architecture).
+        kept = torch.from_numpy(result.kept)
+        if keep < c:
+            prune_conv_out_channels(self.pruned.get_submodule(consumer.producer), kept)
+            if consumer.producer_bn:
+                prune_batchnorm(self.pruned.get_submodule(consumer.producer_bn), kept)
+        if bn is not None:
+            set_conv_params(conv, result.weight)
+            if conv.bias is not None:
+                conv.bias.zero_()
+            set_batchnorm_identity(bn)
+            bn.bias.copy_(torch.as_tensor(result.bias, dtype=bn.bias.dtype))
+        else:
+            set_conv_params(conv, result.weight, result.bias)
+        self.reports.append(
+            LayerReport(
+                name=consumer.name,
+                producer=consumer.producer,
+                channels_before=c,
+                channels_after=keep,
+                rel_error=float(result.rel_error),
+                rel_error_heldout=None if held_error is None else float(held_error),
+                rel_error_before_refit=float(result.rel_error_before_refit),
+                n_samples=fit.n_samples,
+                time_s=time.perf_counter() - start,
+                alpha=result.alpha,
+            )
+        )
+        logger.info(
+            "%s: %d -> %d channels, rel. error %.4f (held-out %s)",
+            consumer.name, c, keep, result.rel_error,
+            "-" if held_error is None else f"{held_error:.4f}",
+        )  # fmt: skip
+        return kept
+
+    # ------------------------------------------------------------------ VGG-style chains
+    def run_chain(self, plan: list[_Consumer], images: torch.Tensor, progress: bool) -> None:
+        """Layer by layer through ``features``, both caches at the current consumer's input."""
+        ref_features, features = self.reference.features, self.pruned.features
+        cache_ref = cache_pruned = images  # one tensor until the first layer is pruned
+        diverged = False
+        position = 0  # the index in features whose input the caches hold
+        n_total = images.shape[0]
+        bar = tqdm(plan, desc="pruning", disable=not progress)
+        for step, consumer in enumerate(bar):
+            bar.set_postfix_str(consumer.name)
+            if position < consumer.index:  # first layer, or after an untouched one
+                segment_ref = list(ref_features[position : consumer.index])
+                cache_ref = _advance(segment_ref, cache_ref, self.batch_size, self.device)
+                if diverged:
+                    segment = list(features[position : consumer.index])
+                    cache_pruned = _advance(segment, cache_pruned, self.batch_size, self.device)
+                else:
+                    cache_pruned = cache_ref
+                position = consumer.index
+            if self.skip(consumer, diverged):
+                continue
+            start = time.perf_counter()
+            ref_target = self.reference.get_submodule(consumer.bn or consumer.name)
+            # The reference network runs up to the next consumer in the same pass that
+            # yields this layer's target (a hook on its BN output): one forward pass per
+            # sweep. The last layer stops at its own output.
+            nxt = plan[step + 1].index if step + 1 < len(plan) else None
+            bn_index = int(consumer.bn.split(".")[1]) if consumer.bn else consumer.index
+            segment_ref = list(ref_features[consumer.index : nxt if nxt else bn_index + 1])
+            stats = self.new_stats(consumer)
+            scores = _Scores(self.method, features[consumer.index].in_channels)
+            next_ref = None
+            for lo in range(0, n_total, self.batch_size):
+                hi = min(lo + self.batch_size, n_total)
+                with record_activations(outputs={"y": ref_target}) as rec:
+                    out = _run(segment_ref, cache_ref[lo:hi].to(self.device))
+                if nxt is not None:
+                    if next_ref is None:
+                        shape = (n_total,) + tuple(out.shape[1:])
+                        next_ref = torch.empty(shape, dtype=out.dtype, device=cache_ref.device)
+                    next_ref[lo:hi] = out.to(next_ref.device)
+                x = cache_pruned[lo:hi].to(self.device)
+                self.accumulate(consumer, stats, scores, x, rec["y"], lo)
+            kept = self.fit_layer(consumer, stats, scores, start)
+            cache_pruned = cache_pruned[:, kept.to(cache_pruned.device)]
+            diverged = True
+            if nxt is not None:
+                segment = list(features[consumer.index : nxt])
+                cache_pruned = _advance(segment, cache_pruned, self.batch_size, self.device)
+                cache_ref = next_ref
+                position = nxt
+
+    # ------------------------------------------------------------------ ResNets
+    def run_residual(self, plan: list[_Consumer], images: torch.Tensor, progress: bool) -> None:
+        """Block by block, both caches at the current block's input (the residual stream).
+
+        For the last conv of a branch with ``residual_correction``, the target is
+        ``Y2 + Y1 - Y1'`` (original branch output plus original shortcut minus the pruned
+        network's shortcut), so the block's sum tracks the original one.
+        """
+        blocks: dict[str, list[_Consumer]] = {}
+        for consumer in plan:
+            blocks.setdefault(consumer.block, []).append(consumer)
+        first = next(iter(blocks))
+        cache_ref = _block_inputs(
+            self.reference, self.reference.get_submodule(first), images, self.batch_size,
+            self.device,
+        )  # fmt: skip
+        cache_pruned = cache_ref  # the stem is never pruned
+        diverged = False
+        n_total = images.shape[0]
+        bar = tqdm(blocks.items(), desc="pruning", disable=not progress)
+        for path, consumers in bar:
+            bar.set_postfix_str(path)
+            ref_block = self.reference.get_submodule(path)
+            block = self.pruned.get_submodule(path)
+            ref_shortcut, shortcut = _shortcut(ref_block), _shortcut(block)
+            next_ref = None
+            for consumer in consumers:
+                if self.skip(consumer, diverged):
+                    continue
+                start = time.perf_counter()
+                correct = self.residual_correction and consumer.last_in_block
+                conv = block.get_submodule(consumer.name[len(path) + 1 :])
+                ref_target = self.reference.get_submodule(consumer.bn)
+                stats = self.new_stats(consumer)
+                scores = _Scores(self.method, conv.in_channels)
+                fill_ref = next_ref is None
+                for lo in range(0, n_total, self.batch_size):
+                    hi = min(lo + self.batch_size, n_total)
+                    x_ref = cache_ref[lo:hi].to(self.device)
+                    x_pruned = cache_pruned[lo:hi].to(self.device)
+                    ref_out = {"y": ref_target}
+                    if correct and ref_shortcut is not None:
+                        ref_out["s"] = ref_shortcut
+                    with record_activations(outputs=ref_out) as rec_ref:
+                        out = ref_block(x_ref)
+                    if fill_ref:  # the block's output, for the next block's input
+                        if next_ref is None:
+                            shape = (n_total,) + tuple(out.shape[1:])
+                            next_ref = torch.empty(shape, dtype=out.dtype, device=cache_ref.device)
+                        next_ref[lo:hi] = out.to(next_ref.device)
+                    pr_out = {"s": shortcut} if correct and shortcut is not None else {}
+                    with record_activations(inputs={"x": conv}, outputs=pr_out) as rec:
+                        block(x_pruned)
+                    y = rec_ref["y"]
+                    if correct:
+                        y1 = rec_ref["s"] if ref_shortcut is not None else x_ref
+                        y1_pruned = rec["s"] if shortcut is not None else x_pruned
+                        y = y + (y1 - y1_pruned)
+                    self.accumulate(consumer, stats, scores, rec["x"], y, lo)
+                self.fit_layer(consumer, stats, scores, start)
+                diverged = True
+            if next_ref is None:
+                next_ref = _advance(ref_block, cache_ref, self.batch_size, self.device)
+            if diverged:
+                cache_pruned = _advance(block, cache_pruned, self.batch_size, self.device)
+            else:
+                cache_pruned = next_ref
+            cache_ref = next_ref
+
+
+class _Scores:
+    """Activation and BatchNorm criteria for ``method`` in ACTIVATION_METHODS.
+
+    ``apoz``: keep the channels whose input activation is least often zero (Hu et al.,
+    2016); ``entropy``: of each channel's global-average-pooled activation over images
+    (Luo and Wu, 2017); ``bn_scale``: ``|gamma|`` of the producer's original BatchNorm
+    (Network Slimming).
+    """
+
+    def __init__(self, method: str, n_channels: int) -> None:
+        self.method = method
+        self.zeros = torch.zeros(n_channels, dtype=torch.float64)
+        self.count = 0
+        self.gaps: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        if self.method == "apoz":
+            self.zeros += (x == 0).sum(dim=(0, 2, 3)).double().cpu()
+            self.count += x.shape[0] * x.shape[2] * x.shape[3]
+        elif self.method == "entropy":
+            self.gaps.append(x.mean(dim=(2, 3)).cpu())
+
+    def scores(self, reference: nn.Module, consumer: _Consumer) -> np.ndarray:
+        if self.method == "apoz":
+            return -(self.zeros.numpy() / max(self.count, 1))
+        if self.method == "entropy":
+            return _entropy_scores(torch.cat(self.gaps))
+        bn = reference.get_submodule(consumer.producer_bn)
+        return bn.weight.detach().abs().cpu().double().numpy()
