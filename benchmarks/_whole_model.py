@@ -1,0 +1,337 @@
+"""Shared harness of the whole-model benchmarks (``vgg_cifar.py``, ``resnet_cifar.py``).
+
+Each configuration (method, schedule, speed-up, extra ``prune_model`` options) is pruned
+and scored on the whole CIFAR-10 ``test`` split in a fresh subprocess, so its wall time and
+peak memory are its own; results merge into one JSON file keyed by configuration, and a
+Markdown section of ``benchmarks/RESULTS.md`` is regenerated from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """What differs between the whole-model benchmarks."""
+
+    name: str  # section marker and JSON file stem
+    title: str
+    model: str  # registry name
+    checkpoint: str  # file in shared/models
+    command: str  # the command shown in RESULTS.md
+    methods: tuple  # row order of the tables
+    variants: dict = field(default_factory=dict)  # label -> extra prune_model options
+    script: str = ""  # path of the calling script (re-invoked for each configuration)
+    script_args: tuple = ()  # arguments the re-invoked script needs (e.g. the model)
+
+
+def key(method: str, schedule: str, speedup: float, variant: str = "") -> str:
+    return f"{method}/{schedule}/{speedup:g}" + (f"/{variant}" if variant else "")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _load(bench: Benchmark, shared: Path):
+    from chanprune.data import ImageFolder
+    from chanprune.models import get_model
+
+    model = get_model(bench.model, weights=shared / "models" / bench.checkpoint).eval()
+    calib = ImageFolder(shared / "data" / "cifar10-jpeg" / "train5k", preprocess="cifar")
+    test = ImageFolder(shared / "data" / "cifar10-jpeg" / "test", preprocess="cifar")
+    return model, calib, test
+
+
+def run_one(bench: Benchmark, config: dict) -> dict:
+    """Prune and evaluate one configuration (in a fresh process)."""
+    import torch
+
+    from chanprune.data import evaluate_accuracy
+    from chanprune.flops import measure_latency
+    from chanprune.prune import prune_model
+
+    torch.manual_seed(0)
+    model, calib, test = _load(bench, Path(config["shared"]))
+    start = time.perf_counter()
+    pruned, report = prune_model(
+        model, calib, speedup=config["speedup"], schedule=config["schedule"],
+        method=config["method"], n_images=config["n_images"],
+        positions_per_image=config["positions"], ridge=config["ridge"],
+        seed=config["seed"], progress=False, **bench.variants.get(config["variant"], {}),
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    out = {
+        "config": {k: v for k, v in config.items() if k != "shared"},
+        "accuracy": evaluate_accuracy(pruned, test, batch_size=500, progress=False),
+        "wall_time_s": wall,
+        "peak_rss_mb": peak_rss_mb(),
+        "report": report.to_dict(),
+    }
+    if config.get("latency"):
+        out["latency_ms"] = {
+            f"cpu_b{b}": measure_latency(pruned, (3, 32, 32), batch_size=b)["median_ms"]
+            for b in (1, 64)
+        }
+    return out
+
+
+def baseline(bench: Benchmark, shared: Path, n_images: int, latency: bool) -> dict:
+    """Unpruned accuracy and the cost of one forward pass over the calibration images."""
+    import torch
+
+    from chanprune.data import evaluate_accuracy
+    from chanprune.flops import count_macs, measure_latency
+    from chanprune.prune import load_calibration_images
+
+    model, calib, test = _load(bench, shared)
+    t0 = time.perf_counter()
+    images = load_calibration_images(calib, n_images, progress=False)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for lo in range(0, images.shape[0], 100):
+            model(images[lo : lo + 100])
+    out = {
+        "accuracy": evaluate_accuracy(model, test, batch_size=500, progress=False),
+        "macs": count_macs(model, (3, 32, 32)),
+        "calib_load_s": load_s,
+        "forward_pass_s": time.perf_counter() - t0,
+        "n_images": int(images.shape[0]),
+    }
+    if latency:
+        out["latency_ms"] = {
+            f"cpu_b{b}": measure_latency(model, (3, 32, 32), batch_size=b)["median_ms"]
+            for b in (1, 64)
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------- report
+def markdown(bench: Benchmark, results: dict) -> str:
+    start, end = f"<!-- {bench.name}:start -->", f"<!-- {bench.name}:end -->"
+    base = results.get("baseline", {})
+    runs = results.get("runs", {})
+    lines = [start, f"## {bench.title} (`benchmarks/{bench.name}.py`)", ""]
+    lines += [
+        "Top-1 accuracy on the whole `test` split (10,000 JPEG images) after pruning with "
+        "`chanprune.prune_model` on the `train5k` calibration images (90% fit, 10% held out "
+        "for the held-out errors), 10 positions per image and layer, ridge 1e-4, seed 0, **no "
+        "fine-tuning**. Speed-up = conv MACs before / after (the original channel-pruning "
+        "code's count). Each configuration runs in its own process: wall time is the whole "
+        "`prune_model` call (loading the 5,000 JPEGs included), peak = max RSS.",
+        "",
+        "```",
+        bench.command,
+        "```",
+        "",
+    ]
+    if base:
+        lines += [
+            f"Unpruned: accuracy **{base['accuracy']:.4f}**, {base['macs'] / 1e6:.1f}M MACs; "
+            f"one forward pass over the {base['n_images']} calibration images takes "
+            f"{base['forward_pass_s']:.1f} s here (decoding them {base['calib_load_s']:.1f} s).",
+            "",
+        ]
+    if results.get("machine"):
+        lines += [f"Machine: {results['machine']}.", ""]
+    speedups = sorted({r["config"]["speedup"] for r in runs.values()})
+    variants = [""] + list(bench.variants)
+    for schedule in ("uniform", "paper"):
+        rows = [r for r in runs.values() if r["config"]["schedule"] == schedule]
+        if not rows:
+            continue
+        lines += [
+            f"### schedule `{schedule}`",
+            "",
+            "Cells: accuracy (change vs unpruned, points) / achieved speed-up / wall time / "
+            "peak RSS.",
+            "",
+            "| method | " + " | ".join(f"{s:g}x" for s in speedups) + " |",
+            "|---|" + "---|" * len(speedups),
+        ]
+        for method in bench.methods:
+            for variant in variants:
+                cells = []
+                for s in speedups:
+                    r = runs.get(key(method, schedule, s, variant))
+                    if r is None:
+                        cells.append("not run")
+                        continue
+                    drop = 100 * (r["accuracy"] - base.get("accuracy", float("nan")))
+                    cells.append(
+                        f"{r['accuracy']:.4f} ({drop:+.1f}) / {r['report']['speedup']:.2f}x / "
+                        f"{r['wall_time_s']:.0f} s / {r['peak_rss_mb'] / 1024:.1f} GB"
+                    )
+                if any(c != "not run" for c in cells):
+                    label = f"{method} ({variant})" if variant else method
+                    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lat = {k: r["latency_ms"] for k, r in runs.items() if "latency_ms" in r}
+    if lat and "latency_ms" in base:
+        lines += [
+            "### Measured CPU latency of the pruned networks (median ms per batch)",
+            "",
+            "| model | batch 1 | batch 64 |",
+            "|---|---|---|",
+            f"| unpruned | {base['latency_ms']['cpu_b1']:.2f} "
+            f"| {base['latency_ms']['cpu_b64']:.1f} |",
+        ]
+        for k, v in sorted(lat.items()):
+            lines.append(f"| {k} | {v['cpu_b1']:.2f} | {v['cpu_b64']:.1f} |")
+        lines.append("")
+    detail = runs.get(key("lasso", "uniform", 2)) or next(iter(runs.values()), None)
+    if detail:
+        c = detail["config"]
+        lines += [
+            f"### Per-layer errors, {c['method']} / {c['schedule']} / {c['speedup']:g}x",
+            "",
+            "| layer | channels | rel. error (calib) | held-out | before refit | time (s) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for layer in detail["report"]["layers"]:
+            held = layer["rel_error_heldout"]
+            lines.append(
+                f"| {layer['name']} | {layer['channels_before']} -> {layer['channels_after']} "
+                f"| {layer['rel_error']:.4f} | {'-' if held is None else f'{held:.4f}'} "
+                f"| {layer['rel_error_before_refit']:.4f} | {layer['time_s']:.1f} |"
+            )
+        lines.append("")
+    lines.append(end)
+    return "\n".join(lines)
+
+
+def write_report(bench: Benchmark, results: dict, results_md: Path) -> None:
+    section = markdown(bench, results)
+    start, end = f"<!-- {bench.name}:start -->", f"<!-- {bench.name}:end -->"
+    text = results_md.read_text() if results_md.exists() else "# chanprune benchmark results\n"
+    if start in text and end in text:
+        pattern = re.escape(start) + ".*?" + re.escape(end)
+        text = re.sub(pattern, lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    write_atomic(results_md, text)
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(bench: Benchmark, argv, doc: str):
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--methods", nargs="+", default=["lasso"], help="selectors (default: lasso)")
+    p.add_argument(
+        "--speedups", nargs="+", type=float, default=[2.0], help="MAC speed-ups (default: 2)"
+    )
+    p.add_argument(
+        "--schedules", nargs="+", default=["uniform"], choices=["uniform", "paper"],
+        help="width schedules (default: uniform)",
+    )  # fmt: skip
+    p.add_argument(
+        "--variants", nargs="+", default=[""], choices=[""] + list(bench.variants),
+        help="option variants to run ('' = defaults; default: '')",
+    )  # fmt: skip
+    p.add_argument("--n-images", type=int, default=5000, help="calibration images (5000)")
+    p.add_argument("--positions", type=int, default=10, help="positions per image (10)")
+    p.add_argument("--ridge", type=float, default=1e-4, help="relative refit ridge (1e-4)")
+    p.add_argument("--seed", type=int, default=0, help="seed (0)")
+    p.add_argument("--latency", action="store_true", help="measure CPU latency, batch 1 and 64")
+    p.add_argument("--rerun", action="store_true", help="recompute configurations in the JSON")
+    p.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md from the JSON")
+    p.add_argument("--shared", type=Path, default=SHARED, help=f"shared folder ({SHARED})")
+    p.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / f"{bench.name}.json",
+        help="results JSON",
+    )  # fmt: skip
+    p.add_argument(
+        "--results-md", type=Path, default=REPO / "benchmarks" / "RESULTS.md",
+        help="Markdown summary to update",
+    )  # fmt: skip
+    p.add_argument("--single", help=argparse.SUPPRESS)  # internal: one configuration as JSON
+    return p.parse_args(argv)
+
+
+def main(bench: Benchmark, argv=None, doc: str = "", log: Callable = print) -> int:
+    args = parse_args(bench, argv, doc)
+    if args.single:
+        print("RESULT " + json.dumps(run_one(bench, json.loads(args.single))), flush=True)
+        return 0
+    results = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
+    if args.report_only:
+        write_report(bench, results, args.results_md)
+        return 0
+    if not (args.shared / "models" / bench.checkpoint).is_file():
+        print(f"error: the shared checkpoints are not at {args.shared}", file=sys.stderr)
+        return 2
+    import torch
+
+    results["machine"] = (
+        f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    base = results.get("baseline")
+    if base is None or args.rerun or (args.latency and "latency_ms" not in base):
+        results["baseline"] = baseline(bench, args.shared, args.n_images, args.latency)
+        log(f"unpruned: accuracy {results['baseline']['accuracy']:.4f}")
+    for schedule in args.schedules:
+        for speedup in args.speedups:
+            for method in args.methods:
+                for variant in args.variants:
+                    k = key(method, schedule, speedup, variant)
+                    if k in results["runs"] and not args.rerun:
+                        continue
+                    config = dict(
+                        method=method, schedule=schedule, speedup=speedup, variant=variant,
+                        n_images=args.n_images, positions=args.positions, ridge=args.ridge,
+                        seed=args.seed, latency=args.latency, shared=str(args.shared),
+                    )  # fmt: skip
+                    command = [sys.executable, bench.script, *bench.script_args]
+                    proc = subprocess.run(
+                        command + ["--single", json.dumps(config)], capture_output=True, text=True
+                    )
+                    line = next(
+                        (x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None
+                    )
+                    if proc.returncode != 0 or line is None:
+                        print(f"{k}: FAILED\n{proc.stderr[-3000:]}", file=sys.stderr)
+                        continue
+                    run = json.loads(line[len("RESULT ") :])
+                    results["runs"][k] = run
+                    log(
+                        f"{k}: accuracy {run['accuracy']:.4f}, "
+                        f"speed-up {run['report']['speedup']:.2f}x, {run['wall_time_s']:.0f} s, "
+                        f"peak {run['peak_rss_mb'] / 1024:.1f} GB"
+                    )
+                    write_atomic(args.out, json.dumps(results, indent=1))
+    write_atomic(args.out, json.dumps(results, indent=1))
+    write_report(bench, results, args.results_md)
+    return 0
