@@ -163,8 +163,11 @@ def markdown(bench: Benchmark, results: dict) -> str:
             f"{base['forward_pass_s']:.1f} s here (decoding them {base['calib_load_s']:.1f} s).",
             "",
         ]
-    if results.get("machine"):
-        lines += [f"Machine: {results['machine']}.", ""]
+    machine = results.get("machine")
+    if isinstance(machine, dict):  # files written before the harness existed
+        machine = machine.get("description")
+    if machine:
+        lines += [f"Machine: {machine}.", ""]
     speedups = sorted({r["config"]["speedup"] for r in runs.values()})
     variants = [""] + list(bench.variants)
     for schedule in ("uniform", "paper"):

@@ -35,3 +35,17 @@ def dense_design(X: np.ndarray, kept) -> np.ndarray:
     """Flattened patches of channels ``kept`` plus a ones column: the raw LS design."""
     Xk = X[:, np.asarray(kept)].reshape(X.shape[0], -1)
     return np.hstack([Xk, np.ones((X.shape[0], 1))])
+
+
+def randomize_batchnorm(model):
+    """Give every BatchNorm2d non-trivial statistics and affine terms (so that folding
+    matters), and put the model in eval mode. Uses the global torch RNG."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.3)
+    return model.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _planted import randomize_batchnorm
 from torch import nn
 
 from chanprune import UnsupportedLayerError
@@ -18,14 +19,7 @@ def _tiny_vgg(seed: int = 0, batch_norm: bool = True) -> VGG:
         [12, 12, "M", 16, 16, "M", 24], batch_norm=batch_norm, num_classes=5, pool_size=1,
         hidden_features=16,
     )  # fmt: skip
-    if batch_norm:  # non-trivial BatchNorm statistics, so folding matters
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.data.uniform_(0.5, 1.5)
-                m.bias.data.uniform_(-0.1, 0.3)
-    return model.eval()
+    return randomize_batchnorm(model)
 
 
 def _images(n: int = 60, seed: int = 1) -> torch.Tensor:

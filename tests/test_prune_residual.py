@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _planted import randomize_batchnorm
 from torch import nn
 
 from chanprune import UnsupportedLayerError, prunable_layers, prune_model
@@ -13,19 +14,9 @@ from chanprune.models import CifarResNet, build_model, resnet18, resnet50
 QUIET = dict(progress=False)
 
 
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.1, 0.3)
-    return model.eval()
-
-
 def _cifar_resnet(depth: int = 14, seed: int = 0) -> CifarResNet:
     torch.manual_seed(seed)
-    return _randomize_bn(CifarResNet(depth=depth, num_classes=10))
+    return randomize_batchnorm(CifarResNet(depth=depth, num_classes=10))
 
 
 def _images(n: int = 40, size: int = 16, seed: int = 1) -> torch.Tensor:
@@ -113,7 +104,7 @@ def test_paper_schedule_keeps_more_in_sensitive_blocks():
 
 def test_torchvision_resnet18_basic_blocks_with_downsample():
     torch.manual_seed(0)
-    model = _randomize_bn(resnet18(num_classes=10))
+    model = randomize_batchnorm(resnet18(num_classes=10))
     images = _images(8, size=32)
     pruned, report = prune_model(model, images, speedup=1.5, positions_per_image=4, **QUIET)
     assert abs(report.speedup / 1.5 - 1) <= 0.02
@@ -125,7 +116,7 @@ def test_torchvision_resnet18_basic_blocks_with_downsample():
 @pytest.mark.slow
 def test_resnet50_bottlenecks_end_to_end_at_224():
     torch.manual_seed(0)
-    model = _randomize_bn(resnet50())
+    model = randomize_batchnorm(resnet50())
     images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     pruned, report = prune_model(
         model, images, speedup=1.5, positions_per_image=2, holdout=0.0, ridge=1e-2, **QUIET

@@ -36,6 +36,6 @@ def test_per_layer_examples_run(capsys):
     assert "[0 1 2 3 4 5]" in printed
 
 
-@pytest.mark.parametrize("command", ["chanprune demo", 'python -m pytest -q'])
+@pytest.mark.parametrize("command", ["chanprune demo", "python -m pytest -q"])
 def test_readme_names_the_two_commands(command):
     assert command in README.read_text()
