@@ -88,7 +88,7 @@ def run_one(bench: Benchmark, config: dict) -> dict:
         model, calib, speedup=config["speedup"], schedule=config["schedule"],
         method=config["method"], n_images=config["n_images"],
         positions_per_image=config["positions"], ridge=config["ridge"],
-        seed=config["seed"], progress=False, **bench.variants.get(config["variant"], {}),
+        seed=config["seed"], progress=False, **bench.variants.get(config.get("variant", ""), {}),
     )  # fmt: skip
     wall = time.perf_counter() - start
     out = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -91,3 +92,48 @@ def test_layer_error_smoke(layer_error, shared_dir, tmp_path):
     assert text.count("<!-- layer_error:start -->") == 1
     assert text.count("<!-- layer_error:end -->") == 1
     assert "## other section" in text
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_whole_model_report_from_json(tmp_path):
+    """--report-only renders the table of a results JSON, marking missing cells."""
+    vgg = _load_script("vgg_cifar")
+    from _whole_model import key, write_report
+
+    run = {
+        "config": {"method": "lasso", "schedule": "uniform", "speedup": 2.0},
+        "accuracy": 0.875,
+        "wall_time_s": 100.0,
+        "peak_rss_mb": 2048.0,
+        "report": {"speedup": 2.01, "layers": []},
+    }
+    results = {
+        "baseline": {
+            "accuracy": 0.9, "macs": 313e6, "forward_pass_s": 27.0, "calib_load_s": 5.0,
+            "n_images": 5000,
+        },
+        "runs": {key("lasso", "uniform", 2.0): run},
+    }  # fmt: skip
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# title\n\nkept text\n")
+    write_report(vgg.BENCH, results, md)
+    write_report(vgg.BENCH, results, md)  # replaces its section, does not duplicate it
+    text = md.read_text()
+    assert text.count("<!-- vgg_cifar:start -->") == 1 and "kept text" in text
+    assert "| lasso | 0.8750 (-2.5) / 2.01x / 100 s / 2.0 GB |" in text
+
+
+@pytest.mark.parametrize("name", ["vgg_cifar", "resnet_cifar"])
+def test_whole_model_scripts_help(name):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    proc = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--speedups" in proc.stdout
