@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from _planted import randomize_batchnorm
@@ -146,3 +148,35 @@ def test_unknown_branch_pattern_is_refused_with_the_block_name():
     model.layer2[1] = Odd()
     with pytest.raises(UnsupportedLayerError, match=r"block layer2.1 \(Odd\) is not a branch"):
         prune_model(model, _images(), speedup=1.5, **QUIET)
+
+
+@pytest.mark.parametrize("bottleneck", [False, True])
+def test_masked_and_physically_pruned_resnet_agree(bottleneck):
+    """Zeroing branch channels (bn gamma = beta = 0, so the ReLU outputs 0) gives the same
+    network output as removing them with the surgery functions."""
+    from chanprune.surgery import prune_batchnorm, prune_conv_in_channels, prune_conv_out_channels
+
+    torch.manual_seed(0)
+    if bottleneck:
+        model = randomize_batchnorm(resnet50(num_classes=10))
+        size, pairs = 64, [("conv1", "bn1", "conv2"), ("conv2", "bn2", "conv3")]
+    else:
+        model = _cifar_resnet()
+        size, pairs = 16, [("conv1", "bn1", "conv2")]
+    x = _images(2, size=size, seed=3)
+    masked, cut = model, copy.deepcopy(model)
+    with torch.no_grad():
+        for (_, block), (_, block_cut) in zip(masked.named_modules(), cut.named_modules()):
+            if not hasattr(block, "conv2") or isinstance(block, nn.Conv2d):
+                continue
+            for producer, bn, consumer in pairs:
+                n = getattr(block, producer).out_channels
+                kept = torch.arange(0, n, 2)  # keep every other channel
+                dropped = torch.arange(1, n, 2)
+                getattr(block, bn).weight[dropped] = 0.0
+                getattr(block, bn).bias[dropped] = 0.0
+                prune_conv_out_channels(getattr(block_cut, producer), kept)
+                prune_batchnorm(getattr(block_cut, bn), kept)
+                prune_conv_in_channels(getattr(block_cut, consumer), kept)
+        torch.testing.assert_close(cut(x), masked(x), rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in cut.parameters()) < sum(p.numel() for p in model.parameters())
