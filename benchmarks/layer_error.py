@@ -31,7 +31,6 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,6 +45,7 @@ from tqdm.auto import tqdm
 import chanprune
 from chanprune import LayerStats, prune_layer_from_stats, reconstruction_error
 from chanprune.data import ImageFolder, calibration_subset, make_loader
+from chanprune.io import atomic_write
 from chanprune.models import get_model
 from chanprune.sampling import (
     extract_patches,
@@ -226,20 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file 0600; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

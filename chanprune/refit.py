@@ -100,10 +100,8 @@ def least_squares_refit(
     Singular systems (fewer independent samples than unknowns, dead channels) fall back to
     the minimum-norm solution with a :class:`~chanprune.exceptions.SingularGramWarning`.
     """
-    cols = moments.block_columns(kept)
-    gram = regularized_gram(moments, cols, ridge)
-    sol = _solve_psd(gram, moments.xty[cols])  # (d_kept + 1, n)
-    return sol[:-1].T.copy(), sol[-1].copy()
+    weight, bias, _ = refit_with_error(moments, kept, ridge=ridge)
+    return weight, bias
 
 
 def refit_with_error(
