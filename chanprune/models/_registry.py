@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -191,17 +190,13 @@ def save_model(
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
     config = dict(config) if config is not None else model.arch_config()
     payload = {"arch_config": config, "state_dict": state}
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    from ..io import atomic_write  # chanprune.io imports this package: import on use
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             torch.save(payload, f)
-        umask = os.umask(0)  # mkstemp creates 0600 files: give the usual permissions
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(p, write)
     logger.info("Saved %s (%d tensors) to '%s'.", type(model).__name__, len(state), p)
 
 
