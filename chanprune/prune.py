@@ -402,7 +402,51 @@ def load_calibration_images(
 
 
 # ---------------------------------------------------------------------------- helpers
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last layout: oneDNN convolutions run ~1.5x faster on it on a CPU."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def _cache_like(y: torch.Tensor, n_total: int, device) -> torch.Tensor:
+    """An empty cache for ``n_total`` maps shaped like the batch ``y``, in its layout."""
+    shape = (n_total,) + tuple(y.shape[1:])
+    if y.dim() == 4:
+        return torch.empty(shape, dtype=y.dtype, device=device, memory_format=torch.channels_last)
+    return torch.empty(shape, dtype=y.dtype, device=device)
+
+
+def _whole_maps_cheaper(
+    conv: nn.Conv2d, in_size: tuple[int, int], out_size: tuple[int, int], per_image
+) -> bool:
+    """Whether every position of whole maps (:meth:`LayerStats.update_maps`) costs fewer
+    multiply-adds than ``per_image`` sampled patches: true on small deep maps (CIFAR's
+    4x4 and 2x2), where it also uses more samples. Capped at c H W <= 8192 for memory."""
+    if isinstance(conv.padding, str) or conv.groups != 1:
+        return False
+    kh, kw = conv.kernel_size
+    c, n = conv.in_channels, conv.out_channels
+    width, d = c * in_size[0] * in_size[1], c * kh * kw
+    n_out = out_size[0] * out_size[1]
+    sampled = min(per_image or n_out, n_out)
+    cost_sampled = sampled * (d * d / 2 + d * n)
+    cost_maps = width * width / 2 + n_out * d * n
+    return width <= 8192 and cost_maps < cost_sampled
+
+
+def _keep_channels(cache: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``cache[:, kept]`` in channels-last layout, in one copy."""
+    kept = kept.to(cache.device)
+    if cache.dim() != 4:
+        return cache[:, kept]
+    # Selecting columns of the (pixels, channels) matrix of the NHWC view writes an
+    # NHWC-contiguous result (the fastest of the ways tried).
+    n, c, h, w = cache.shape
+    rows = _nhwc(cache).permute(0, 2, 3, 1).reshape(n * h * w, c)
+    return torch.index_select(rows, 1, kept).view(n, h, w, len(kept)).permute(0, 3, 1, 2)
+
+
 def _run(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    x = _nhwc(x)
     for module in modules:
         x = module(x)
     return x
@@ -489,7 +533,10 @@ def prune_model(
         Calibration images to draw (seeded); all of ``calib`` when None.
     positions_per_image : int or None, default=10
         Output positions sampled per image and layer (the paper uses 10); None or a
-        value >= H*W takes every position.
+        value >= H*W takes every position. On small maps, where the statistics of every
+        position cost less from whole maps than those of the sampled patches
+        (:meth:`LayerStats.update_maps`; the 4x4 and 2x2 maps of a CIFAR VGG), every
+        position is used: more samples for less work.
     holdout : float, default=0.1
         Fraction of the calibration images kept out of the fit, to report a held-out
         reconstruction error per layer (0 disables it).
@@ -631,8 +678,7 @@ def _advance(
         hi = min(lo + batch_size, cache.shape[0])
         y = _run(modules, cache[lo:hi].to(device))
         if out is None:
-            shape = (cache.shape[0],) + tuple(y.shape[1:])
-            out = torch.empty(shape, dtype=y.dtype, device=cache.device)
+            out = _cache_like(y, cache.shape[0], cache.device)
         out[lo:hi] = y.to(cache.device)
     return out
 
@@ -655,7 +701,7 @@ def _block_inputs(
     try:
         for lo in range(0, images.shape[0], batch_size):
             try:
-                model(images[lo : lo + batch_size].to(device))
+                model(_nhwc(images[lo : lo + batch_size].to(device)))
             except _StopForward:
                 pass
     finally:
@@ -709,14 +755,24 @@ class _Sweep:
         for images ``lo .. lo + len(x)`` (fit images first, then held-out ones)."""
         conv = self.pruned.get_submodule(consumer.name)
         n = x.shape[0]
+        n_fit_here = int(min(max(self.n_fit - lo, 0), n))  # images of this chunk in the fit
+        if n_fit_here:
+            scores.update(x[:n_fit_here])
+        if _whole_maps_cheaper(
+            conv, tuple(x.shape[2:]), tuple(y.shape[2:]), self.positions_per_image
+        ):
+            geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+            if n_fit_here:
+                stats[0].update_maps(x[:n_fit_here], y[:n_fit_here], **geometry)
+            if n_fit_here < n:
+                stats[1].update_maps(x[n_fit_here:], y[n_fit_here:], **geometry)
+            return
         pos = sample_positions(n, tuple(y.shape[2:]), self.positions_per_image, self.generator)
         X = extract_patches(x, conv, pos)
         Y = gather_outputs(y, pos)
-        n_fit_here = int(min(max(self.n_fit - lo, 0), n))  # images of this chunk in the fit
         rows = int((pos.image < n_fit_here).sum())  # positions are image-major
         if rows:
             stats[0].update(X[:rows], Y[:rows])
-            scores.update(x[:n_fit_here])
         if rows < len(pos):
             stats[1].update(X[rows:], Y[rows:])
 
@@ -836,13 +892,12 @@ class _Sweep:
                     out = _run(segment_ref, cache_ref[lo:hi].to(self.device))
                 if nxt is not None:
                     if next_ref is None:
-                        shape = (n_total,) + tuple(out.shape[1:])
-                        next_ref = torch.empty(shape, dtype=out.dtype, device=cache_ref.device)
+                        next_ref = _cache_like(out, n_total, cache_ref.device)
                     next_ref[lo:hi] = out.to(next_ref.device)
                 x = cache_pruned[lo:hi].to(self.device)
                 self.accumulate(consumer, stats, scores, x, rec["y"], lo)
             kept = self.fit_layer(consumer, stats, scores, start)
-            cache_pruned = cache_pruned[:, kept.to(cache_pruned.device)]
+            cache_pruned = _keep_channels(cache_pruned, kept)
             diverged = True
             if nxt is not None:
                 segment = list(features[consumer.index : nxt])
@@ -894,15 +949,14 @@ class _Sweep:
                     if correct and ref_shortcut is not None:
                         ref_out["s"] = ref_shortcut
                     with record_activations(outputs=ref_out) as rec_ref:
-                        out = ref_block(x_ref)
+                        out = ref_block(_nhwc(x_ref))
                     if fill_ref:  # the block's output, for the next block's input
                         if next_ref is None:
-                            shape = (n_total,) + tuple(out.shape[1:])
-                            next_ref = torch.empty(shape, dtype=out.dtype, device=cache_ref.device)
+                            next_ref = _cache_like(out, n_total, cache_ref.device)
                         next_ref[lo:hi] = out.to(next_ref.device)
                     pr_out = {"s": shortcut} if correct and shortcut is not None else {}
                     with record_activations(inputs={"x": conv}, outputs=pr_out) as rec:
-                        block(x_pruned)
+                        block(_nhwc(x_pruned))
                     y = rec_ref["y"]
                     if correct:
                         y1 = rec_ref["s"] if ref_shortcut is not None else x_ref

@@ -190,3 +190,20 @@ def test_pruned_model_can_be_fine_tuned():
     loss = pruned(_images(4)).sum()
     loss.backward()
     assert all(p.grad is not None for p in pruned.parameters() if p.requires_grad)
+
+
+def test_whole_maps_used_only_where_cheaper():
+    # CIFAR VGG-16: the 4x4 and 2x2 maps (conv4_x, conv5_x) gather every position from
+    # whole maps; larger maps and ImageNet sizes sample patches.
+    from torch import nn
+
+    from chanprune.prune import _whole_maps_cheaper
+
+    conv = lambda c, n: nn.Conv2d(c, n, 3, padding=1)  # noqa: E731
+    assert _whole_maps_cheaper(conv(512, 512), (4, 4), (4, 4), 10)
+    assert _whole_maps_cheaper(conv(256, 512), (4, 4), (4, 4), 10)
+    assert _whole_maps_cheaper(conv(512, 512), (2, 2), (2, 2), 10)
+    assert not _whole_maps_cheaper(conv(256, 256), (8, 8), (8, 8), 10)
+    assert not _whole_maps_cheaper(conv(64, 64), (32, 32), (32, 32), 10)
+    assert not _whole_maps_cheaper(conv(512, 512), (14, 14), (14, 14), 10)
+    assert not _whole_maps_cheaper(conv(512, 512), (4, 4), (4, 4), 1)  # 1 sample is cheaper

@@ -39,6 +39,32 @@ def test_batches_and_merge_equal_one_shot():
         assert m.n_samples == whole.n_samples
 
 
+@pytest.mark.parametrize("buffer_mb", [0.0, 0.05, 100.0])
+def test_buffered_rows_equal_one_product_per_batch(buffer_mb):
+    # 0.05 MiB holds ~570 rows of 91 + 6 float64 columns: flushes mid-stream and at the end.
+    X, Y, *_ = planted_conv(5, noise=0.1, bias=0.3)
+    D = dense_design(X, np.arange(X.shape[1]))
+    stats = LayerStats(10, 6, 3, buffer_mb=buffer_mb)
+    for start in range(0, X.shape[0], 97):
+        stats.update(X[start : start + 97], Y[start : start + 97])
+    assert stats.n_samples == X.shape[0]  # counted before any flush
+    np.testing.assert_allclose(stats.xtx.numpy(), D.T @ D, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(stats.xty.numpy(), D.T @ Y, rtol=1e-12, atol=1e-9)
+    first = stats.moments()
+    second = stats.flush().moments()  # flushing twice adds nothing
+    np.testing.assert_array_equal(first.xtx, second.xtx)
+
+
+def test_buffer_does_not_keep_the_callers_memory():
+    X, Y, *_ = planted_conv(6)
+    expected = LayerStats.from_samples(X, Y).moments()
+    Xt, Yt = torch.from_numpy(X.copy()), torch.from_numpy(Y.copy())
+    stats = LayerStats(10, 6, 3).update(Xt, Yt)  # float64 in, float64 buffer: no cast
+    Xt.zero_()
+    Yt.zero_()
+    np.testing.assert_allclose(stats.moments().xtx, expected.xtx, rtol=1e-12)
+
+
 def test_torch_float32_and_numpy_agree():
     X, Y, *_ = planted_conv(2)
     a = LayerStats.from_samples(X, Y).moments()
@@ -126,3 +152,62 @@ def test_cuda_matches_cpu():
         torch.from_numpy(X).cuda(), torch.from_numpy(Y).cuda(), device="cuda"
     )
     np.testing.assert_allclose(gpu.moments().xtx, cpu.xtx, rtol=1e-10, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "size, kernel, stride, padding, dilation",
+    [
+        ((4, 4), 3, 1, 1, 1),  # CIFAR VGG conv4
+        ((2, 2), 3, 1, 1, 1),  # CIFAR VGG conv5: most patch entries are padding
+        ((7, 5), 3, 2, 1, 1),  # strided, odd sizes
+        ((6, 6), 1, 1, 0, 1),  # 1x1
+        ((8, 8), 3, 1, 2, 2),  # dilated
+        ((5, 6), (3, 1), (2, 1), (1, 0), 1),  # rectangular everything
+    ],
+)
+def test_whole_maps_equal_every_patch(size, kernel, stride, padding, dilation):
+    from torch import nn
+
+    from chanprune.sampling import extract_patches, gather_outputs, sample_positions
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation).double()
+    x = torch.randn(7, 3, *size, dtype=torch.float64)
+    y = conv(x).detach() + 0.1 * torch.randn_like(conv(x))  # any target, not only conv(x)
+    maps = LayerStats(3, 4, conv.kernel_size, buffer_mb=0.01)  # several flushes
+    for lo in range(0, 7, 3):
+        maps.update_maps(
+            x[lo : lo + 3], y[lo : lo + 3], stride=stride, padding=padding, dilation=dilation
+        )
+    pos = sample_positions(7, tuple(y.shape[2:]), None, torch.Generator())
+    X, Y = extract_patches(x, conv, pos), gather_outputs(y, pos)
+    expected = LayerStats(3, 4, conv.kernel_size).update(X, Y).moments()
+    got = maps.moments()
+    assert got.n_samples == expected.n_samples == X.shape[0]
+    np.testing.assert_allclose(got.xtx, expected.xtx, rtol=1e-12, atol=1e-11)
+    np.testing.assert_allclose(got.xty, expected.xty, rtol=1e-12, atol=1e-11)
+    assert got.yty == pytest.approx(expected.yty, rel=1e-12)
+
+
+def test_whole_maps_mix_with_patches_and_check_shapes():
+    rng = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 2, 3, 3, generator=rng, dtype=torch.float64)
+    y = torch.randn(4, 5, 3, 3, generator=rng, dtype=torch.float64)
+    X = torch.randn(10, 2, 3, 3, generator=rng, dtype=torch.float64)
+    Y = torch.randn(10, 5, generator=rng, dtype=torch.float64)
+    mixed = LayerStats(2, 5, 3).update(X, Y).update_maps(x, y, padding=1)
+    apart = LayerStats(2, 5, 3).update_maps(x, y, padding=1) + LayerStats.from_samples(X, Y)
+    np.testing.assert_allclose(mixed.moments().xtx, apart.moments().xtx, rtol=1e-12)
+    assert mixed.n_samples == 10 + 4 * 9
+    with pytest.raises(ValueError, match=r"y must have shape \(4, 5, 3, 3\)"):
+        LayerStats(2, 5, 3).update_maps(x, y[:, :, :2], padding=1)
+    with pytest.raises(ValueError, match="x must have shape"):
+        LayerStats(3, 5, 3).update_maps(x, y, padding=1)
+    with pytest.raises(ValueError, match="does not fit"):
+        LayerStats(2, 5, 3).update_maps(x[:, :, :1, :1], y, padding=0)
+    bad = x.clone()
+    bad[1, 0, 2, 2] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"x contains 1 NaN or Inf value\(s\), the first at index \(1, 0, 2, 2\)"
+    ):
+        LayerStats(2, 5, 3).update_maps(bad, y, padding=1)
