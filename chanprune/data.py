@@ -936,6 +936,8 @@ def evaluate_accuracy(
                 disable=not progress,
                 leave=False,
             ):
+                if images.dim() == 4:  # oneDNN convolutions are ~1.5x faster channels-last
+                    images = images.contiguous(memory_format=torch.channels_last)
                 scores = model(images)
                 if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
                     raise ValueError(

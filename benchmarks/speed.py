@@ -1,0 +1,422 @@
+"""Pruning speed and memory: how the cost of ``chanprune.prune_model`` grows.
+
+Whole-model runs (VGG-16-BN CIFAR from ../shared at 2x by default), each in a fresh
+process so its peak memory is its own:
+
+- as the number of calibration images N grows (``--n-images``, 10 positions per image);
+- as the positions per image grow (``--positions``, at the largest N);
+- the yardstick: one forward pass of the unpruned network over the same N images
+  (channels-last, as the driver runs it), so the cost reads in forward passes.
+
+chanprune keeps second moments, not samples, so its memory does not grow with N and its
+time grows with N only through the forward passes and the moment products. For
+comparison, ``--raw-layer`` times the original code's way on the largest layer (conv4_2,
+c = 512, 3x3): keep every sampled row in memory, a LASSO on 400 of them, least squares
+on all of them, against chanprune's statistics on the same rows.
+
+``--device cuda --model vgg16`` times an ImageNet-size VGG-16 (224x224, random weights
+and random images: the cost does not depend on them).
+
+Examples
+--------
+python benchmarks/speed.py --n-images 500 1000 2000 5000 --positions 5 10 20 --raw-layer
+python benchmarks/speed.py --device cuda --model vgg16 --n-images 1000 5000
+python benchmarks/speed.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _whole_model import REPO, SHARED, peak_rss_mb, write_atomic  # noqa: E402
+
+OUT = REPO / "benchmarks" / "results" / "speed.json"
+MARK = "speed"
+RAW_LAYER = "features.27"  # conv4_2 of the CIFAR VGG-16-BN: 512 -> 512 channels, 4x4 maps
+
+
+# ---------------------------------------------------------------------------- one run
+def _images(config: dict):
+    """Calibration images as a tensor, and the seconds spent decoding them."""
+    import torch
+
+    from chanprune.prune import load_calibration_images
+
+    start = time.perf_counter()
+    if config["model"] == "vgg16_bn_cifar10":
+        from chanprune.data import ImageFolder
+
+        root = Path(config["shared"]) / "data" / "cifar10-jpeg" / "train5k"
+        calib = ImageFolder(root, preprocess="cifar")
+        images = load_calibration_images(calib, config["n_images"], seed=0, progress=False)
+    else:  # timing only: random 224x224 images
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(config["n_images"], 3, 224, 224, generator=g)
+    return images, time.perf_counter() - start
+
+
+def _model(config: dict):
+    import torch
+
+    from chanprune.models import get_model
+
+    torch.manual_seed(0)
+    if config["model"] == "vgg16_bn_cifar10":
+        weights = Path(config["shared"]) / "models" / "vgg16_bn_cifar10.pth"
+        return get_model(config["model"], weights=weights).eval()
+    return get_model(config["model"]).eval()  # random weights
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def forward_pass_s(model, images, device: str, batch_size: int = 100) -> float:
+    """Seconds of one forward pass over ``images`` (channels-last, no grad)."""
+    import torch
+
+    model = model.to(device)
+    with torch.inference_mode():
+        model(images[:2].to(device).contiguous(memory_format=torch.channels_last))  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        for lo in range(0, images.shape[0], batch_size):
+            batch = images[lo : lo + batch_size].to(device)
+            model(batch.contiguous(memory_format=torch.channels_last))
+        _sync(device)
+    return time.perf_counter() - start
+
+
+def run_whole(config: dict) -> dict:
+    """Prune once; time the forward-pass yardstick in the same process first."""
+    import torch
+
+    from chanprune.prune import prune_model
+
+    device = config["device"]
+    images, load_s = _images(config)
+    model = _model(config)
+    forward = forward_pass_s(model, images, device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    start = time.perf_counter()
+    _, report = prune_model(
+        model, images, speedup=config["speedup"], method=config["method"],
+        positions_per_image=config["positions"], device=device, seed=0, progress=False,
+    )  # fmt: skip
+    _sync(device)
+    wall = time.perf_counter() - start
+    out = {
+        "config": {k: v for k, v in config.items() if k != "shared"},
+        "wall_time_s": wall,
+        "forward_pass_s": forward,
+        "load_s": load_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "speedup": report.speedup,
+        "layer_time_s": {layer.name: layer.time_s for layer in report.layers},
+        "n_samples": {layer.name: layer.n_samples for layer in report.layers},
+    }
+    if device.startswith("cuda"):
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def run_raw_layer(config: dict) -> dict:
+    """The original code's per-layer solve against chanprune's, on the same sampled rows
+    of conv4_2 (the input from the unpruned network: only the costs are compared)."""
+    import numpy as np
+    import torch
+
+    from chanprune import LayerStats, prune_layer_from_stats
+    from chanprune.prune import _folded
+    from chanprune.sampling import extract_patches, gather_outputs, sample_positions
+
+    images, _ = _images(config)
+    model = _model(config)
+    index = int(RAW_LAYER.split(".")[1])
+    conv, bn = model.features[index], model.features[index + 1]
+    weight, bias = _folded(conv, bn)
+    keep = round(conv.in_channels * 0.7)
+    g = torch.Generator().manual_seed(0)
+    xs, ys = [], []
+    with torch.inference_mode():
+        for lo in range(0, images.shape[0], 100):
+            x = model.features[:index](images[lo : lo + 100])
+            y = torch.nn.functional.conv2d(x, weight, bias, padding=1)
+            pos = sample_positions(x.shape[0], tuple(y.shape[2:]), config["positions"], g)
+            xs.append(extract_patches(x, conv, pos).reshape(len(pos), -1))
+            ys.append(gather_outputs(y, pos))
+    rss_before = peak_rss_mb()
+
+    # The original code: every row in memory, LASSO on 400 of them, lstsq on all of them.
+    # The 400-row LASSO (a cost that does not grow with N) is solved through the exact
+    # c x c reduction, the same minimiser as scikit-learn on the (400 n) x c design.
+    start = time.perf_counter()
+    X = torch.cat(xs)  # (rows, c k^2)
+    Y = torch.cat(ys)
+    rows = X.shape[0]
+    c, k2 = conv.in_channels, conv.kernel_size[0] * conv.kernel_size[1]
+    pick = torch.randperm(rows, generator=g)[:400]
+    few = LayerStats.from_samples(X[pick].view(-1, c, *conv.kernel_size), Y[pick])
+    kept = prune_layer_from_stats(few, weight, bias, keep=keep, method="lasso", refit=False).kept
+    cols = torch.from_numpy((kept[:, None] * k2 + np.arange(k2)).ravel())
+    design = torch.cat([X[:, cols], torch.ones(rows, 1)], dim=1)
+    solution = torch.linalg.lstsq(design, Y).solution
+    raw_error = float(((design @ solution - Y) ** 2).sum() / (Y**2).sum())
+    raw_s = time.perf_counter() - start
+    raw_peak = peak_rss_mb()
+
+    # chanprune: moments of the same rows, then LASSO on the c x c reduction and refit.
+    start = time.perf_counter()
+    stats = LayerStats(c, weight.shape[0], conv.kernel_size, compute_dtype=torch.float32)
+    for x, y in zip(xs, ys):
+        stats.update(x.view(-1, c, *conv.kernel_size), y)
+    result = prune_layer_from_stats(stats, weight, bias, keep=keep, method="lasso")
+    stats_s = time.perf_counter() - start
+    return {
+        "config": {k: v for k, v in config.items() if k != "shared"},
+        "rows": rows,
+        "raw_s": raw_s,
+        "raw_rel_error": raw_error,
+        "stats_rel_error": float(result.rel_error),
+        "raw_rows_mb": (X.numel() + Y.numel()) * 4 / 2**20,
+        "raw_peak_rss_mb": raw_peak,
+        "stats_s": stats_s,
+        "stats_mb": (stats.xtx.numel() + stats.xty.numel()) * 8 / 2**20,
+        "rss_before_mb": rss_before,
+    }
+
+
+# ---------------------------------------------------------------------------- report
+def markdown(results: dict) -> str:
+    lines = [f"<!-- {MARK}:start -->", "## Pruning speed and memory (`benchmarks/speed.py`)", ""]
+    lines += [
+        "Wall time of `prune_model` alone (the images are decoded beforehand; decoding is "
+        "listed apart), VGG-16-BN CIFAR at 2x with LASSO unless stated, each configuration "
+        "in a fresh process; peak = max RSS of that process. The yardstick is one forward "
+        "pass of the unpruned network over the same images, channels-last, batch 100.",
+        "",
+        "```",
+        "python benchmarks/speed.py --n-images 500 1000 2000 5000 --positions 5 10 20 --raw-layer",
+        "```",
+        "",
+    ]
+    if results.get("machine"):
+        lines += [f"Machine: {results['machine']}.", ""]
+    runs = results.get("runs", {})
+    if runs:
+        lines += [
+            "| device | model | N | positions | prune (s) | forward pass (s) | prune / forward "
+            "| decode (s) | peak (GB) | speed-up |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(
+            runs.values(),
+            key=lambda r: (r["config"]["device"], r["config"]["model"],
+                           r["config"]["positions"], r["config"]["n_images"]),
+        ):  # fmt: skip
+            c = r["config"]
+            peak = r.get("peak_cuda_mb", r["peak_rss_mb"]) / 1024
+            where = r.get("gpu", c["device"])
+            lines.append(
+                f"| {where} | {c['model']} | {c['n_images']} | {c['positions']} "
+                f"| {r['wall_time_s']:.1f} | {r['forward_pass_s']:.1f} "
+                f"| {r['wall_time_s'] / r['forward_pass_s']:.1f} | {r['load_s']:.1f} "
+                f"| {peak:.2f}{' (CUDA)' if 'peak_cuda_mb' in r else ''} | {r['speedup']:.2f}x |"
+            )
+        lines.append("")
+    raw = results.get("raw_layer", {})
+    if raw:
+        lines += [
+            f"### One layer ({RAW_LAYER}, conv4_2), the original code's way vs statistics",
+            "",
+            "Same sampled rows (10 positions per image); *raw*: all rows kept in memory, "
+            "LASSO on 400 of them (through the exact c x c reduction), `lstsq` on all rows; "
+            "*statistics*: `LayerStats` (float32 products, float64 sums) then "
+            "`prune_layer_from_stats` (LASSO on the exact c x c reduction of all rows, "
+            "Cholesky refit).",
+            "",
+            "| N | rows | raw (s) | raw rows in memory (MB) | raw rel. error | statistics (s) "
+            "| statistics in memory (MB) | statistics rel. error |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(raw.values(), key=lambda r: r["config"]["n_images"]):
+            lines.append(
+                f"| {r['config']['n_images']} | {r['rows']} | {r['raw_s']:.1f} "
+                f"| {r['raw_rows_mb']:.0f} | {r['raw_rel_error']:.4f} | {r['stats_s']:.1f} "
+                f"| {r['stats_mb']:.0f} | {r['stats_rel_error']:.4f} |"
+            )
+        lines.append("")
+    if results.get("plot"):
+        lines += [f"![wall time vs N](results/{results['plot']})", ""]
+    lines.append(f"<!-- {MARK}:end -->")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> str | None:
+    """Wall time and forward-pass time vs N (PNG); returns the file name."""
+    runs = [r for r in results.get("runs", {}).values() if r["config"]["positions"] == 10]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for device in sorted({r["config"]["device"] for r in runs}):
+        rs = sorted((r for r in runs if r["config"]["device"] == device),
+                    key=lambda r: r["config"]["n_images"])  # fmt: skip
+        n = [r["config"]["n_images"] for r in rs]
+        ax.plot(n, [r["wall_time_s"] for r in rs], "o-", label=f"prune_model ({device})")
+        ax.plot(n, [r["forward_pass_s"] for r in rs], "s--", label=f"one forward pass ({device})")
+    ax.set_xlabel("calibration images N")
+    ax.set_ylabel("seconds")
+    ax.set_title("VGG-16-BN CIFAR, 2x: time vs N")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path.name
+
+
+def write_report(results: dict, results_md: Path) -> None:
+    import re
+
+    section = markdown(results)
+    start, end = f"<!-- {MARK}:start -->", f"<!-- {MARK}:end -->"
+    text = results_md.read_text() if results_md.exists() else "# chanprune benchmark results\n"
+    if start in text and end in text:
+        text = re.sub(
+            re.escape(start) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S
+        )
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    write_atomic(results_md, text)
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="vgg16_bn_cifar10",
+                   choices=["vgg16_bn_cifar10", "vgg16"],
+                   help="network (vgg16: ImageNet size, random weights; default: the CIFAR "
+                        "VGG-16-BN of ../shared)")  # fmt: skip
+    p.add_argument("--n-images", nargs="+", type=int, default=[500, 1000, 2000, 5000],
+                   help="calibration images N to sweep, 10 positions each "
+                        "(default: 500 1000 2000 5000)")  # fmt: skip
+    p.add_argument(
+        "--positions",
+        nargs="+",
+        type=int,
+        default=[10],
+        help="positions per image to sweep at the largest N (default: 10)",
+    )
+    p.add_argument("--speedup", type=float, default=2.0, help="MAC speed-up (default: 2)")
+    p.add_argument("--method", default="lasso", help="selector (default: lasso)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--raw-layer",
+        action="store_true",
+        help="also time the original code's per-layer solve on conv4_2 for each N",
+    )
+    p.add_argument("--rerun", action="store_true", help="recompute configurations in the JSON")
+    p.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md and the plot")
+    p.add_argument("--shared", type=Path, default=SHARED, help=f"shared folder ({SHARED})")
+    p.add_argument("--out", type=Path, default=OUT, help=f"results JSON ({OUT})")
+    p.add_argument("--results-md", type=Path, default=REPO / "benchmarks" / "RESULTS.md",
+                   help="Markdown summary to update")  # fmt: skip
+    p.add_argument("--single", help=argparse.SUPPRESS)  # internal: one configuration
+    return p.parse_args(argv)
+
+
+def _child(config: dict) -> dict | None:
+    cmd = [sys.executable, __file__, "--single", json.dumps(config)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        print(f"{config}: FAILED\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[len("RESULT ") :])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.single:
+        config = json.loads(args.single)
+        run = run_raw_layer if config.get("kind") == "raw" else run_whole
+        print("RESULT " + json.dumps(run(config)), flush=True)
+        return 0
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results.setdefault("runs", {})
+    results.setdefault("raw_layer", {})
+    if not args.report_only:
+        if args.model == "vgg16_bn_cifar10" and not (args.shared / "models").is_dir():
+            print(f"error: the shared checkpoints are not at {args.shared}", file=sys.stderr)
+            return 2
+        import torch
+
+        results["machine"] = (
+            f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads"
+        )
+        base = dict(model=args.model, speedup=args.speedup, method=args.method,
+                    device=args.device, shared=str(args.shared))  # fmt: skip
+        configs = [dict(base, n_images=n, positions=10) for n in args.n_images]
+        configs += [dict(base, n_images=max(args.n_images), positions=p)
+                    for p in args.positions if p != 10]  # fmt: skip
+        failed = 0
+        for config in configs:
+            k = f"{args.device}/{args.model}/{config['n_images']}/{config['positions']}"
+            if k in results["runs"] and not args.rerun:
+                continue
+            run = _child(config)
+            if run is None:
+                failed += 1
+                continue
+            results["runs"][k] = run
+            print(f"{k}: prune {run['wall_time_s']:.1f} s, forward {run['forward_pass_s']:.1f} s, "
+                  f"peak {run['peak_rss_mb'] / 1024:.2f} GB")  # fmt: skip
+            write_atomic(args.out, json.dumps(results, indent=1))
+        if args.raw_layer and args.model == "vgg16_bn_cifar10":
+            for n in args.n_images:
+                k = str(n)
+                if k in results["raw_layer"] and not args.rerun:
+                    continue
+                run = _child(dict(base, n_images=n, positions=10, kind="raw"))
+                if run is None:
+                    failed += 1
+                    continue
+                results["raw_layer"][k] = run
+                print(f"raw layer N={n}: raw {run['raw_s']:.1f} s / {run['raw_rows_mb']:.0f} MB, "
+                      f"statistics {run['stats_s']:.1f} s")  # fmt: skip
+                write_atomic(args.out, json.dumps(results, indent=1))
+        if failed:
+            print(f"{failed} configuration(s) failed", file=sys.stderr)
+    results["plot"] = plot(results, args.out.with_suffix(".png"))
+    write_atomic(args.out, json.dumps(results, indent=1))
+    write_report(results, args.results_md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
