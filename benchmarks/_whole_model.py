@@ -148,6 +148,8 @@ def markdown(bench: Benchmark, results: dict) -> str:
         "```",
         "",
     ]
+    if results.get("plot"):
+        lines += [f"![accuracy vs speed-up](results/{results['plot']})", ""]
     if base:
         lines += [
             f"Unpruned: accuracy **{base['accuracy']:.4f}**, {base['macs'] / 1e6:.1f}M MACs; "
@@ -226,6 +228,45 @@ def markdown(bench: Benchmark, results: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_accuracy(bench: Benchmark, results: dict, path: Path) -> str | None:
+    """Accuracy vs achieved speed-up, one line per method (and variant) and schedule,
+    the unpruned accuracy as a dashed line; written atomically. Returns the file name."""
+    runs = results.get("runs", {})
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list] = {}
+    for r in runs.values():
+        c = r["config"]
+        label = c["method"] + (f" ({c['variant']})" if c.get("variant") else "")
+        if c["schedule"] != "uniform":
+            label += f", {c['schedule']}"
+        lines.setdefault(label, []).append((r["report"]["speedup"], r["accuracy"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in sorted(lines):
+        pts = sorted(lines[label])
+        style = "--" if ", paper" in label else "-"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
+    base = results.get("baseline", {}).get("accuracy")
+    if base is not None:
+        ax.axhline(base, color="k", ls=":", lw=1, label=f"unpruned {base:.4f}")
+    ax.set_xlabel("MAC speed-up (achieved)")
+    ax.set_ylabel("test accuracy, no fine-tuning")
+    ax.set_title(bench.title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path.name
+
+
 def write_report(bench: Benchmark, results: dict, results_md: Path) -> None:
     section = markdown(bench, results)
     start, end = f"<!-- {bench.name}:start -->", f"<!-- {bench.name}:end -->"
@@ -282,6 +323,7 @@ def main(bench: Benchmark, argv=None, doc: str = "", log: Callable = print) -> i
         return 0
     results = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
     if args.report_only:
+        results["plot"] = plot_accuracy(bench, results, args.out.with_suffix(".png"))
         write_report(bench, results, args.results_md)
         return 0
     if not (args.shared / "models" / bench.checkpoint).is_file():
@@ -327,6 +369,7 @@ def main(bench: Benchmark, argv=None, doc: str = "", log: Callable = print) -> i
                         f"peak {run['peak_rss_mb'] / 1024:.1f} GB"
                     )
                     write_atomic(args.out, json.dumps(results, indent=1))
+    results["plot"] = plot_accuracy(bench, results, args.out.with_suffix(".png"))
     write_atomic(args.out, json.dumps(results, indent=1))
     write_report(bench, results, args.results_md)
     return 0
