@@ -49,6 +49,30 @@ def write_atomic(path: Path, text: str) -> None:
     write_text_atomic(path, text)
 
 
+def git_commit() -> str | None:
+    """The short hash of the checked-out commit ("+" if the tree has changes), or None."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "chanprune"], cwd=REPO,
+            capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+    except OSError:
+        return None
+    return (head + ("+" if dirty else "")) or None
+
+
+# Runs recorded before the statistics changed (whole maps on small maps, buffered
+# products, channels-last passes) carry no commit; their cells are marked.
+OLD_CODE_NOTE = (
+    "&dagger; measured with the code before commit fc5012f: conv4_x/conv5_x statistics from "
+    "10 sampled positions per image instead of every position, and a slower statistics "
+    "path (wall time)."
+)
+
+
 def peak_rss_mb() -> float:
     import resource
 
@@ -85,6 +109,7 @@ def run_one(bench: Benchmark, config: dict) -> dict:
     wall = time.perf_counter() - start
     out = {
         "config": {k: v for k, v in config.items() if k != "shared"},
+        "commit": git_commit(),
         "accuracy": evaluate_accuracy(pruned, test, batch_size=500, progress=False),
         "wall_time_s": wall,
         "peak_rss_mb": peak_rss_mb(),
@@ -186,14 +211,17 @@ def markdown(bench: Benchmark, results: dict) -> str:
                         cells.append("not run")
                         continue
                     drop = 100 * (r["accuracy"] - base.get("accuracy", float("nan")))
+                    old = "" if r.get("commit") else " &dagger;"
                     cells.append(
                         f"{r['accuracy']:.4f} ({drop:+.1f}) / {r['report']['speedup']:.2f}x / "
-                        f"{r['wall_time_s']:.0f} s / {r['peak_rss_mb'] / 1024:.1f} GB"
+                        f"{r['wall_time_s']:.0f} s / {r['peak_rss_mb'] / 1024:.1f} GB{old}"
                     )
                 if any(c != "not run" for c in cells):
                     label = f"{method} ({variant})" if variant else method
                     lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+    if any(not r.get("commit") for r in runs.values()):
+        lines += [OLD_CODE_NOTE, ""]
     lat = {k: r["latency_ms"] for k, r in runs.items() if "latency_ms" in r}
     if lat and "latency_ms" in base:
         lines += [

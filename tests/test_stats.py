@@ -152,6 +152,13 @@ def test_cuda_matches_cpu():
         torch.from_numpy(X).cuda(), torch.from_numpy(Y).cuda(), device="cuda"
     )
     np.testing.assert_allclose(gpu.moments().xtx, cpu.xtx, rtol=1e-10, atol=1e-8)
+    # Whole maps on CUDA (pixel Gram and shifted products in torch).
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    y = torch.randn(6, 5, 4, 4, dtype=torch.float64)
+    on_cpu = LayerStats(3, 5, 3).update_maps(x, y, padding=1).moments()
+    on_gpu = LayerStats(3, 5, 3, device="cuda").update_maps(x.cuda(), y.cuda(), padding=1)
+    np.testing.assert_allclose(on_gpu.moments().xtx, on_cpu.xtx, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(on_gpu.moments().xty, on_cpu.xty, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize(
