@@ -137,3 +137,287 @@ def test_whole_model_scripts_help(name):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     proc = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--speedups" in proc.stdout
+
+
+# ---------------------------------------------------------------------------- peers.py
+def _peers():
+    path = REPO / "benchmarks" / "peers.py"
+    spec = importlib.util.spec_from_file_location("_bench_peers", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while executing
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module
+
+
+@pytest.fixture(scope="module")
+def peers():
+    return _peers()
+
+
+def _chain(widths):
+    """conv(3->w0) -> BN -> ReLU -> conv(w0->w1) ... : a plain chain for MAC tests."""
+    from torch import nn
+
+    layers, c = [], 3
+    for w in widths:
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+        c = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)).eval()
+
+
+@pytest.mark.parametrize("target", [1.5, 2.0, 4.0])
+def test_peers_bisect_ratio_hits_mac_target(peers, target):
+    """A stub pruner (uniform ratio, rounded channel counts) reaches the MAC target."""
+    from chanprune.flops import count_macs
+
+    full = (32, 64, 64, 128)
+    macs0 = count_macs(_chain(full), (3, 16, 16))
+    calls = []
+
+    def speedup_at(ratio):
+        calls.append(ratio)
+        kept = [max(1, round(w * (1 - ratio))) for w in full]
+        return macs0 / count_macs(_chain(kept), (3, 16, 16))
+
+    found = peers.bisect_ratio(speedup_at, target, tol=0.02)
+    assert abs(found["speedup"] / target - 1) <= 0.02
+    assert found["speedup"] == pytest.approx(speedup_at(found["ratio"]))
+    assert found["evals"] == len(calls) - 1 <= 30
+    assert 0.0 < found["ratio"] < 0.95
+
+
+def test_peers_bisect_ratio_refuses_unreachable_targets(peers):
+    with pytest.raises(ValueError, match="only reaches"):
+        peers.bisect_ratio(lambda r: 1.0 + r, 3.0)  # at most 1.95x
+    with pytest.raises(ValueError, match="within"):  # a step from 1.5x straight to 3x
+        peers.bisect_ratio(lambda r: 1.5 if r < 0.5 else 3.0, 2.0)
+    with pytest.raises(ValueError, match="> 1"):
+        peers.bisect_ratio(lambda r: 2.0, 1.0)
+    found = peers.bisect_ratio(lambda r: 1.5 if r < 0.5 else 3.0, 2.0, strict=False)
+    assert found["within_tol"] is False and found["speedup"] == 1.5  # closest, flagged
+
+
+@pytest.mark.parametrize(("network", "name", "speedup"), [
+    ("vgg", "vgg16_bn_cifar10", 2.0), ("resnet56", "resnet20_cifar10", 1.5),
+])  # fmt: skip
+def test_peers_planned_ratio_dict_gives_chanprune_widths(peers, network, name, speedup):
+    """Where no single ratio fits, TP's per-layer ratios reproduce chanprune's plan exactly."""
+    pytest.importorskip("torch_pruning")
+    from chanprune.flops import count_macs
+    from chanprune.models import get_model
+    from chanprune.prune import plan_widths
+
+    model = get_model(name).eval()
+    widths, achieved = plan_widths(model, (3, 32, 32), speedup=speedup)
+    macs0 = count_macs(model, (3, 32, 32))
+    ratios, planned = peers.planned_ratio_dict(network, model, speedup)
+    assert planned == widths
+    peers.tp_prune("l1", model, 0.0, peers.ignored_layers(network, model), ratios)
+    assert macs0 / count_macs(model, (3, 32, 32)) == pytest.approx(achieved)
+    by_name = dict(model.named_modules())
+    for consumer, width in widths.items():
+        assert by_name[consumer].in_channels == width
+
+
+def test_peers_reestimate_bn_matches_direct_batch_statistics(peers):
+    """Running stats after one pass = mean / unbiased variance computed by hand."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.9),
+        nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5),
+    )  # fmt: skip
+    bn1, bn2 = model[1], model[5]
+    with torch.no_grad():
+        for bn in (bn1, bn2):  # stale statistics and non-trivial affine parameters
+            bn.running_mean.fill_(7.0), bn.running_var.fill_(9.0)
+            bn.weight.uniform_(0.5, 2.0), bn.bias.uniform_(-1.0, 1.0)
+    model.eval()
+    x = torch.randn(8, 3, 9, 9) * 3 + 1
+
+    # Two batches of 4: BN1's input does not depend on any BatchNorm.
+    assert peers.reestimate_bn(model, x, batch_size=4) == 2
+    with torch.no_grad():
+        h1 = model[0](x)
+    halves = (h1[:4], h1[4:])
+    expected_mean = torch.stack([h.mean((0, 2, 3)) for h in halves]).mean(0)
+    expected_var = torch.stack([h.var((0, 2, 3), unbiased=True) for h in halves]).mean(0)
+    torch.testing.assert_close(bn1.running_mean, expected_mean)
+    torch.testing.assert_close(h1.mean((0, 2, 3)), expected_mean)  # equal batches: exact mean
+    torch.testing.assert_close(bn1.running_var, expected_var)
+    assert not model.training and not any(m.training for m in model.modules())
+    assert bn1.momentum == 0.1 and bn2.momentum == 0.1  # restored
+    assert int(bn1.num_batches_tracked) == 2
+
+    # One batch: BN2's input is the train-mode (batch-normalised) output of BN1, dropout off.
+    peers.reestimate_bn(model, x, batch_size=8)
+    with torch.no_grad():
+        m, v = h1.mean((0, 2, 3)), h1.var((0, 2, 3), unbiased=False)
+        z = (h1 - m[:, None, None]) / torch.sqrt(v[:, None, None] + bn1.eps)
+        z = F.relu(z * bn1.weight[:, None, None] + bn1.bias[:, None, None])
+        h2 = model[4](z)
+    torch.testing.assert_close(bn1.running_var, h1.var((0, 2, 3), unbiased=True))
+    torch.testing.assert_close(bn2.running_mean, h2.mean((0, 2, 3)))
+    torch.testing.assert_close(bn2.running_var, h2.var((0, 2, 3), unbiased=True))
+
+
+@pytest.mark.parametrize(
+    ("network", "speedup"),
+    [("vgg", 2.0), ("vgg", 4.0), pytest.param("resnet56", 1.5, marks=pytest.mark.slow)],
+)
+def test_peers_chanprune_architecture_has_the_recorded_macs(peers, network, speedup):
+    """Rebuilding from a report's widths gives the MACs chanprune planned for them."""
+    from chanprune.flops import count_macs
+    from chanprune.models import get_model
+    from chanprune.prune import plan_widths
+
+    reference = get_model(peers.NETWORKS[network].model)
+    widths, achieved = plan_widths(reference, (3, 32, 32), speedup=speedup)
+    macs0 = count_macs(reference, (3, 32, 32))
+    rebuilt = peers.chanprune_architecture(network, widths)
+    assert macs0 / count_macs(rebuilt, (3, 32, 32)) == pytest.approx(achieved)
+    assert count_macs(peers.chanprune_architecture(network, {}), (3, 32, 32)) == macs0
+
+
+@pytest.mark.slow
+def test_peers_torch_pruning_matches_a_target_on_vgg(peers):
+    """The real peer, bisected to 2x on an untrained VGG: the head stays unpruned."""
+    pytest.importorskip("torch_pruning")
+    import copy
+
+    from chanprune.flops import count_macs
+    from chanprune.models import get_model
+
+    model = get_model("vgg16_bn_cifar10").eval()
+    macs0 = count_macs(model, (3, 32, 32))
+
+    def speedup_at(ratio):
+        trial = copy.deepcopy(model)
+        peers.tp_prune("l2", trial, ratio, peers.ignored_layers("vgg", trial))
+        return macs0 / count_macs(trial, (3, 32, 32))
+
+    found = peers.bisect_ratio(speedup_at, 2.0)
+    assert abs(found["speedup"] / 2.0 - 1) <= 0.02
+    pruned = peers.tp_prune("bn_scale", copy.deepcopy(model), found["ratio"],
+                            peers.ignored_layers("vgg", model))  # fmt: skip
+    assert [m.out_features for m in pruned.classifier if hasattr(m, "out_features")] == [
+        512, 512, 10,
+    ]  # fmt: skip
+    widths = list(peers.conv_widths(pruned).values())
+    assert widths[0] < 64 and widths[-1] < 512  # every conv output is pruned
+    tp_macs, _ = peers.tp_count(pruned)
+    assert tp_macs > count_macs(pruned, (3, 32, 32))  # TP also counts BN, ReLU, Linear
+
+
+def test_peers_torch_pruning_on_resnet_scopes(peers):
+    """Branch scope keeps the residual stream; TP as it comes breaks the option-A net."""
+    pytest.importorskip("torch_pruning")
+    import torch
+
+    from chanprune.models import get_model
+
+    model = get_model("resnet20_cifar10").eval()
+    pruned = peers.tp_prune("l1", model, 0.5, peers.ignored_layers("resnet56", model))
+    widths = peers.conv_widths(pruned)
+    assert widths["conv1"] == 16 and widths["layer3.2.conv2"] == 64
+    assert widths["layer1.0.conv1"] == 8 and widths["layer3.2.conv1"] == 32
+    assert pruned(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+    check = peers._default_scope_check("resnet56", get_model("resnet20_cifar10").eval(),
+                                       torch.zeros(2, 3, 32, 32))  # fmt: skip
+    assert check["runs"] is False and "RuntimeError" in check["error"]  # the pinned version
+    assert check["widths"]["conv1"] < 16  # it pruned the residual stream
+
+
+def test_peers_report_from_json(peers, tmp_path):
+    """The section renders TP and chanprune cells, marks missing ones and is replaced in place."""
+    base = {
+        "accuracy": 0.9, "macs": 313196544, "tp_macs": 314959370, "tp_params": 15253578,
+        "bn_accuracy": 0.89, "bn_time_s": 20.0, "calib_load_s": 2.0, "n_calib": 5000,
+        "n_test": 10000,
+    }  # fmt: skip
+    run = {
+        "pruner": "l1", "target": 2.0, "ratio": 0.2895, "bisect_evals": 12, "bisect_s": 9.0,
+        "prune_s": 0.4, "macs": 156700000, "speedup": 1.9987, "tp_macs": 158000000,
+        "tp_params": 7600000, "tp_speedup": 1.9934, "widths": {}, "accuracy": 0.35,
+        "bn": {"accuracy": 0.8, "time_s": 15.0}, "n_test": 10000,
+    }  # fmt: skip
+    fallback = {
+        **run, "target": 4.0, "matching": "chanprune widths", "ratio": None, "speedup": 4.0,
+        "nearest_uniform": {"ratio": 0.4991, "speedup": 3.91, "rel_error": -0.0225},
+    }  # fmt: skip
+    results = {
+        "machine": "test machine",
+        "versions": {"torch_pruning": "9.9.9"},
+        "networks": {
+            "vgg": {
+                "baseline": base,
+                "runs": {"l1/2": run, "l1/4": fallback},
+                "ignored_layers": ["classifier.0", "classifier.3", "classifier.6"],
+            },
+        },  # fmt: skip
+    }
+    chanprune = {
+        "vgg": {
+            "runs": {
+                "lasso/uniform/2": {
+                    "accuracy": 0.877,
+                    "wall_time_s": 289.0,
+                    "report": {
+                        "speedup": 2.0,
+                        "speedup_target": 2.0,
+                        "macs_after": 313196544,
+                        "options": {"widths": {}},
+                    },
+                },  # fmt: skip
+            }
+        },
+        "resnet56": {"runs": {}},
+    }
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# title\n\nkept text\n")
+    peers.write_report(results, md, chanprune)
+    peers.write_report(results, md, chanprune)
+    text = md.read_text()
+    assert text.count("<!-- peers:start -->") == 1 and text.count("<!-- peers:end -->") == 1
+    assert "kept text" in text and "Torch-Pruning (TP) 9.9.9" in text
+    assert (
+        "| TP magnitude L1 | 0.3500 (-55.0) / 2.00x / 0.4 s | 0.3500 (-55.0) / 4.00x† / 0.4 s |"
+        in text
+    )
+    assert "| TP magnitude L1 + BN re-est. | 0.8000 (-10.0) / 2.00x / 0.4 + 15 s |" in text
+    assert "4x: the nearest single ratio, 0.4991, gives 3.910x" in text
+    assert "156.7M / 158.0M (1.99x); ratio 0.2895 | 156.7M / 158.0M (1.99x); chanprune's" in text
+    assert "| TP magnitude L2 |" not in text
+    assert "| chanprune lasso | 0.8770 (-2.3) / 2.00x / 289 s | not run |" in text
+    assert "| chanprune greedy_ls | not run | not run |" in text
+    assert "### ResNet-56" not in text  # neither library has a run there
+    assert "+1,762,826" in text
+
+
+def test_peers_read_chanprune_rereads_the_file(peers, tmp_path):
+    assert peers.read_chanprune("vgg", tmp_path) == {"runs": {}}
+    path = tmp_path / "vgg_cifar.json"
+    path.write_text(json.dumps({"runs": {"lasso/uniform/2": {"accuracy": 0.5}}}))
+    assert peers.read_chanprune("vgg", tmp_path)["runs"]["lasso/uniform/2"]["accuracy"] == 0.5
+    path.write_text(json.dumps({"runs": {}}))
+    assert peers.read_chanprune("vgg", tmp_path) == {"runs": {}}
+
+
+def test_peers_help_and_missing_shared(peers, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        peers.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--networks", "--pruners", "--vgg-speedups", "--resnet56-speedups", "--tol",
+                   "--n-calib", "--n-test", "--report-only", "--shared", "--out"):  # fmt: skip
+        assert option in out
+    code = peers.main(["--shared", str(tmp_path / "absent"), "--out", str(tmp_path / "p.json")])
+    assert code == 2 and "absent" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
