@@ -94,16 +94,6 @@ def test_layer_error_smoke(layer_error, shared_dir, tmp_path):
     assert "## other section" in text
 
 
-def _load_script(name: str):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_whole_model_report_from_json(tmp_path):
     """--report-only renders the table of a results JSON, marking missing cells."""
     vgg = _load_script("vgg_cifar")
@@ -111,6 +101,7 @@ def test_whole_model_report_from_json(tmp_path):
 
     run = {
         "config": {"method": "lasso", "schedule": "uniform", "speedup": 2.0},
+        "commit": "abc1234",
         "accuracy": 0.875,
         "wall_time_s": 100.0,
         "peak_rss_mb": 2048.0,
@@ -130,6 +121,13 @@ def test_whole_model_report_from_json(tmp_path):
     text = md.read_text()
     assert text.count("<!-- vgg_cifar:start -->") == 1 and "kept text" in text
     assert "| lasso | 0.8750 (-2.5) / 2.01x / 100 s / 2.0 GB |" in text
+    assert "&dagger;" not in text
+    # A run recorded without a commit (by the older code) is marked and explained.
+    del run["commit"]
+    write_report(vgg.BENCH, results, md)
+    text = md.read_text()
+    assert "| lasso | 0.8750 (-2.5) / 2.01x / 100 s / 2.0 GB &dagger; |" in text
+    assert "&dagger; measured with the code before commit fc5012f" in text
 
 
 @pytest.mark.parametrize("name", ["vgg_cifar", "resnet_cifar"])
@@ -421,3 +419,77 @@ def test_peers_help_and_missing_shared(peers, tmp_path, capsys):
     code = peers.main(["--shared", str(tmp_path / "absent"), "--out", str(tmp_path / "p.json")])
     assert code == 2 and "absent" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_whole_model_accuracy_plot(tmp_path):
+    """The accuracy-vs-speed-up plot is written and linked from the section."""
+    vgg = _load_script("vgg_cifar")
+    from _whole_model import key, markdown, plot_accuracy
+
+    runs = {}
+    for method, accs in (("lasso", (0.87, 0.81)), ("greedy_ls", (0.88, 0.84))):
+        for speedup, acc in zip((2.0, 4.0), accs):
+            runs[key(method, "uniform", speedup)] = {
+                "config": {"method": method, "schedule": "uniform", "speedup": speedup},
+                "accuracy": acc, "wall_time_s": 60.0, "peak_rss_mb": 1024.0,
+                "report": {"speedup": speedup, "layers": []},
+            }  # fmt: skip
+    results = {"runs": runs}
+    name = plot_accuracy(vgg.BENCH, results, tmp_path / "acc.png")
+    assert name == "acc.png" and (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
+    with_base = dict(results, baseline={"accuracy": 0.9})  # drawn as a dashed line
+    assert plot_accuracy(vgg.BENCH, with_base, tmp_path / "base.png") == "base.png"
+    assert not list(tmp_path.glob("*.tmp.png"))  # written atomically
+    results["plot"] = name
+    assert "![accuracy vs speed-up](results/acc.png)" in markdown(vgg.BENCH, results)
+    assert plot_accuracy(vgg.BENCH, {"runs": {}}, tmp_path / "none.png") is None
+
+
+def _speed_results():
+    run = lambda n, positions, wall, fwd: {  # noqa: E731
+        "config": {"model": "vgg16_bn_cifar10", "device": "cpu", "n_images": n,
+                   "positions": positions, "speedup": 2.0, "method": "lasso"},
+        "wall_time_s": wall, "forward_pass_s": fwd, "load_s": 1.0, "peak_rss_mb": 2048.0,
+        "speedup": 2.0,
+    }  # fmt: skip
+    raw = {
+        "config": {"n_images": 500}, "rows": 5000, "raw_s": 2.5, "raw_rows_mb": 98.0,
+        "raw_rel_error": 0.05, "stats_s": 2.0, "stats_mb": 180.0, "stats_rel_error": 0.04,
+    }  # fmt: skip
+    return {
+        "runs": {"a": run(500, 10, 26.0, 2.0), "b": run(5000, 10, 77.0, 17.5),
+                 "c": run(5000, 5, 65.0, 18.0)},
+        "raw_layer": {"500": raw},
+    }  # fmt: skip
+
+
+def test_speed_report_and_plot(tmp_path):
+    speed = _load_script("speed")
+    results = _speed_results()
+    results["plot"] = speed.plot(results, tmp_path / "speed.png")
+    assert (tmp_path / "speed.png").read_bytes()[:4] == b"\x89PNG"
+    text = speed.markdown(results)
+    # prune / forward is computed from the two times, not stored
+    assert "| cpu | vgg16_bn_cifar10 | 5000 | 10 | 77.0 | 17.5 | 4.4 | 1.0 | 2.00 | 2.00x |" in text
+    assert "| 500 | 5000 | 2.5 | 98 | 0.0500 | 2.0 | 180 | 0.0400 |" in text
+    assert "![wall time vs N](results/speed.png)" in text
+
+
+def test_speed_report_only_and_help(tmp_path):
+    out, md = tmp_path / "speed.json", tmp_path / "RESULTS.md"
+    out.write_text(json.dumps(_speed_results()))
+    md.write_text("# results\n\nother section\n")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    args = [sys.executable, str(script), "--report-only", "--out", str(out),
+            "--results-md", str(md)]  # fmt: skip
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    text = md.read_text()
+    assert "other section" in text and text.count("<!-- speed:start -->") == 1
+    assert out.with_suffix(".png").exists()
+    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--n-images" in proc.stdout and "--raw-layer" in proc.stdout
+    missing = subprocess.run(
+        [sys.executable, str(script), "--shared", str(tmp_path / "nowhere"), "--out",
+         str(tmp_path / "x.json"), "--results-md", str(md)], capture_output=True, text=True,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "shared checkpoints" in missing.stderr
