@@ -323,9 +323,10 @@ def plot_accuracy(bench: Benchmark, results: dict, path: Path) -> str | None:
     return path.name
 
 
-def write_report(bench: Benchmark, results: dict, results_md: Path) -> None:
-    section = markdown(bench, results)
-    start, end = f"<!-- {bench.name}:start -->", f"<!-- {bench.name}:end -->"
+def replace_section(results_md: Path, name: str, section: str) -> None:
+    """Put ``section`` between the ``<!-- name:start/end -->`` markers of ``results_md``
+    (appended when absent), keeping the rest of the file; written atomically."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = results_md.read_text() if results_md.exists() else "# chanprune benchmark results\n"
     if start in text and end in text:
         pattern = re.escape(start) + ".*?" + re.escape(end)
@@ -333,6 +334,10 @@ def write_report(bench: Benchmark, results: dict, results_md: Path) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     write_atomic(results_md, text)
+
+
+def write_report(bench: Benchmark, results: dict, results_md: Path) -> None:
+    replace_section(results_md, bench.name, markdown(bench, results))
 
 
 # ---------------------------------------------------------------------------- main

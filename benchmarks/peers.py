@@ -57,6 +57,9 @@ from torch import nn
 
 from chanprune.report import write_text_atomic
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _whole_model import replace_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -659,14 +662,7 @@ def markdown(results: dict, chanprune: dict | None = None) -> str:
 
 
 def write_report(results: dict, results_md: Path, chanprune: dict | None = None) -> None:
-    section = markdown(results, chanprune)
-    text = results_md.read_text() if results_md.exists() else "# chanprune benchmark results\n"
-    if START in text and END in text:
-        pattern = re.escape(START) + ".*?" + re.escape(END)
-        text = re.sub(pattern, lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    write_text_atomic(results_md, text)
+    replace_section(results_md, "peers", markdown(results, chanprune))
 
 
 # ---------------------------------------------------------------------------- main

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _whole_model import REPO, SHARED, peak_rss_mb, write_atomic  # noqa: E402
+from _whole_model import REPO, SHARED, peak_rss_mb, replace_section, write_atomic  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "speed.json"
 MARK = "speed"
@@ -298,18 +298,7 @@ def plot(results: dict, path: Path) -> str | None:
 
 
 def write_report(results: dict, results_md: Path) -> None:
-    import re
-
-    section = markdown(results)
-    start, end = f"<!-- {MARK}:start -->", f"<!-- {MARK}:end -->"
-    text = results_md.read_text() if results_md.exists() else "# chanprune benchmark results\n"
-    if start in text and end in text:
-        text = re.sub(
-            re.escape(start) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S
-        )
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    write_atomic(results_md, text)
+    replace_section(results_md, MARK, markdown(results))
 
 
 # ---------------------------------------------------------------------------- main

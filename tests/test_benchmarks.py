@@ -139,15 +139,7 @@ def test_whole_model_scripts_help(name):
 
 # ---------------------------------------------------------------------------- peers.py
 def _peers():
-    path = REPO / "benchmarks" / "peers.py"
-    spec = importlib.util.spec_from_file_location("_bench_peers", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while executing
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-    return module
+    return _load_script("peers")
 
 
 @pytest.fixture(scope="module")
