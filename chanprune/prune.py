@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -407,12 +407,38 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def _cache_like(y: torch.Tensor, n_total: int, device) -> torch.Tensor:
-    """An empty cache for ``n_total`` maps shaped like the batch ``y``, in its layout."""
-    shape = (n_total,) + tuple(y.shape[1:])
-    if y.dim() == 4:
-        return torch.empty(shape, dtype=y.dtype, device=device, memory_format=torch.channels_last)
-    return torch.empty(shape, dtype=y.dtype, device=device)
+class _Maps:
+    """The activations of every calibration image at one point of a network.
+
+    Held as the per-batch chunks the forward passes produce, so storing them copies
+    nothing. ``keep_channels`` is lazy: the selection is applied to each chunk when it is
+    read, one small copy at a time, instead of one copy of the whole cache.
+    """
+
+    def __init__(self, chunks: list[torch.Tensor], kept: Optional[torch.Tensor] = None) -> None:
+        self.chunks = chunks
+        self.kept = kept
+
+    @classmethod
+    def split(cls, images: torch.Tensor, batch_size: int) -> _Maps:
+        return cls(list(images.split(batch_size)))
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def batches(self, device) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(lo, maps)`` per chunk: the index of its first image and its maps on ``device``."""
+        lo = 0
+        for chunk in self.chunks:
+            x = chunk.to(device)
+            if self.kept is not None:
+                x = _keep_channels(x, self.kept.to(device))
+            yield lo, x
+            lo += chunk.shape[0]
+
+    def keep_channels(self, kept: torch.Tensor) -> _Maps:
+        kept = kept if self.kept is None else self.kept[kept]
+        return _Maps(self.chunks, kept)
 
 
 def _whole_maps_cheaper(
@@ -433,15 +459,14 @@ def _whole_maps_cheaper(
     return width <= 8192 and cost_maps < cost_sampled
 
 
-def _keep_channels(cache: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """``cache[:, kept]`` in channels-last layout, in one copy."""
-    kept = kept.to(cache.device)
-    if cache.dim() != 4:
-        return cache[:, kept]
+def _keep_channels(maps: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``maps[:, kept]`` in channels-last layout, in one copy."""
+    if maps.dim() != 4:
+        return maps[:, kept]
     # Selecting columns of the (pixels, channels) matrix of the NHWC view writes an
     # NHWC-contiguous result (the fastest of the ways tried).
-    n, c, h, w = cache.shape
-    rows = _nhwc(cache).permute(0, 2, 3, 1).reshape(n * h * w, c)
+    n, c, h, w = maps.shape
+    rows = _nhwc(maps).permute(0, 2, 3, 1).reshape(n * h * w, c)
     return torch.index_select(rows, 1, kept).view(n, h, w, len(kept)).permute(0, 3, 1, 2)
 
 
@@ -630,15 +655,17 @@ def prune_model(
         method=method, refit=refit, ridge=ridge, normalize=normalize, alternate=alternate,
         correct_unpruned=correct_unpruned, residual_correction=residual_correction,
         positions_per_image=positions_per_image, batch_size=batch_size,
-        stats_dtype=stats_dtype, device=device, seed=seed, max_iter=max_iter, tol=tol,
+        stats_dtype=stats_dtype, device=device, store=images.device, seed=seed, max_iter=max_iter,
+        tol=tol,
     )  # fmt: skip
     # no_grad, not inference_mode: parameters created by the surgery must stay ordinary
     # tensors, so the pruned model can be fine-tuned afterwards.
     with torch.no_grad():
+        maps = _Maps.split(images, batch_size)
         if plan[0].role == "chain":
-            sweep.run_chain(plan, images, progress)
+            sweep.run_chain(plan, maps, progress)
         else:
-            sweep.run_residual(plan, images, progress)
+            sweep.run_residual(plan, maps, progress)
 
     macs_after = count_macs(pruned, input_shape)
     report = PruneReport(
@@ -666,47 +693,36 @@ def prune_model(
 
 
 def _advance(
-    module: nn.Module | list[nn.Module],
-    cache: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """Run ``module`` (or a list of modules in turn) over every cached activation."""
+    module: nn.Module | list[nn.Module], maps: _Maps, device: torch.device, store
+) -> _Maps:
+    """Run ``module`` (or a list of modules in turn) over every cached activation; the
+    outputs are kept on ``store``."""
     modules = module if isinstance(module, list) else [module]
-    out = None
-    for lo in range(0, cache.shape[0], batch_size):
-        hi = min(lo + batch_size, cache.shape[0])
-        y = _run(modules, cache[lo:hi].to(device))
-        if out is None:
-            out = _cache_like(y, cache.shape[0], cache.device)
-        out[lo:hi] = y.to(cache.device)
-    return out
+    return _Maps([_run(modules, x).to(store) for _, x in maps.batches(device)])
 
 
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the wanted activation is recorded."""
 
 
-def _block_inputs(
-    model: nn.Module, block: nn.Module, images: torch.Tensor, batch_size: int, device
-) -> torch.Tensor:
+def _block_inputs(model: nn.Module, block: nn.Module, images: _Maps, device, store) -> _Maps:
     """The input of ``block`` for every image: the model's own forward, stopped there."""
     chunks: list[torch.Tensor] = []
 
     def hook(module, args):
-        chunks.append(args[0].detach().clone().to(images.device))
+        chunks.append(args[0].detach().clone().to(store))
         raise _StopForward
 
     handle = block.register_forward_pre_hook(hook)
     try:
-        for lo in range(0, images.shape[0], batch_size):
+        for _, x in images.batches(device):
             try:
-                model(_nhwc(images[lo : lo + batch_size].to(device)))
+                model(_nhwc(x))
             except _StopForward:
                 pass
     finally:
         handle.remove()
-    return torch.cat(chunks)
+    return _Maps(chunks)
 
 
 class _Sweep:
@@ -854,22 +870,21 @@ class _Sweep:
         return kept
 
     # ------------------------------------------------------------------ VGG-style chains
-    def run_chain(self, plan: list[_Consumer], images: torch.Tensor, progress: bool) -> None:
+    def run_chain(self, plan: list[_Consumer], images: _Maps, progress: bool) -> None:
         """Layer by layer through ``features``, both caches at the current consumer's input."""
         ref_features, features = self.reference.features, self.pruned.features
-        cache_ref = cache_pruned = images  # one tensor until the first layer is pruned
+        cache_ref = cache_pruned = images  # the same maps until the first layer is pruned
         diverged = False
         position = 0  # the index in features whose input the caches hold
-        n_total = images.shape[0]
         bar = tqdm(plan, desc="pruning", disable=not progress)
         for step, consumer in enumerate(bar):
             bar.set_postfix_str(consumer.name)
             if position < consumer.index:  # first layer, or after an untouched one
                 segment_ref = list(ref_features[position : consumer.index])
-                cache_ref = _advance(segment_ref, cache_ref, self.batch_size, self.device)
+                cache_ref = _advance(segment_ref, cache_ref, self.device, self.store)
                 if diverged:
                     segment = list(features[position : consumer.index])
-                    cache_pruned = _advance(segment, cache_pruned, self.batch_size, self.device)
+                    cache_pruned = _advance(segment, cache_pruned, self.device, self.store)
                 else:
                     cache_pruned = cache_ref
                 position = consumer.index
@@ -885,28 +900,25 @@ class _Sweep:
             segment_ref = list(ref_features[consumer.index : nxt if nxt else bn_index + 1])
             stats = self.new_stats(consumer)
             scores = _Scores(self.method, features[consumer.index].in_channels)
-            next_ref = None
-            for lo in range(0, n_total, self.batch_size):
-                hi = min(lo + self.batch_size, n_total)
+            next_ref = []
+            pairs = zip(cache_ref.batches(self.device), cache_pruned.batches(self.device))
+            for (lo, x_ref), (_, x) in pairs:
                 with record_activations(outputs={"y": ref_target}) as rec:
-                    out = _run(segment_ref, cache_ref[lo:hi].to(self.device))
+                    out = _run(segment_ref, x_ref)
                 if nxt is not None:
-                    if next_ref is None:
-                        next_ref = _cache_like(out, n_total, cache_ref.device)
-                    next_ref[lo:hi] = out.to(next_ref.device)
-                x = cache_pruned[lo:hi].to(self.device)
+                    next_ref.append(out.to(self.store))
                 self.accumulate(consumer, stats, scores, x, rec["y"], lo)
             kept = self.fit_layer(consumer, stats, scores, start)
-            cache_pruned = _keep_channels(cache_pruned, kept)
+            cache_pruned = cache_pruned.keep_channels(kept)
             diverged = True
             if nxt is not None:
                 segment = list(features[consumer.index : nxt])
-                cache_pruned = _advance(segment, cache_pruned, self.batch_size, self.device)
-                cache_ref = next_ref
+                cache_pruned = _advance(segment, cache_pruned, self.device, self.store)
+                cache_ref = _Maps(next_ref)
                 position = nxt
 
     # ------------------------------------------------------------------ ResNets
-    def run_residual(self, plan: list[_Consumer], images: torch.Tensor, progress: bool) -> None:
+    def run_residual(self, plan: list[_Consumer], images: _Maps, progress: bool) -> None:
         """Block by block, both caches at the current block's input (the residual stream).
 
         For the last conv of a branch with ``residual_correction``, the target is
@@ -918,12 +930,10 @@ class _Sweep:
             blocks.setdefault(consumer.block, []).append(consumer)
         first = next(iter(blocks))
         cache_ref = _block_inputs(
-            self.reference, self.reference.get_submodule(first), images, self.batch_size,
-            self.device,
-        )  # fmt: skip
+            self.reference, self.reference.get_submodule(first), images, self.device, self.store
+        )
         cache_pruned = cache_ref  # the stem is never pruned
         diverged = False
-        n_total = images.shape[0]
         bar = tqdm(blocks.items(), desc="pruning", disable=not progress)
         for path, consumers in bar:
             bar.set_postfix_str(path)
@@ -940,20 +950,16 @@ class _Sweep:
                 ref_target = self.reference.get_submodule(consumer.bn)
                 stats = self.new_stats(consumer)
                 scores = _Scores(self.method, conv.in_channels)
-                fill_ref = next_ref is None
-                for lo in range(0, n_total, self.batch_size):
-                    hi = min(lo + self.batch_size, n_total)
-                    x_ref = cache_ref[lo:hi].to(self.device)
-                    x_pruned = cache_pruned[lo:hi].to(self.device)
+                outputs = [] if next_ref is None else None  # the block's outputs, once
+                pairs = zip(cache_ref.batches(self.device), cache_pruned.batches(self.device))
+                for (lo, x_ref), (_, x_pruned) in pairs:
                     ref_out = {"y": ref_target}
                     if correct and ref_shortcut is not None:
                         ref_out["s"] = ref_shortcut
                     with record_activations(outputs=ref_out) as rec_ref:
                         out = ref_block(_nhwc(x_ref))
-                    if fill_ref:  # the block's output, for the next block's input
-                        if next_ref is None:
-                            next_ref = _cache_like(out, n_total, cache_ref.device)
-                        next_ref[lo:hi] = out.to(next_ref.device)
+                    if outputs is not None:
+                        outputs.append(out.to(self.store))
                     pr_out = {"s": shortcut} if correct and shortcut is not None else {}
                     with record_activations(inputs={"x": conv}, outputs=pr_out) as rec:
                         block(_nhwc(x_pruned))
@@ -963,12 +969,14 @@ class _Sweep:
                         y1_pruned = rec["s"] if shortcut is not None else x_pruned
                         y = y + (y1 - y1_pruned)
                     self.accumulate(consumer, stats, scores, rec["x"], y, lo)
+                if outputs is not None:
+                    next_ref = _Maps(outputs)
                 self.fit_layer(consumer, stats, scores, start)
                 diverged = True
             if next_ref is None:
-                next_ref = _advance(ref_block, cache_ref, self.batch_size, self.device)
+                next_ref = _advance(ref_block, cache_ref, self.device, self.store)
             if diverged:
-                cache_pruned = _advance(block, cache_pruned, self.batch_size, self.device)
+                cache_pruned = _advance(block, cache_pruned, self.device, self.store)
             else:
                 cache_pruned = next_ref
             cache_ref = next_ref
