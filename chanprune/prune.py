@@ -485,6 +485,18 @@ def _folded(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> tuple[torch.Tensor
     return conv.weight.detach(), bias.detach()
 
 
+def _fold_reference(reference: nn.Module, plan: list[_Consumer]) -> None:
+    """Fold the BatchNorms of the planned convs into them, in place, leaving an
+    ``nn.Identity`` where each BN was: the reference network then yields the same targets
+    (to rounding; hooks on a BN's path now see the folded conv's output) for one pass less
+    over every map."""
+    pairs = {(c.name, c.bn) for c in plan} | {(c.producer, c.producer_bn) for c in plan}
+    for conv_name, bn_name in sorted(p for p in pairs if p[1] is not None):
+        conv, bn = reference.get_submodule(conv_name), reference.get_submodule(bn_name)
+        reference.set_submodule(conv_name, fold_batchnorm(conv, bn))
+        reference.set_submodule(bn_name, nn.Identity())
+
+
 def _entropy_scores(gap: torch.Tensor, n_bins: int = 32) -> np.ndarray:
     """Entropy of each channel's global-average-pooled activation over images.
 
@@ -649,14 +661,20 @@ def prune_model(
     widths, _ = plan_widths(reference, input_shape, speedup=speedup, schedule=schedule)
     macs_before = count_macs(reference, input_shape)
     params_before = count_params(reference)
+    bn_scale = {}
+    if method == "bn_scale":  # read before the reference's BNs are folded away
+        for c in plan:
+            gamma = reference.get_submodule(c.producer_bn).weight.detach()
+            bn_scale[c.name] = gamma.abs().cpu().double().numpy()
+    _fold_reference(reference, plan)
 
     sweep = _Sweep(
         reference=reference, pruned=pruned, widths=widths, n_fit=n_total - n_held,
         method=method, refit=refit, ridge=ridge, normalize=normalize, alternate=alternate,
         correct_unpruned=correct_unpruned, residual_correction=residual_correction,
         positions_per_image=positions_per_image, batch_size=batch_size,
-        stats_dtype=stats_dtype, device=device, store=images.device, seed=seed, max_iter=max_iter,
-        tol=tol,
+        stats_dtype=stats_dtype, device=device, store=images.device, bn_scale=bn_scale,
+        seed=seed, max_iter=max_iter, tol=tol,
     )  # fmt: skip
     # no_grad, not inference_mode: parameters created by the surgery must stay ordinary
     # tensors, so the pruned model can be fine-tuned afterwards.
@@ -810,7 +828,7 @@ class _Sweep:
             selector = "first_k"  # keep everything: a pure least-squares correction
         elif self.method in ACTIVATION_METHODS:
             selector = "by_score"
-            options["scores"] = scores.scores(self.reference, consumer)
+            options["scores"] = scores.scores(self.bn_scale.get(consumer.name))
         fit, held = stats
         result = prune_layer_from_stats(
             fit, weight, bias, keep=keep, method=selector, refit=self.refit, ridge=self.ridge,
@@ -1004,10 +1022,11 @@ class _Scores:
         elif self.method == "entropy":
             self.gaps.append(x.mean(dim=(2, 3)).cpu())
 
-    def scores(self, reference: nn.Module, consumer: _Consumer) -> np.ndarray:
+    def scores(self, bn_scale: Optional[np.ndarray]) -> np.ndarray:
+        """The channels' scores (higher is kept); ``bn_scale`` is ``|gamma|`` of the
+        producer's BatchNorm, used by ``bn_scale``."""
         if self.method == "apoz":
             return -(self.zeros.numpy() / max(self.count, 1))
         if self.method == "entropy":
             return _entropy_scores(torch.cat(self.gaps))
-        bn = reference.get_submodule(consumer.producer_bn)
-        return bn.weight.detach().abs().cpu().double().numpy()
+        return bn_scale
