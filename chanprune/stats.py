@@ -352,23 +352,22 @@ class LayerStats:
         gram = _gram(x).view(hw, c, hw, c).permute(0, 2, 1, 3).reshape(hw * hw, c * c)
         pairs = g.pair_counts.to(device=x.device, dtype=gram.dtype)
         a5 = _matmul(pairs, gram).view(k, k, c, c)
-        # X^T Y, one kernel offset at a time: the shifted (zero-padded) maps against the
-        # outputs, both as (images * P, channels) row blocks; no transposed copies.
-        padded = torch.cat([x.view(n_images, hw, c), x.new_zeros(n_images, 1, c)], dim=1)
+        # X^T Y is the weight gradient of the conv with y as the output gradient: one
+        # oneDNN (cuDNN) call over the NHWC views, zero padding never materialised.
+        x_maps = x.view(n_images, *g.in_size, c).permute(0, 3, 1, 2)
+        y_maps = y.view(n_images, *g.out_size, n).permute(0, 3, 1, 2)
+        xty = _no_tf32(lambda: _conv_weight_grad(x_maps, y_maps, g))  # (n, c, kh, kw)
+        xty = xty.double().permute(1, 2, 3, 0).reshape(c * k, n)
         y_rows = y.view(n_images * p, n)
-        index = g.index.to(x.device)
-        xty = torch.empty(c, k, n, dtype=torch.float64, device=x.device)
-        for off in range(k):
-            shifted = padded[:, index[:, off]].reshape(n_images * p, c)
-            xty[:, off] = _matmul(shifted.T, y_rows)
-        pixel_sum = padded.sum(dim=0, dtype=torch.float64)  # (hw + 1, c)
-        x_sum = pixel_sum[index].sum(dim=0).T  # (c, k)
+        pixel_sum = x.view(n_images, hw, c).sum(dim=0, dtype=torch.float64)
+        pixel_sum = torch.cat([pixel_sum, pixel_sum.new_zeros(1, c)])  # padding sums to 0
+        x_sum = pixel_sum[g.index.to(x.device)].sum(dim=0).T  # (c, k)
         d = self.n_features
         self._xtx[:d, :d] += a5.permute(2, 0, 3, 1).reshape(d, d)
         self._xtx[:d, d] += x_sum.reshape(d)
         self._xtx[d, :d] += x_sum.reshape(d)
         self._xtx[d, d] += n_images * p
-        self._xty[:d] += xty.reshape(d, n)
+        self._xty[:d] += xty
         self._xty[d] += y_rows.sum(dim=0, dtype=torch.float64)
         self._yty += torch.sum(y_rows.double() ** 2)
         if not (torch.isfinite(torch.diagonal(self._xtx)).all() and torch.isfinite(self._yty)):
@@ -572,6 +571,10 @@ class _MapGeometry:
     in_size: tuple[int, int]
     out_size: tuple[int, int]
     index: torch.Tensor  # (out_pixels, kh * kw), long; in_pixels marks zero padding
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
 
     @property
     def pair_counts(self) -> torch.Tensor:
@@ -597,10 +600,17 @@ class _MapGeometry:
     def out_pixels(self) -> int:
         return self.out_size[0] * self.out_size[1]
 
+    @property
+    def sizes(self) -> tuple:
+        return (
+            self.in_size, self.out_size, self.kernel_size, self.stride, self.padding,
+            self.dilation,
+        )  # fmt: skip
+
     def __eq__(self, other) -> bool:
         return (
             isinstance(other, _MapGeometry)
-            and (self.in_size, self.out_size) == (other.in_size, other.out_size)
+            and self.sizes == other.sizes
             and torch.equal(self.index, other.index)
         )
 
@@ -619,7 +629,7 @@ class _MapGeometry:
         q = cols[None, :, None, :]
         inside = (r >= 0) & (r < h) & (q >= 0) & (q < w)  # (ho, wo, kh, kw)
         index = torch.where(inside, r * w + q, h * w).reshape(ho * wo, kh * kw)
-        return cls((h, w), (ho, wo), index)
+        return cls((h, w), (ho, wo), index, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -637,13 +647,26 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _no_tf32(lambda: a @ b).double()
 
 
+def _conv_weight_grad(x: torch.Tensor, y: torch.Tensor, g: _MapGeometry) -> torch.Tensor:
+    """``sum over images and positions of y[o] * patch[c, i, j]``, shape (n, c, kh, kw):
+    the gradient of a conv's weight, given its input ``x`` and output gradient ``y``."""
+    weight = x.new_empty((y.shape[1], x.shape[1], *g.kernel_size))  # only its shape is read
+    grads = torch.ops.aten.convolution_backward(
+        y, x, weight, None, g.stride, g.padding, g.dilation, False, [0, 0], 1,
+        [False, True, False],
+    )  # fmt: skip
+    return grads[1]
+
+
 def _no_tf32(fn):
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    """Run ``fn`` with TF32 off for CUDA matmuls and cuDNN convolutions (statistics need
+    full float32 products)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         return fn()
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def _products_numpy(X: torch.Tensor, Y: torch.Tensor):
@@ -661,13 +684,7 @@ def _products_numpy(X: torch.Tensor, Y: torch.Tensor):
 
 def _products_torch(x: torch.Tensor, y: torch.Tensor):
     """Moments of 2-D ``x`` and ``y`` with torch (on CUDA); TF32 is not used."""
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        xtx = (x.T @ x).double()
-        xty = (x.T @ y).double()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    xtx, xty = _no_tf32(lambda: ((x.T @ x).double(), (x.T @ y).double()))
     x_sum = x.sum(dim=0, dtype=torch.float64)
     y_sum = y.sum(dim=0, dtype=torch.float64)
     yty = (y.double() ** 2).sum()
