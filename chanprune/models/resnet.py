@@ -711,7 +711,8 @@ def _cifar_builder(depth: int):
         A checkpoint to load strictly (``module.`` prefixes and a ``state_dict`` entry are
         handled), e.g. akamaster's ``resnet{depth}-*.th``.
     **kwargs
-        :class:`CifarResNet` keywords: ``num_classes``, ``in_channels``, ``block_widths``.
+        :class:`CifarResNet` keywords: ``num_classes``, ``in_channels``, ``block_widths``,
+        ``sampled_inputs``.
     """
     return builder
 
@@ -731,7 +732,8 @@ def resnet18(*, weights: Any = None, **kwargs: Any) -> ResNet:
     weights : str, os.PathLike or state_dict, optional
         A checkpoint to load strictly, e.g. torchvision's ``resnet18-f37072fd.pth``.
     **kwargs
-        :class:`ResNet` keywords: ``num_classes``, ``in_channels``, ``block_widths``, ...
+        :class:`ResNet` keywords: ``num_classes``, ``in_channels``, ``block_widths``,
+        ``sampled_inputs``, ...
     """
     return _load(ResNet("basic", [2, 2, 2, 2], **kwargs), weights, "resnet18")
 
