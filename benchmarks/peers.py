@@ -274,7 +274,8 @@ def chanprune_architecture(network: str, widths: dict) -> nn.Module:
     """Rebuild a chanprune-pruned architecture (untrained weights) from its recorded widths.
 
     ``widths`` maps each consuming conv (``features.3``, ``layer1.0.conv2``) to the input
-    channels it kept, as in ``report["options"]["widths"]``.
+    channels it kept, as in ``report["options"]["widths"]``; a ResNet pruned with
+    ``channel_sampler=True`` also records how many stream channels each ``conv1`` reads.
     """
     from chanprune.models import get_model
 
@@ -291,7 +292,12 @@ def chanprune_architecture(network: str, widths: dict) -> nn.Module:
         (widths.get(f"{path}.conv2", block.conv1.out_channels),)
         for path, block in reference.blocks()
     ]
-    return get_model(name, block_widths=blocks).eval()
+    sampled = []
+    for path, block in reference.blocks():
+        k = widths.get(f"{path}.conv1")
+        # A conv1 that reads its whole stream input has no sampler in the pruned model.
+        sampled.append(k if k is not None and k < block.conv1.in_channels else None)
+    return get_model(name, block_widths=blocks, sampled_inputs=sampled).eval()
 
 
 # ---------------------------------------------------------------------------- measuring

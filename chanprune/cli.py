@@ -210,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "explicit schedule instead of --speedup: a JSON object {layer: keep}, keep an int "
             "(channels kept) or a float in (0, 1] (fraction kept), layers named as in "
-            "'chanprune info' (e.g. \"features.3\"); unnamed layers are kept whole "
-            "(default: none)"
+            '\'chanprune info\' (e.g. "features.3"; a ResNet\'s "layer1.0.conv1" needs '
+            "--channel-sampler); unnamed layers are kept whole (default: none)"
         ),
     )
     p.add_argument(
@@ -232,7 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "how --speedup is spread over layers: 'uniform' (one kept ratio everywhere) or "
             "'paper' (He et al.'s VGG-16 schedule: conv4_x keeps 1.5x the ratio of "
-            "conv1_x-conv3_x, conv5_x untouched) (default: uniform)"
+            "conv1_x-conv3_x, conv5_x untouched; ResNets: the last stage and blocks that "
+            "change the map size keep 7/3 the ratio of the others, Bottleneck 2a : 2b : 2c "
+            "inputs 2 : 4 : 3) (default: uniform)"
+        ),
+    )
+    p.add_argument(
+        "--channel-sampler",
+        action="store_true",
+        help=(
+            "ResNets only (refused for VGG-style models): also prune the input of the first "
+            "conv of every residual branch, which reads the residual stream, through a "
+            "channel sampler (He et al., Sec. 4.2): that conv reads only the kept stream "
+            "channels while the stream and the shortcut keep all of them (default: off, "
+            "only branch-internal channels are pruned)"
         ),
     )
     p.add_argument(
@@ -578,6 +591,7 @@ def _check_plan(
     input_shape: tuple[int, ...],
     speedup: Optional[float],
     schedule: Union[str, Mapping[str, Union[int, float]]],
+    channel_sampler: bool,
 ) -> None:
     """Check the architecture, the input shape and the schedule before any real work.
 
@@ -585,7 +599,9 @@ def _check_plan(
     """
     from .prune import plan_widths
 
-    plan_widths(model, input_shape, speedup=speedup, schedule=schedule)
+    plan_widths(
+        model, input_shape, speedup=speedup, schedule=schedule, channel_sampler=channel_sampler
+    )
 
 
 def _split_methods(values: Optional[Sequence[str]]) -> tuple[str, ...]:
@@ -631,7 +647,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     preset = _require_preset(args.preset, name, model, args.model, args.quiet)
     dataset = ImageFolder(calib_dir, preprocess=_preprocess(preset))
     input_shape = tuple(dataset[0][0].shape)
-    _check_plan(model, input_shape, args.speedup, schedule)
+    _check_plan(model, input_shape, args.speedup, schedule, args.channel_sampler)
 
     # 3. The work.
     pruned, report = prune_model(
@@ -644,6 +660,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         positions_per_image=args.positions,
         holdout=args.holdout,
         ridge=args.ridge,
+        channel_sampler=args.channel_sampler,
         batch_size=args.batch_size,
         device=device,
         seed=args.seed,
@@ -727,12 +744,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
         raise ValueError(
             f"the model does not accept inputs of shape {shape}: {str(exc).splitlines()[0]}"
         ) from exc
-    try:
-        from .prune import prunable_layers
+    from .prune import prunable_layers
 
-        prunable = set(prunable_layers(model))
+    try:
+        prunable = dict.fromkeys(prunable_layers(model), "yes")
     except (TypeError, AttributeError):  # UnsupportedLayerError is a TypeError
-        prunable = set()
+        prunable = {}
+    try:  # ResNets: the first conv of each branch, prunable through a channel sampler
+        for n in prunable_layers(model, channel_sampler=True):
+            prunable.setdefault(n, "sampler")
+    except (TypeError, ValueError, AttributeError):  # VGG-style models refuse the option
+        pass
 
     header = ("layer", "in", "out", "kernel", "MACs", "prunable input")
     rows = [
@@ -742,7 +764,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             str(m.out_channels),
             "x".join(str(k) for k in m.kernel_size),
             f"{per_layer.get(n, 0):,}",
-            "yes" if n in prunable else "-",
+            prunable.get(n, "-"),
         )
         for n, m in convs
     ]
@@ -754,6 +776,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("-" * (sum(widths) + 2 * (len(widths) - 1)))
     for row in rows:
         print(fmt.format(*row))
+    if "sampler" in prunable.values():
+        print("(sampler: prunable with --channel-sampler, which keeps the stream whole)")
     print()
     print(f"conv MACs:          {conv_total:,} ({conv_total / 1e6:.2f}M)")
     print(f"MACs incl. linear:  {with_linear:,} ({with_linear / 1e6:.2f}M)")

@@ -9,7 +9,10 @@ For each prunable conv ``L`` in network order:
    **refit** its weights (:mod:`chanprune.refit`), through
    :func:`chanprune.prune_layer_from_stats`.
 3. **Remove** the dropped channels for real: the filters of the previous conv and its
-   BatchNorm, the input channels of ``L`` (:mod:`chanprune.surgery`).
+   BatchNorm, the input channels of ``L`` (:mod:`chanprune.surgery`). The first conv of a
+   ResNet branch has no previous conv to cut, since it reads the residual stream: with
+   ``channel_sampler=True`` it gets a channel sampler instead, so it alone reads fewer
+   stream channels (:class:`chanprune.surgery.SampledConv2d`).
 
 Because ``X`` comes from the pruned network and ``Y`` from the original one, each layer
 corrects the error accumulated before it. The activations of both networks at the current
@@ -43,7 +46,9 @@ from .schedule import SCHEDULES, ConvCost, MacModel, resolve_explicit, widths_fo
 from .selection import SELECTORS
 from .stats import LayerStats
 from .surgery import (
+    SampledConv2d,
     fold_batchnorm,
+    insert_channel_sampler,
     prune_batchnorm,
     prune_conv_out_channels,
     set_batchnorm_identity,
@@ -84,19 +89,23 @@ _CHAIN_MODULES = (
 class _Consumer:
     """A conv whose input channels are selected, and the conv (+BN) that produces them.
 
-    All modules are named by their ``named_modules()`` path.
+    All modules are named by their ``named_modules()`` path. A ``"stream"`` consumer (the
+    first conv of a ResNet branch, with a channel sampler) has no producer: it reads the
+    residual stream, which keeps its width.
     """
 
     name: str  # the consuming conv, e.g. "features.3" or "layer1.0.conv2"
     bn: Optional[str]  # its BatchNorm, if any
-    producer: str  # the conv whose filters are removed
+    producer: Optional[str]  # the conv whose filters are removed; None for "stream"
     producer_bn: Optional[str]
     stage: int  # chain: 1 + pooling layers before it; residual: 1-based stage
     index: Optional[int] = None  # chain only: position in ``features``
     block: Optional[str] = None  # residual only: the block's path
     last_in_block: bool = False  # residual only: the branch's last conv
     sensitive: bool = False  # residual only: last stage, or the block changes the size
-    role: str = "chain"  # "chain", "basic" (BasicBlock conv2), "2b", "2c" (Bottleneck)
+    # "chain"; ResNets: "stream" (conv1, channel sampler), "basic" (BasicBlock conv2),
+    # "2b", "2c" (Bottleneck conv2, conv3)
+    role: str = "chain"
 
 
 def _chain_plan(model: nn.Module) -> list[_Consumer]:
@@ -164,8 +173,9 @@ def _shortcut(block: nn.Module) -> Optional[nn.Module]:
     return None
 
 
-def _residual_plan(model: nn.Module) -> list[_Consumer]:
-    """Branch-internal consumers of a ResNet: BasicBlock conv2; Bottleneck conv2 and conv3."""
+def _residual_plan(model: nn.Module, channel_sampler: bool = False) -> list[_Consumer]:
+    """Branch-internal consumers of a ResNet: BasicBlock conv2; Bottleneck conv2 and conv3;
+    with ``channel_sampler``, each block's conv1 first (role ``"stream"``)."""
     stages = [n for n in _RESIDUAL_STAGES if isinstance(getattr(model, n, None), nn.Sequential)]
     consumers: list[_Consumer] = []
     for s, stage_name in enumerate(stages, start=1):
@@ -212,6 +222,19 @@ def _residual_plan(model: nn.Module) -> list[_Consumer]:
                 or any(conv(attr).stride != (1, 1) for attr in convs)
                 or (_shortcut(block) is not None and not isinstance(_shortcut(block), nn.Identity))
             )
+            if channel_sampler:
+                consumers.append(
+                    _Consumer(
+                        name=f"{path}.conv1",
+                        bn=f"{path}.bn1",
+                        producer=None,
+                        producer_bn=None,
+                        stage=s,
+                        block=path,
+                        sensitive=sensitive,
+                        role="stream",
+                    )
+                )
             for k, role in enumerate(roles):
                 consumers.append(
                     _Consumer(
@@ -229,12 +252,20 @@ def _residual_plan(model: nn.Module) -> list[_Consumer]:
     return consumers
 
 
-def _plan(model: nn.Module) -> list[_Consumer]:
+def _plan(model: nn.Module, channel_sampler: bool = False) -> list[_Consumer]:
     """The consumers of a supported architecture, in network order."""
+    if not isinstance(channel_sampler, bool):
+        raise TypeError(f"channel_sampler must be a bool; got {channel_sampler!r}.")
     if isinstance(getattr(model, "features", None), nn.Sequential):
+        if channel_sampler:
+            raise ValueError(
+                "channel_sampler=True applies to ResNets (a sampler before the first conv of "
+                "each residual branch); a VGG-style chain has no residual stream, so every "
+                "conv's input is prunable without it: leave channel_sampler off."
+            )
         return _chain_plan(model)
     if isinstance(getattr(model, "layer1", None), nn.Sequential):
-        return _residual_plan(model)
+        return _residual_plan(model, channel_sampler)
     raise UnsupportedLayerError(
         f"{type(model).__name__} is not a supported architecture: chanprune prunes VGG-style "
         "models (a `features` nn.Sequential of Conv2d/BatchNorm2d/ReLU/pooling followed by a "
@@ -244,13 +275,15 @@ def _plan(model: nn.Module) -> list[_Consumer]:
     )
 
 
-def prunable_layers(model: nn.Module) -> dict[str, int]:
+def prunable_layers(model: nn.Module, *, channel_sampler: bool = False) -> dict[str, int]:
     """The layers whose input channels :func:`prune_model` can select, with their widths.
 
     Keys are ``named_modules()`` paths of the consuming convs (``"features.3"``,
-    ``"layer1.0.conv2"``); these are the keys of an explicit ``schedule``.
+    ``"layer1.0.conv2"``); these are the keys of an explicit ``schedule``. With
+    ``channel_sampler=True`` (ResNets only), the first conv of every branch
+    (``"layer1.0.conv1"``) is listed too, with the width of the stream it reads.
     """
-    plan = _plan(model)  # refuses unsupported architectures before touching them
+    plan = _plan(model, channel_sampler)  # refuses unsupported architectures first
     return {c.name: model.get_submodule(c.name).in_channels for c in plan}
 
 
@@ -258,7 +291,8 @@ def _mac_model(model: nn.Module, plan: list[_Consumer], input_shape) -> MacModel
     sizes = conv_output_sizes(model, input_shape)
     groups = {c.name: model.get_submodule(c.name).in_channels for c in plan}
     group_of_input = {c.name: c.name for c in plan}
-    group_of_output = {c.producer: c.name for c in plan}
+    # A stream consumer's input group has no producing conv: the stream keeps its width.
+    group_of_output = {c.producer: c.name for c in plan if c.producer is not None}
     convs = []
     for name, (h, w) in sizes.items():
         conv = model.get_submodule(name)
@@ -277,21 +311,27 @@ def _mac_model(model: nn.Module, plan: list[_Consumer], input_shape) -> MacModel
 
 
 # Paper schedule for ResNets: sensitive blocks keep 70%, others 30% (ratio 7 : 3), and
-# inside a Bottleneck the kept ratios of the 2b and 2c inputs are 4 : 3.
-_RESIDUAL_ROLE = {"basic": 1.0, "2b": 4.0 / 3.5, "2c": 3.0 / 3.5}
+# inside a Bottleneck the kept ratios of the 2a, 2b and 2c inputs are 2 : 4 : 3, as
+# multiples of the mean of 2b and 2c (the block's base ratio before the sampler existed).
+# The stream input of a BasicBlock's conv1 keeps the block's base ratio.
+_RESIDUAL_ROLE = {"basic": 1.0, "2a": 2.0 / 3.5, "2b": 4.0 / 3.5, "2c": 3.0 / 3.5}
 
 
 def _multipliers(plan: list[_Consumer], schedule: str) -> dict[str, float]:
     if schedule == "uniform":
         return {c.name: 1.0 for c in plan}
+    bottlenecks = {c.block for c in plan if c.role in ("2b", "2c")}
     multipliers = {}
     for c in plan:
         if c.role == "chain":
             # The paper's VGG-16 schedule: conv1_x-conv3_x : conv4_x kept ratios 1 : 1.5,
             # conv5_x (stage 5 and beyond) untouched; conv1_1 sees the image, never pruned.
             multipliers[c.name] = 1.0 if c.stage <= 3 else 1.5 if c.stage == 4 else 0.0
-        else:
-            multipliers[c.name] = (0.7 if c.sensitive else 0.3) * _RESIDUAL_ROLE[c.role]
+            continue
+        role = c.role
+        if role == "stream":
+            role = "2a" if c.block in bottlenecks else "basic"
+        multipliers[c.name] = (0.7 if c.sensitive else 0.3) * _RESIDUAL_ROLE[role]
     return multipliers
 
 
@@ -314,16 +354,17 @@ def plan_widths(
     *,
     speedup: Optional[float] = None,
     schedule: Union[str, Mapping[str, Union[int, float]]] = "uniform",
+    channel_sampler: bool = False,
 ) -> tuple[dict[str, int], float]:
     """Per-layer widths for a target speed-up, without any data or pruning.
 
     Parameters
     ----------
     model : nn.Module
-        A VGG-style network (see :func:`prune_model`).
+        A VGG-style network or a ResNet (see :func:`prune_model`).
     input_shape : tuple of int
         One input without the batch dimension, e.g. ``(3, 32, 32)``.
-    speedup, schedule
+    speedup, schedule, channel_sampler
         As in :func:`prune_model`.
 
     Returns
@@ -339,8 +380,10 @@ def plan_widths(
         An unsupported model, an input shape the model does not accept, an unreachable or
         invalid target.
     """
-    plan = _plan(model)
+    plan = _plan(model, channel_sampler)
     explicit = _check_target(speedup, schedule)
+    if explicit and not channel_sampler:
+        _check_no_stream_layers(model, plan, schedule)
     try:
         mac_model = _mac_model(model, plan, tuple(input_shape))
     except RuntimeError as exc:
@@ -352,6 +395,24 @@ def plan_widths(
         widths = {**mac_model.groups, **resolve_explicit(mac_model, schedule)}
         return widths, mac_model.macs() / mac_model.macs(widths)
     return widths_for_speedup(mac_model, speedup, _multipliers(plan, schedule))
+
+
+def _check_no_stream_layers(
+    model: nn.Module, plan: list[_Consumer], schedule: Mapping[str, Union[int, float]]
+) -> None:
+    """Refuse an explicit schedule that names the first conv of a ResNet branch when the
+    channel sampler that would prune it is off, saying so (not just "not prunable")."""
+    if plan[0].role == "chain":
+        return
+    stream = [c.name for c in _residual_plan(model, True) if c.role == "stream"]
+    named = [name for name in stream if name in schedule]
+    if named:
+        raise ValueError(
+            f"the schedule names {named}: the first conv of a residual branch reads the "
+            "residual stream, which the shortcut needs whole, so its input channels can be "
+            "pruned only through a channel sampler: pass channel_sampler=True (CLI: "
+            "--channel-sampler), or leave these layers out."
+        )
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -529,6 +590,7 @@ def prune_model(
     alternate: bool = False,
     correct_unpruned: bool = True,
     residual_correction: bool = True,
+    channel_sampler: bool = False,
     batch_size: int = 100,
     stats_dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device] = "cpu",
@@ -547,8 +609,9 @@ def prune_model(
         e.g. :func:`chanprune.models.vgg16_bn_cifar10` or a torchvision VGG; or a ResNet
         (``layer1``... of BasicBlock/Bottleneck), e.g.
         :func:`chanprune.models.resnet56_cifar10` or a torchvision ResNet, of which the
-        branch-internal channels are pruned (the residual stream keeps its width). Not
-        modified unless ``inplace=True``.
+        branch-internal channels are pruned (the residual stream keeps its width; see
+        ``channel_sampler`` for the input of each branch). Not modified unless
+        ``inplace=True``.
     calib : Dataset or tensor of shape (n_images, C, H, W)
         Preprocessed calibration images (a dataset may yield ``(image, label)``).
     speedup : float, optional
@@ -560,12 +623,16 @@ def prune_model(
         of the last stage and blocks that change the map size keep 7/3 the ratio of the
         others, Bottleneck 2b : 2c inputs 4 : 3); or explicit
         widths ``{"features.3": 32, ...}`` (int counts or float ratios), in which case
-        ``speedup`` must be None. :func:`prunable_layers` lists the keys.
+        ``speedup`` must be None. :func:`prunable_layers` lists the keys. With
+        ``channel_sampler``, the paper schedule gives the stream input of a Bottleneck's
+        conv1 (2a) 2/3.5 of the block's base ratio (2a : 2b : 2c = 2 : 4 : 3), that of a
+        BasicBlock's conv1 the base ratio; ``uniform`` treats it like every other layer.
     method : str, default="lasso"
         Channel selector: ``lasso``, ``greedy_ls``, ``thinet``, ``max_response``,
         ``first_k``, ``random`` (see :mod:`chanprune.selection`), or an activation/BN
         criterion: ``apoz`` (keep the channels least often zero), ``entropy`` (of the
-        pooled activation), ``bn_scale`` (largest ``|gamma|``, Network Slimming).
+        pooled activation), ``bn_scale`` (largest ``|gamma|``, Network Slimming; not with
+        ``channel_sampler``: no single BatchNorm produces the residual stream).
     n_images : int, optional
         Calibration images to draw (seeded); all of ``calib`` when None.
     positions_per_image : int or None, default=10
@@ -591,6 +658,13 @@ def prune_model(
         ResNets: the last conv of each branch reconstructs ``Y2 + Y1 - Y1'`` (original
         branch output plus original shortcut minus the pruned network's shortcut) instead
         of ``Y2``, so each block's sum tracks the original one (He et al., Sec. 4.2).
+    channel_sampler : bool, default=False
+        ResNets: also prune the input of the first conv of every branch (conv1, which
+        reads the residual stream) through a channel sampler (He et al., Sec. 4.2): conv1
+        becomes a :class:`chanprune.surgery.SampledConv2d` that reads only the kept stream
+        channels, while the stream itself and the shortcut keep every channel. Its input
+        is the pruned network's stream, its target the original ``bn1`` output. Refused
+        for VGG-style models, which have no residual stream.
     batch_size : int, default=100
         Images per forward chunk (memory).
     stats_dtype : torch.float32, torch.float64 or None
@@ -635,7 +709,13 @@ def prune_model(
     device = torch.device(device)
     if stats_dtype is None:
         stats_dtype = torch.float32 if device.type == "cpu" else torch.float64
-    plan = _plan(model)
+    plan = _plan(model, channel_sampler)
+    if method == "bn_scale" and channel_sampler:
+        raise ValueError(
+            "method='bn_scale' ranks channels by the |gamma| of the BatchNorm that produces "
+            "them; the residual stream that a channel sampler selects from is a sum of branch "
+            "and shortcut, with no such BatchNorm: use another method or channel_sampler=False."
+        )
     if method == "bn_scale":
         missing = [c.name for c in plan if c.producer_bn is None]
         if missing:
@@ -658,7 +738,10 @@ def prune_model(
         pruned = model.to(device).eval()
     else:
         pruned = copy.deepcopy(model).to(device).eval()
-    widths, _ = plan_widths(reference, input_shape, speedup=speedup, schedule=schedule)
+    widths, _ = plan_widths(
+        reference, input_shape, speedup=speedup, schedule=schedule,
+        channel_sampler=channel_sampler,
+    )  # fmt: skip
     macs_before = count_macs(reference, input_shape)
     params_before = count_params(reference)
     bn_scale = {}
@@ -704,7 +787,8 @@ def prune_model(
         options=dict(
             positions_per_image=positions_per_image, ridge=ridge, refit=refit,
             normalize=normalize, alternate=alternate, correct_unpruned=correct_unpruned,
-            residual_correction=residual_correction, seed=seed, widths=widths,
+            residual_correction=residual_correction, channel_sampler=channel_sampler,
+            seed=seed, widths=widths,
         ),
     )  # fmt: skip
     return pruned.eval(), report
@@ -850,11 +934,14 @@ class _Sweep:
                 consumer.name, fit.n_samples, unknowns,
             )  # fmt: skip
 
-        # Surgery: drop the producer's filters (and BN channels), install the refit weights
-        # in folded form; this layer's BN becomes the identity plus the refit bias (so a
-        # conv without bias, as in ResNets, keeps its architecture).
+        # Surgery: drop the producer's filters (and BN channels), or for a stream consumer,
+        # which has no producer, put a channel sampler before the conv; then install the
+        # refit weights in folded form: this layer's BN becomes the identity plus the refit
+        # bias (so a conv without bias, as in ResNets, keeps its architecture).
         kept = torch.from_numpy(result.kept)
-        if keep < c:
+        if keep < c and consumer.producer is None:
+            conv = insert_channel_sampler(self.pruned, consumer.name, kept)
+        elif keep < c:
             prune_conv_out_channels(self.pruned.get_submodule(consumer.producer), kept)
             if consumer.producer_bn:
                 prune_batchnorm(self.pruned.get_submodule(consumer.producer_bn), kept)
@@ -941,7 +1028,10 @@ class _Sweep:
 
         For the last conv of a branch with ``residual_correction``, the target is
         ``Y2 + Y1 - Y1'`` (original branch output plus original shortcut minus the pruned
-        network's shortcut), so the block's sum tracks the original one.
+        network's shortcut), so the block's sum tracks the original one. A stream consumer
+        (conv1 with a channel sampler) reads the pruned network's block input (what its
+        sampler, if it has one already, selects from it); its target is the original
+        ``bn1`` output, uncorrected.
         """
         blocks: dict[str, list[_Consumer]] = {}
         for consumer in plan:
@@ -978,10 +1068,14 @@ class _Sweep:
                         out = ref_block(_nhwc(x_ref))
                     if outputs is not None:
                         outputs.append(out.to(self.store))
+                    y = rec_ref["y"]
+                    if consumer.role == "stream":  # conv1 reads the block input itself
+                        x = conv.sample(x_pruned) if isinstance(conv, SampledConv2d) else x_pruned
+                        self.accumulate(consumer, stats, scores, x, y, lo)
+                        continue
                     pr_out = {"s": shortcut} if correct and shortcut is not None else {}
                     with record_activations(inputs={"x": conv}, outputs=pr_out) as rec:
                         block(_nhwc(x_pruned))
-                    y = rec_ref["y"]
                     if correct:
                         y1 = rec_ref["s"] if ref_shortcut is not None else x_ref
                         y1_pruned = rec["s"] if shortcut is not None else x_pruned
@@ -1024,7 +1118,8 @@ class _Scores:
 
     def scores(self, bn_scale: Optional[np.ndarray]) -> np.ndarray:
         """The channels' scores (higher is kept); ``bn_scale`` is ``|gamma|`` of the
-        producer's BatchNorm, used by ``bn_scale``."""
+        producer's BatchNorm, used by ``bn_scale`` (never with a stream consumer, which
+        has no producer: prune_model refuses that combination)."""
         if self.method == "apoz":
             return -(self.zeros.numpy() / max(self.count, 1))
         if self.method == "entropy":

@@ -27,7 +27,9 @@ class LayerReport:
     """One pruned (or refit) layer.
 
     ``name`` is the consuming conv whose input channels were selected; ``producer`` the
-    conv whose filters were removed. Errors are ``||Y - Y'||^2 / ||Y||^2`` of the layer's
+    conv whose filters were removed, or None (``null`` in JSON) for the first conv of a
+    ResNet branch pruned through a channel sampler, which reads the residual stream: no
+    conv loses filters there. Errors are ``||Y - Y'||^2 / ||Y||^2`` of the layer's
     pre-activation output against the original network, on the calibration samples
     (``rel_error``) and on held-out calibration images (``rel_error_heldout``).
     """

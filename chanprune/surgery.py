@@ -2,7 +2,10 @@
 
 Plain functions in the style of Torch-Pruning's ``prune_conv_out_channels`` and friends,
 each named for what it does, plus two helpers named for the pattern they handle
-(``conv -> [bn] -> conv`` and ``conv -> [bn] -> flatten -> linear``).
+(``conv -> [bn] -> conv`` and ``conv -> [bn] -> flatten -> linear``), and the channel
+sampler of He et al. (2017, Sec. 4.2): :class:`SampledConv2d`, a conv that reads only some
+channels of an input that other layers need whole (the residual stream of a ResNet), put in
+place by :func:`insert_channel_sampler`.
 
 Conventions
 -----------
@@ -19,6 +22,9 @@ Conventions
   modules untouched (the pattern helpers validate all their modules first).
 - Only ordinary convolutions (``groups=1``) are supported; grouped and depthwise
   convolutions raise :class:`~chanprune.exceptions.UnsupportedLayerError`.
+- A :class:`SampledConv2d` is an ``nn.Conv2d`` whose ``in_channels`` are the sampled ones:
+  pruning its input channels prunes its sampler too (the indices compose), and its weight
+  can be replaced (:func:`set_conv_params`) but not widened or narrowed that way.
 
 Example
 -------
@@ -47,6 +53,8 @@ from chanprune._validation import check_finite, check_int_in_range
 from chanprune.exceptions import UnsupportedLayerError
 
 __all__ = [
+    "SampledConv2d",
+    "insert_channel_sampler",
     "fold_batchnorm",
     "set_conv_params",
     "prune_conv_in_channels",
@@ -212,8 +220,9 @@ def fold_batchnorm(
     Returns
     -------
     folded : nn.Conv2d or nn.Linear
-        A new module of the same type and hyper-parameters with ``bias=True``, on the same
-        device and dtype, in ``conv``'s train/eval mode. Inputs are not modified.
+        A new module of the same type (a :class:`SampledConv2d` stays one, with the same
+        ``in_index``) and hyper-parameters with ``bias=True``, on the same device and dtype,
+        in ``conv``'s train/eval mode. Inputs are not modified.
 
     Raises
     ------
@@ -280,8 +289,22 @@ def fold_batchnorm(
     new_w = w64 * scale.reshape((-1,) + (1,) * (w64.dim() - 1))
     new_b = (b64 - mean) * scale + beta
 
-    if isinstance(conv, nn.Conv2d):
-        folded: nn.Module = nn.Conv2d(
+    if isinstance(conv, SampledConv2d):  # keeps reading the same channels of its input
+        folded: nn.Module = SampledConv2d(
+            conv.stream_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            in_index=conv.in_index,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=True,
+            padding_mode=conv.padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+    elif isinstance(conv, nn.Conv2d):
+        folded = nn.Conv2d(
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
@@ -350,6 +373,12 @@ def set_conv_params(
             f"weight must have shape (out_channels, in_channels, {conv.kernel_size[0]}, "
             f"{conv.kernel_size[1]}) with non-zero channel counts; got {shape}."
         )
+    if isinstance(conv, SampledConv2d) and shape[1] != conv.in_channels:
+        raise ValueError(
+            f"conv is a SampledConv2d reading {conv.in_channels} channels; a new weight must "
+            f"have {conv.in_channels} input channels, got {shape[1]} (use "
+            "prune_conv_in_channels or insert_channel_sampler to read fewer)."
+        )
     new_w = _as_tensor_like(weight, "weight", conv.weight, shape)
     new_b = None
     if bias is not None:
@@ -369,6 +398,8 @@ def _prune_conv_in_unchecked(
     new_w = _index(conv.weight, 1, kept) if weight is None else weight
     _replace_param(conv, "weight", new_w)
     conv.in_channels = int(new_w.shape[1])
+    if isinstance(conv, SampledConv2d):  # the sampler reads fewer channels of its input
+        conv.in_index = conv.in_index.index_select(0, kept.to(conv.in_index.device))
 
 
 def _check_conv_weight(weight: Any, name: str, conv: nn.Conv2d, n_in: int) -> torch.Tensor:
@@ -394,7 +425,9 @@ def prune_conv_in_channels(
     Returns
     -------
     conv : nn.Conv2d
-        The same module, now with ``in_channels == c'``.
+        The same module, now with ``in_channels == c'``. A :class:`SampledConv2d` reads
+        fewer channels of its (unchanged) input: its ``in_index`` becomes
+        ``in_index[kept]``.
     """
     _check_conv(conv, "conv")
     kept_t = _check_kept(kept, "kept", conv.in_channels)
@@ -562,6 +595,207 @@ def prune_linear_out_features(linear: nn.Linear, kept: IndexLike) -> nn.Linear:
         _replace_param(linear, "bias", _index(linear.bias, 0, kept_t))
     linear.out_features = int(kept_t.numel())
     return linear
+
+
+# --------------------------------------------------------------------------------------
+# channel sampler
+# --------------------------------------------------------------------------------------
+def _check_in_index_state(value: Any, key: str, n: int, k: int) -> None:
+    """Validate an ``in_index`` read from a state_dict: it must already be exactly what
+    the module keeps (k sorted distinct indices in ``[0, n)``), since the weight's input
+    channels follow its order."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{key} must be a tensor; got {type(value).__name__}.")
+    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+        raise TypeError(f"{key} must hold integer channel indices; got dtype {value.dtype}.")
+    if value.dim() != 1 or value.numel() != k:
+        raise ValueError(
+            f"{key} must have shape ({k},) (the conv's in_channels); got {tuple(value.shape)}."
+        )
+    idx = value.detach().to("cpu", torch.int64)
+    bad = idx[(idx < 0) | (idx >= n)]
+    if bad.numel():
+        raise ValueError(
+            f"{key} must hold indices in [0, {n - 1}] (the input has {n} channels); "
+            f"got {int(bad[0])}."
+        )
+    if k > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        raise ValueError(
+            f"{key} must be strictly increasing (sorted, distinct); got {idx.tolist()}."
+        )
+
+
+class SampledConv2d(nn.Conv2d):
+    """A conv that reads only some channels of its input: ``conv(x[:, in_index])``.
+
+    The channel sampler of He et al. (2017, Sec. 4.2). The first conv of a residual branch
+    reads the residual stream, which the shortcut carries on whole, so the stream cannot
+    lose channels; the sampler lets that conv alone read fewer of them. To everything that
+    inspects convs (MAC counting, the planners, the surgery functions) it is an ordinary
+    ``nn.Conv2d`` with ``in_channels = len(in_index)``; only its forward selects first.
+
+    Parameters
+    ----------
+    stream_channels : int
+        Channels ``C`` of the input ``x`` (the stream), >= 1.
+    out_channels : int
+    kernel_size : int or (int, int)
+    in_index : sequence, ndarray or Tensor of int, shape (k,)
+        Distinct indices in ``[0, C)`` of the channels read (sorted if not already);
+        ``in_channels`` becomes ``k``. Keyword-only.
+    stride, padding, dilation, bias, padding_mode, device, dtype
+        As in ``nn.Conv2d`` (``groups`` is always 1).
+
+    Attributes
+    ----------
+    in_index : Tensor of int64, shape (k,)
+        Persistent buffer: in the state_dict as ``<name>.in_index`` (next to the usual
+        ``weight`` and ``bias``), moved by ``.to(device)``. A state_dict loaded into the
+        module must hold k sorted, distinct indices in ``[0, C)``.
+    stream_channels : int
+
+    Examples
+    --------
+    >>> conv = SampledConv2d(8, 4, 3, in_index=[1, 5, 6], padding=1)
+    >>> conv
+    SampledConv2d(3, 4, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), sampled=3 of 8)
+    >>> conv(torch.zeros(2, 8, 5, 5)).shape
+    torch.Size([2, 4, 5, 5])
+    """
+
+    def __init__(
+        self,
+        stream_channels: int,
+        out_channels: int,
+        kernel_size: Union[int, tuple[int, int]],
+        *,
+        in_index: IndexLike,
+        stride: Union[int, tuple[int, int]] = 1,
+        padding: Union[int, tuple[int, int], str] = 0,
+        dilation: Union[int, tuple[int, int]] = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        stream_channels = check_int_in_range(stream_channels, "stream_channels", 1)
+        index = _check_kept(in_index, "in_index", stream_channels)
+        super().__init__(
+            len(index), out_channels, kernel_size, stride=stride, padding=padding,
+            dilation=dilation, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,
+        )  # fmt: skip
+        self.stream_channels = stream_channels
+        self.register_buffer("in_index", index.to(device=self.weight.device))
+
+    def sample(self, x: torch.Tensor) -> torch.Tensor:
+        """The channels the conv reads: (B, C, H, W) -> (B, k, H, W)."""
+        if x.dim() != 4 or x.shape[1] != self.stream_channels:
+            raise ValueError(
+                f"SampledConv2d expects inputs of shape (B, {self.stream_channels}, H, W); "
+                f"got {tuple(x.shape)}."
+            )
+        return x.index_select(1, self.in_index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, out_channels, H', W')."""
+        return super().forward(self.sample(x))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sampled={self.in_channels} of {self.stream_channels}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "in_index"
+        if key in state_dict:  # a missing key is reported by load_state_dict itself
+            _check_in_index_state(state_dict[key], key, self.stream_channels, self.in_channels)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _resolve_child(module: Any, name: Any) -> tuple[nn.Module, str, nn.Module]:
+    """``(parent, attribute, child)`` for the dotted path ``name`` under ``module``."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module; got {type(module).__name__}.")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str (a named_modules() path); got {name!r}.")
+    parent_path, _, attr = name.rpartition(".")
+    try:
+        parent = module.get_submodule(parent_path) if parent_path else module
+        child = parent.get_submodule(attr)
+    except AttributeError as exc:
+        raise ValueError(f"{type(module).__name__} has no submodule {name!r}.") from exc
+    return parent, attr, child
+
+
+def insert_channel_sampler(
+    module: nn.Module, name: str, kept: IndexLike, weight: Optional[ArrayLike] = None
+) -> SampledConv2d:
+    """Make the conv at ``module.<name>`` read only its input channels ``kept``, in place.
+
+    Unlike :func:`prune_conv_in_channels`, the conv's input itself stays whole (nothing
+    upstream is cut): a plain ``nn.Conv2d`` is replaced by a :class:`SampledConv2d` that
+    selects ``kept`` from its input, with the same hyper-parameters, dtype, device,
+    ``requires_grad`` and train/eval mode, its bias, and ``weight[:, kept]``. A conv that is
+    already a :class:`SampledConv2d` keeps its class: ``kept`` indexes its current (sampled)
+    inputs, so its ``in_index`` becomes ``in_index[kept]``.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The model or block that holds the conv.
+    name : str
+        ``named_modules()`` path of the conv under ``module``, e.g. ``"conv1"`` of a block or
+        ``"layer1.0.conv1"`` of a ResNet.
+    kept : sequence, ndarray or Tensor of int, shape (c',)
+        Distinct indices in ``[0, c)`` of the input channels to read, ``c`` the conv's
+        ``in_channels``.
+    weight : ndarray or Tensor of shape (n, c', kh, kw), optional
+        A weight to install instead of ``weight[:, kept]`` (e.g. a least-squares refit).
+
+    Returns
+    -------
+    conv : SampledConv2d
+        The conv now at ``module.<name>``. Hooks registered on a replaced conv are not
+        carried over, and an optimizer must be built afterwards (new Parameters).
+
+    Raises
+    ------
+    TypeError, ValueError
+        ``module`` is not a module, ``name`` names no submodule, bad ``kept`` or ``weight``.
+    UnsupportedLayerError
+        The submodule is not a plain ``nn.Conv2d`` with ``groups=1``.
+
+    Examples
+    --------
+    >>> block = nn.Sequential(nn.Conv2d(8, 4, 1))
+    >>> insert_channel_sampler(block, "0", [0, 3, 5])
+    SampledConv2d(3, 4, kernel_size=(1, 1), stride=(1, 1), sampled=3 of 8)
+    >>> block(torch.zeros(1, 8, 2, 2)).shape
+    torch.Size([1, 4, 2, 2])
+    """
+    parent, attr, conv = _resolve_child(module, name)
+    _check_conv(conv, name)
+    kept_t = _check_kept(kept, "kept", conv.in_channels)
+    new_w = None if weight is None else _check_conv_weight(weight, "weight", conv, len(kept_t))
+    if isinstance(conv, SampledConv2d):
+        _prune_conv_in_unchecked(conv, kept_t, new_w)
+        return conv
+    # Built on the meta device: its parameters are replaced below, so nothing is allocated
+    # or initialised for nothing.
+    sampled = SampledConv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, in_index=kept_t,
+        stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+        bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta",
+        dtype=conv.weight.dtype,
+    )  # fmt: skip
+    w = _index(conv.weight, 1, kept_t) if new_w is None else new_w
+    sampled.weight = nn.Parameter(w.contiguous(), requires_grad=conv.weight.requires_grad)
+    if conv.bias is not None:
+        b = conv.bias.detach().clone()
+        sampled.bias = nn.Parameter(b, requires_grad=conv.bias.requires_grad)
+    sampled.in_index = kept_t.to(conv.weight.device)
+    sampled.train(conv.training)
+    setattr(parent, attr, sampled)
+    logger.debug("%s reads %d of its %d input channels", name, len(kept_t), conv.in_channels)
+    return sampled
 
 
 # --------------------------------------------------------------------------------------

@@ -258,17 +258,22 @@ def test_peers_reestimate_bn_matches_direct_batch_statistics(peers):
 
 
 @pytest.mark.parametrize(
-    ("network", "speedup"),
-    [("vgg", 2.0), ("vgg", 4.0), pytest.param("resnet56", 1.5, marks=pytest.mark.slow)],
+    ("network", "speedup", "sampler"),
+    [
+        ("vgg", 2.0, False),
+        ("vgg", 4.0, False),
+        pytest.param("resnet56", 1.5, False, marks=pytest.mark.slow),
+        pytest.param("resnet56", 1.5, True, marks=pytest.mark.slow),
+    ],
 )
-def test_peers_chanprune_architecture_has_the_recorded_macs(peers, network, speedup):
+def test_peers_chanprune_architecture_has_the_recorded_macs(peers, network, speedup, sampler):
     """Rebuilding from a report's widths gives the MACs chanprune planned for them."""
     from chanprune.flops import count_macs
     from chanprune.models import get_model
     from chanprune.prune import plan_widths
 
     reference = get_model(peers.NETWORKS[network].model)
-    widths, achieved = plan_widths(reference, (3, 32, 32), speedup=speedup)
+    widths, achieved = plan_widths(reference, (3, 32, 32), speedup=speedup, channel_sampler=sampler)
     macs0 = count_macs(reference, (3, 32, 32))
     rebuilt = peers.chanprune_architecture(network, widths)
     assert macs0 / count_macs(rebuilt, (3, 32, 32)) == pytest.approx(achieved)

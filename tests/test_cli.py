@@ -17,8 +17,9 @@ from threadpoolctl import threadpool_limits
 import chanprune.cli as cli
 import chanprune.io as cio
 from chanprune.flops import count_macs
-from chanprune.models import list_models, vgg_digits
+from chanprune.models import CifarResNet, list_models, vgg_digits
 from chanprune.prune import MODEL_METHODS
+from chanprune.surgery import SampledConv2d
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -27,7 +28,8 @@ OPTIONS = {
     None: ["--help", "--version"],
     "prune": [
         "--help", "--model", "--weights", "--preset", "--calib", "--speedup", "--widths",
-        "--method", "--schedule", "--n-images", "--positions", "--holdout", "--ridge",
+        "--method", "--schedule", "--channel-sampler", "--n-images", "--positions", "--holdout",
+        "--ridge",
         "--batch-size", "--device", "--seed", "--out", "--report", "--quiet", "--verbose",
     ],
     "eval": [
@@ -239,6 +241,8 @@ def _bad_prune_cases():
             "prune", "--model", "resnet20_cifar10", "--calib", t / "calib", "--preset", "digits",
             "--speedup", 1.5, "--out", d / "out.pt",
         ], "does not accept inputs of shape (1, 8, 8)"),
+        ("sampler-on-vgg", lambda t, d: _prune_argv(t, d, "--speedup", 1.5, "--channel-sampler"),
+         "channel_sampler=True applies to ResNets"),
         ("speedup-and-widths", lambda t, d: _prune_argv(
             t, d, "--speedup", 1.5, "--widths", t / "saved.pt"), "exclusive"),
         ("widths-not-json", lambda t, d: _prune_argv(t, d, "--widths", t / "saved.pt"), "JSON"),
@@ -269,6 +273,30 @@ def test_prune_bad_input_exits_2_and_writes_nothing(tiny, tmp_path, capsys, buil
     assert "Traceback" not in err
     assert not (tmp_path / "out.pt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nor any temporary file
+
+
+def test_prune_resnet_with_channel_sampler(tmp_path, capsys):
+    torch.manual_seed(0)
+    cio.save(CifarResNet(8), tmp_path / "resnet8.pt")
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "rgb" / label).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels, mode="RGB").save(tmp_path / "rgb" / label / f"{i}.png")
+    argv = [
+        "prune", "--model", tmp_path / "resnet8.pt", "--calib", tmp_path / "rgb", "--speedup",
+        1.3, "--channel-sampler", "--out", tmp_path / "out.pt", "--report", tmp_path / "r.json",
+    ]  # fmt: skip
+    code, out, err = run([*argv, "--quiet"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["options"]["channel_sampler"] is True
+    stream = [r for r in report["layers"] if r["name"].endswith(".conv1")]
+    assert stream and all(r["producer"] is None for r in stream)  # null in the JSON
+    model = cio.load(tmp_path / "out.pt")
+    assert any(isinstance(b.conv1, SampledConv2d) for _, b in model.blocks())
+    assert count_macs(model, (3, 12, 12)) == report["macs_after"]
 
 
 def test_unknown_model_lists_every_valid_name(tiny, tmp_path, capsys):
@@ -387,6 +415,12 @@ def test_info_reports_widths_macs_and_params(tiny, capsys):
     assert code == 0 and "input 1x8x8" in out  # size from the inferred digits preset
     code, _, err = run(["info", "--model", "vgg_digits", "--input-size", 0], capsys)
     assert code == 2 and "--input-size" in err
+    assert "sampler" not in out  # a VGG has no residual stream
+
+    code, out, _ = run(["info", "--model", "resnet20_cifar10"], capsys)
+    rows = {line.split()[0]: line.split()[-1] for line in out.splitlines() if "layer" in line}
+    assert rows["layer1.0.conv1"] == "sampler" and rows["layer1.0.conv2"] == "yes"
+    assert "prunable with --channel-sampler" in out
 
 
 # ---------------------------------------------------------------------------- demo

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from _planted import randomize_batchnorm
+from threadpoolctl import threadpool_limits
 from torch import nn
 
-from chanprune import UnsupportedLayerError, prunable_layers, prune_model
+import chanprune
+from chanprune import UnsupportedLayerError, plan_widths, prunable_layers, prune_model
 from chanprune.flops import count_macs
-from chanprune.models import CifarResNet, build_model, resnet18, resnet50
+from chanprune.models import VGG, CifarResNet, ResNet, build_model, resnet18, resnet50
+from chanprune.surgery import SampledConv2d
 
 QUIET = dict(progress=False)
 
@@ -19,6 +23,16 @@ QUIET = dict(progress=False)
 def _cifar_resnet(depth: int = 14, seed: int = 0) -> CifarResNet:
     torch.manual_seed(seed)
     return randomize_batchnorm(CifarResNet(depth=depth, num_classes=10))
+
+
+@pytest.fixture
+def one_thread():
+    """Small convolutions on a shared 2-core machine: a second thread only oversubscribes."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(previous)
 
 
 def _images(n: int = 40, size: int = 16, seed: int = 1) -> torch.Tensor:
@@ -150,11 +164,19 @@ def test_unknown_branch_pattern_is_refused_with_the_block_name():
         prune_model(model, _images(), speedup=1.5, **QUIET)
 
 
+@pytest.mark.parametrize("sampler", [False, True], ids=["branch", "branch+sampler"])
 @pytest.mark.parametrize("bottleneck", [False, True])
-def test_masked_and_physically_pruned_resnet_agree(bottleneck):
+def test_masked_and_physically_pruned_resnet_agree(bottleneck, sampler):
     """Zeroing branch channels (bn gamma = beta = 0, so the ReLU outputs 0) gives the same
-    network output as removing them with the surgery functions."""
-    from chanprune.surgery import prune_batchnorm, prune_conv_in_channels, prune_conv_out_channels
+    network output as removing them with the surgery functions; with ``sampler``, zeroing
+    conv1's weights on some stream channels gives the same output as a channel sampler
+    that does not read them."""
+    from chanprune.surgery import (
+        insert_channel_sampler,
+        prune_batchnorm,
+        prune_conv_in_channels,
+        prune_conv_out_channels,
+    )
 
     torch.manual_seed(0)
     if bottleneck:
@@ -169,6 +191,11 @@ def test_masked_and_physically_pruned_resnet_agree(bottleneck):
         for (_, block), (_, block_cut) in zip(masked.named_modules(), cut.named_modules()):
             if not hasattr(block, "conv2") or isinstance(block, nn.Conv2d):
                 continue
+            if sampler:
+                c = block.conv1.in_channels
+                block.conv1.weight[:, torch.arange(0, c, 3)] = 0.0
+                kept = torch.tensor([i for i in range(c) if i % 3])
+                insert_channel_sampler(block_cut, "conv1", kept)
             for producer, bn, consumer in pairs:
                 n = getattr(block, producer).out_channels
                 kept = torch.arange(0, n, 2)  # keep every other channel
@@ -180,3 +207,217 @@ def test_masked_and_physically_pruned_resnet_agree(bottleneck):
                 prune_conv_in_channels(getattr(block_cut, consumer), kept)
         torch.testing.assert_close(cut(x), masked(x), rtol=1e-4, atol=1e-4)
     assert sum(p.numel() for p in cut.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------- channel sampler
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("schedule", ["uniform", "paper"])
+def test_channel_sampler_prunes_the_stream_input_of_conv1(schedule, tmp_path):
+    model = _cifar_resnet()
+    layers = prunable_layers(model, channel_sampler=True)
+    assert list(layers)[:3] == ["layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1"]
+    assert len(layers) == 12 and layers["layer2.0.conv1"] == 16  # the stream's width
+    pruned, report = prune_model(
+        model, _images(), speedup=1.5, schedule=schedule, channel_sampler=True, **QUIET
+    )
+    assert abs(report.speedup / 1.5 - 1) <= 0.02
+    assert report.macs_after == count_macs(pruned, (3, 16, 16))
+    assert report.params_after < report.params_before and report.options["channel_sampler"]
+    stream_rows = [r for r in report.layers if r.name.endswith("conv1")]
+    assert stream_rows and all(r.producer is None for r in stream_rows)
+    assert json.loads(report.to_json())["layers"][0]["producer"] is None
+    sampled = 0
+    for (path, block), (_, orig) in zip(pruned.blocks(), model.blocks()):
+        # The stream and the shortcut keep every channel; conv1 alone reads fewer.
+        assert block.conv2.out_channels == orig.conv2.out_channels
+        assert block.conv1.out_channels == block.conv2.in_channels
+        if isinstance(block.conv1, SampledConv2d):
+            sampled += 1
+            assert block.conv1.stream_channels == orig.conv1.in_channels
+            assert block.conv1.in_channels == report.options["widths"][f"{path}.conv1"]
+            assert block.conv1.in_channels < orig.conv1.in_channels
+    assert sampled >= 2
+    chanprune.save(pruned, tmp_path / "sampled.pt")
+    loaded = chanprune.load(tmp_path / "sampled.pt")
+    assert loaded.arch_config() == pruned.arch_config()
+    x = _images(3, seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_channel_sampler_on_a_sampled_model_composes_the_indices():
+    """Pruning an already sampled model again: each sampler reads a subset of what it
+    read before, and the model stays consistent (MACs, rebuild from its config)."""
+    images = _images(24)
+    first, _ = prune_model(_cifar_resnet(), images, speedup=1.3, channel_sampler=True, **QUIET)
+    second, report = prune_model(first, images, speedup=1.3, channel_sampler=True, **QUIET)
+    assert abs(report.speedup / 1.3 - 1) <= 0.02
+    for (_, a), (_, b) in zip(first.blocks(), second.blocks()):
+        if isinstance(b.conv1, SampledConv2d) and isinstance(a.conv1, SampledConv2d):
+            assert set(b.conv1.in_index.tolist()) <= set(a.conv1.in_index.tolist())
+            assert b.conv1.in_channels <= a.conv1.in_channels
+    rebuilt = build_model(second.arch_config())
+    rebuilt.load_state_dict(second.state_dict())
+    x = _images(3, seed=5)
+    torch.testing.assert_close(rebuilt.eval()(x), second(x))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_channel_sampler_in_bottlenecks_saves_and_loads(tmp_path):
+    """torchvision Bottlenecks (1x1 conv1, downsample shortcut): an explicit schedule over a
+    few layers keeps the run cheap; only the named layers are touched."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ResNet("bottleneck", [1, 1, 1, 1], num_classes=10))
+    schedule = {"layer1.0.conv1": 24, "layer1.0.conv3": 0.5, "layer2.0.conv1": 0.25}
+    pruned, report = prune_model(
+        model, _images(8, size=32), schedule=schedule, channel_sampler=True,
+        correct_unpruned=False, positions_per_image=8, **QUIET,
+    )  # fmt: skip
+    assert [r.name for r in report.layers] == list(schedule)
+    assert [r.producer for r in report.layers] == [None, "layer1.0.conv2", None]
+    assert pruned.layer1[0].conv1.in_index.shape == (24,)
+    conv1 = pruned.layer2[0].conv1
+    assert (conv1.in_channels, conv1.stream_channels) == (64, 256)
+    assert pruned.layer2[0].downsample[0].in_channels == 256  # the shortcut reads it all
+    assert pruned.arch_config()["sampled_inputs"] == [24, 64, None, None]
+    assert report.macs_after == count_macs(pruned, (3, 32, 32)) < report.macs_before
+    chanprune.save(pruned, tmp_path / "bottleneck.pt")
+    loaded = chanprune.load(tmp_path / "bottleneck.pt")
+    x = _images(2, size=32, seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+
+
+@pytest.mark.gpu  # skipped by conftest.py when no CUDA device is present
+def test_channel_sampler_on_cuda():
+    model = _cifar_resnet()
+    pruned, _ = prune_model(
+        model, _images(), speedup=1.5, channel_sampler=True, device="cuda", **QUIET
+    )
+    conv1 = pruned.layer1[0].conv1
+    assert isinstance(conv1, SampledConv2d) and conv1.in_index.device.type == "cuda"
+    x = _images(3, seed=5)
+    with torch.no_grad():
+        on_cpu = copy.deepcopy(pruned).cpu()(x)
+        torch.testing.assert_close(pruned(x.cuda()).cpu(), on_cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_paper_schedule_gives_the_stream_input_its_share():
+    # Bottleneck: 2a : 2b : 2c inputs keep 2 : 4 : 3 (layer1.1: not sensitive, unsaturated).
+    with torch.device("meta"):
+        model = resnet50()
+    widths, achieved = plan_widths(
+        model, (3, 224, 224), speedup=2.0, schedule="paper", channel_sampler=True
+    )
+    assert abs(achieved / 2.0 - 1) <= 0.02
+    sizes = {"conv1": 256, "conv2": 64, "conv3": 64}  # the stream, then the branch
+    ratio = {attr: widths[f"layer1.1.{attr}"] / size for attr, size in sizes.items()}
+    assert ratio["conv1"] / ratio["conv3"] == pytest.approx(2 / 3, rel=0.05)
+    assert ratio["conv2"] / ratio["conv3"] == pytest.approx(4 / 3, rel=0.05)
+    # BasicBlock: conv1's stream input keeps the block's base ratio, like conv2's input.
+    widths, _ = plan_widths(
+        _cifar_resnet(20), (3, 32, 32), speedup=1.5, schedule="paper", channel_sampler=True
+    )
+    assert widths["layer1.1.conv1"] == widths["layer1.1.conv2"]  # 16 channels each
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("method", ["lasso", "greedy_ls"])
+def test_channel_sampler_keeps_the_informative_stream_channels(method):
+    """Planted: conv1 of layer2.1 ignores half of its 32 stream channels (zero weights
+    there). Sampling exactly the informative 16 must keep those, and with an exact refit
+    (ridge 0, every position, float64 statistics) the block reproduces its original output
+    to 1e-4 relative (float32 forward passes)."""
+    model = _cifar_resnet(seed=2)
+    block = model.layer2[1]
+    order = torch.randperm(32, generator=torch.Generator().manual_seed(4))
+    informative, ignored = order[:16].sort().values, order[16:]
+    with torch.no_grad():
+        block.conv1.weight[:, ignored] = 0.0
+    images = _images(30)
+    pruned, report = prune_model(
+        model, images, schedule={"layer2.1.conv1": 16}, method=method, channel_sampler=True,
+        positions_per_image=None, holdout=0.0, ridge=0.0, stats_dtype=torch.float64,
+        correct_unpruned=False, **QUIET,
+    )  # fmt: skip
+    conv1 = pruned.layer2[1].conv1
+    assert isinstance(conv1, SampledConv2d)
+    assert conv1.in_index.tolist() == informative.tolist()
+    assert [r.name for r in report.layers] == ["layer2.1.conv1"]
+    assert report.layers[0].rel_error < 1e-10
+
+    def block_output(net):
+        rec = {}
+        handle = net.layer2[1].register_forward_hook(lambda m, a, o: rec.__setitem__("y", o))
+        try:
+            net(images)
+        finally:
+            handle.remove()
+        return rec["y"]
+
+    with torch.no_grad():
+        ref, out = block_output(model), block_output(pruned)
+    assert float((out - ref).norm() / ref.norm()) < 1e-4
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("method", ["apoz", "entropy"])
+def test_channel_sampler_with_activation_criteria(method):
+    pruned, report = prune_model(
+        _cifar_resnet(), _images(), speedup=1.4, method=method, channel_sampler=True, **QUIET
+    )
+    assert abs(report.speedup / 1.4 - 1) <= 0.02
+    assert any(isinstance(b.conv1, SampledConv2d) for _, b in pruned.blocks())
+    assert all(r.rel_error <= r.rel_error_before_refit + 1e-9 for r in report.layers)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_channel_sampler_refusals_name_the_problem():
+    model = _cifar_resnet()
+    with pytest.raises(ValueError, match=r"names \['layer1.0.conv1'\].*channel_sampler=True"):
+        prune_model(model, _images(), schedule={"layer1.0.conv1": 8}, **QUIET)
+    with pytest.raises(ValueError, match=r"bn_scale.*no such BatchNorm"):
+        prune_model(model, _images(), speedup=1.5, method="bn_scale", channel_sampler=True, **QUIET)
+    vgg = VGG([8, "M", 16], batch_norm=True, num_classes=3, pool_size=1, hidden_features=8)
+    with pytest.raises(ValueError, match="channel_sampler=True applies to ResNets"):
+        prune_model(vgg, torch.randn(4, 3, 8, 8), speedup=1.2, channel_sampler=True, **QUIET)
+    with pytest.raises(ValueError, match="channel_sampler=True applies to ResNets"):
+        prunable_layers(vgg, channel_sampler=True)
+    with pytest.raises(TypeError, match="channel_sampler must be a bool"):
+        prunable_layers(model, channel_sampler="yes")
+    # An explicit schedule may name conv1 with the option on; only that layer is sampled.
+    pruned, _ = prune_model(
+        model, _images(), schedule={"layer1.0.conv1": 8}, channel_sampler=True,
+        correct_unpruned=False, **QUIET,
+    )  # fmt: skip
+    assert pruned.layer1[0].conv1.in_channels == 8
+    assert not isinstance(pruned.layer1[1].conv1, SampledConv2d)
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_channel_sampler_on_the_shared_resnet20(shared_dir, tmp_path, one_thread):
+    """Real weights and images, kept cheap (300 calibration, 1000 test images): ResNet-20
+    at 1.5x, paper schedule, with channel samplers, loses 5.2 points there without
+    fine-tuning (0.795 -> 0.743 when written); allow 8. The saved file gives the same
+    logits."""
+    from chanprune.data import ImageFolder, calibration_subset, evaluate_accuracy
+    from chanprune.models import get_model
+
+    model = get_model("resnet20_cifar10", weights=shared_dir / "models" / "resnet20-12fca82f.th")
+    data = shared_dir / "data" / "cifar10-jpeg"
+    calib = ImageFolder(data / "train5k", preprocess="cifar")
+    test = calibration_subset(ImageFolder(data / "test", preprocess="cifar"), 1000, seed=0)
+    pruned, report = prune_model(
+        model, calib, n_images=300, speedup=1.5, schedule="paper", channel_sampler=True, **QUIET
+    )
+    assert abs(report.speedup / 1.5 - 1) <= 0.02
+    assert any(isinstance(b.conv1, SampledConv2d) for _, b in pruned.blocks())
+    before = evaluate_accuracy(model.eval(), test, batch_size=500, progress=False)
+    after = evaluate_accuracy(pruned, test, batch_size=500, progress=False)
+    assert after >= before - 0.08
+    chanprune.save(pruned, tmp_path / "resnet20.pt")
+    x = torch.stack([test[i][0] for i in range(16)])
+    with torch.no_grad():
+        assert torch.equal(chanprune.load(tmp_path / "resnet20.pt")(x), pruned(x))

@@ -12,7 +12,9 @@ from torch import nn
 from chanprune.exceptions import UnsupportedLayerError
 from chanprune.flops import count_params
 from chanprune.surgery import (
+    SampledConv2d,
     fold_batchnorm,
+    insert_channel_sampler,
     prune_batchnorm,
     prune_conv_bn_conv,
     prune_conv_bn_flatten_linear,
@@ -402,3 +404,115 @@ def test_unsupported_layers():
         prune_conv_out_channels(wn, [0])
     with pytest.raises(ValueError, match="lazy"):
         prune_conv_out_channels(nn.LazyConv2d(4, 1), [0])
+
+
+# --------------------------------------------------------------------------------------
+# channel sampler
+# --------------------------------------------------------------------------------------
+def test_sampled_conv_is_a_conv_on_the_sliced_input():
+    torch.manual_seed(0)
+    conv = SampledConv2d(8, 5, 3, in_index=[6, 1, 3], stride=2, padding=1)
+    assert conv.in_index.tolist() == [1, 3, 6]  # sorted
+    assert (conv.in_channels, conv.stream_channels, conv.weight.shape) == (3, 8, (5, 3, 3, 3))
+    assert "sampled=3 of 8" in repr(conv)
+    plain = nn.Conv2d(3, 5, 3, stride=2, padding=1)
+    plain.load_state_dict({"weight": conv.weight, "bias": conv.bias})
+    x = torch.randn(2, 8, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), plain(x[:, [1, 3, 6]]), rtol=1e-6, atol=1e-6)
+    assert count_params(conv) == count_params(plain)  # the index is a buffer, not a parameter
+    with pytest.raises(ValueError, match=r"inputs of shape \(B, 8, H, W\); got \(2, 3, 7, 7\)"):
+        conv(x[:, :3])
+
+
+def test_sampled_conv_state_dict_round_trip_and_to():
+    torch.manual_seed(0)
+    conv = SampledConv2d(8, 4, 1, in_index=[0, 2, 7], bias=False)
+    state = conv.state_dict()
+    assert list(state) == ["weight", "in_index"] and state["in_index"].dtype == torch.int64
+    other = SampledConv2d(8, 4, 1, in_index=[0, 1, 2], bias=False)
+    other.load_state_dict(state)
+    assert other.in_index.tolist() == [0, 2, 7]
+    x = torch.randn(1, 8, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), conv(x), rtol=0, atol=0)
+    moved = copy.deepcopy(conv).to("meta")  # a buffer: moves with the module
+    assert moved.in_index.device.type == "meta" and moved.weight.device.type == "meta"
+    assert conv.to(torch.float64).in_index.dtype == torch.int64  # and keeps its dtype
+
+
+@pytest.mark.parametrize(
+    ("in_index", "exc", "match"),
+    [
+        (torch.tensor([0, 8, 9]), ValueError, r"indices in \[0, 7\].*got 8"),
+        (torch.tensor([2, 1, 3]), ValueError, "strictly increasing"),
+        (torch.tensor([1, 1, 3]), ValueError, "strictly increasing"),
+        (torch.tensor([0.0, 1.0, 2.0]), TypeError, "integer"),
+        (torch.tensor([0, 1]), ValueError, r"shape \(3,\)"),
+    ],
+)
+def test_sampled_conv_rejects_a_bad_loaded_index(in_index, exc, match):
+    conv = SampledConv2d(8, 4, 1, in_index=[0, 2, 7])
+    state = dict(conv.state_dict(), in_index=in_index)
+    before = _state(conv)
+    with pytest.raises(exc, match=f"^in_index must .*{match}"):
+        conv.load_state_dict(state)
+    _assert_state_equal(conv, before)
+
+
+@pytest.mark.parametrize(
+    ("in_index", "exc", "match"),
+    [
+        ([0, 8], ValueError, r"in_index must hold indices in \[0, 7\]"),
+        ([1, 1], ValueError, "distinct"),
+        ([], ValueError, "at least one"),
+        ([0.5], TypeError, "integer"),
+    ],
+)
+def test_sampled_conv_rejects_bad_indices(in_index, exc, match):
+    with pytest.raises(exc, match=match):
+        SampledConv2d(8, 4, 1, in_index=in_index)
+
+
+def test_insert_channel_sampler_equals_masked_input_and_composes():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(6, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+    _randomize_bn(block[1], torch.Generator().manual_seed(3))
+    block.eval()
+    block[0].weight.requires_grad_(False)
+    masked = copy.deepcopy(block)
+    with torch.no_grad():
+        masked[0].weight[:, [0, 2, 3]] = 0.0
+    conv = insert_channel_sampler(block, "0", [5, 1, 4])  # unsorted on purpose
+    assert block[0] is conv and isinstance(conv, SampledConv2d)
+    assert conv.in_index.tolist() == [1, 4, 5] and conv.bias is None
+    assert not conv.weight.requires_grad and not conv.training
+    x = torch.randn(3, 6, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), masked(x), rtol=1e-6, atol=1e-6)
+        folded = fold_batchnorm(block[0], block[1])  # a sampler stays a sampler when folded
+        torch.testing.assert_close(folded(x), block(x), rtol=1e-5, atol=1e-5)
+    # Pruning the inputs of a sampled conv again: the kept indices index its sampled inputs.
+    assert insert_channel_sampler(block, "0", [0, 2]) is conv
+    assert conv.in_index.tolist() == [1, 5] and conv.weight.shape == (4, 2, 3, 3)
+    prune_conv_in_channels(conv, [1])
+    assert conv.in_index.tolist() == [5] and conv.in_channels == 1
+
+
+def test_insert_channel_sampler_installs_a_weight_and_validates_first():
+    net = nn.Sequential(nn.Sequential(nn.Conv2d(6, 4, 1)))
+    weight = torch.full((4, 2, 1, 1), 0.5)
+    conv = insert_channel_sampler(net, "0.0", [1, 2], weight=weight)
+    assert torch.equal(conv.weight, weight) and conv.bias is not None
+    before = _state(net)
+    with pytest.raises(ValueError, match=r"weight must have shape \(4, 1, 1, 1\)"):
+        insert_channel_sampler(net, "0.0", [0], weight=weight)
+    with pytest.raises(ValueError, match="kept must hold indices"):
+        insert_channel_sampler(net, "0.0", [2])
+    with pytest.raises(ValueError, match=r"no submodule '0.1'"):
+        insert_channel_sampler(net, "0.1", [0])
+    with pytest.raises(UnsupportedLayerError, match="groups=1"):
+        insert_channel_sampler(nn.Sequential(nn.Conv2d(4, 4, 1, groups=2)), "0", [0])
+    with pytest.raises(ValueError, match="SampledConv2d reading 2 channels"):
+        set_conv_params(conv, torch.ones(4, 1, 1, 1))
+    _assert_state_equal(net, before)

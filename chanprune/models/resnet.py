@@ -11,6 +11,11 @@ block's branch, given per block by ``block_widths`` (blocks in ``named_modules()
   output (``conv2``'s input).
 - :class:`Bottleneck`: ``(w1, w2)``, the widths of ``conv1``'s and ``conv2``'s outputs.
 
+A block pruned with a channel sampler (``prune_model(..., channel_sampler=True)``) has a
+:class:`~chanprune.surgery.SampledConv2d` as ``conv1``, which reads only some channels of the
+stream; ``sampled_inputs`` gives, per block, how many (None: all, a plain conv). Which
+channels it reads is data, in the state_dict as ``<block>.conv1.in_index``.
+
 Hook-friendly by construction: every ReLU is a separate, not-in-place module called once per
 forward, and the residual sum is ``out = out + identity`` (no in-place op on a tensor that a
 hook may hold). Parameter-free modules do not appear in the state_dict, so this does not
@@ -22,13 +27,14 @@ from __future__ import annotations
 import logging
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check_choice, check_int_in_range
+from ..surgery import SampledConv2d
 from ._checkpoint import load_weights
 from ._config import _check_config_keys
 
@@ -52,6 +58,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BlockWidths = Sequence[Union[int, Sequence[int]]]
+SampledInputs = Sequence[Optional[int]]
 
 
 def _check_widths(value: Any, name: str, n: int, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -67,6 +74,47 @@ def _check_widths(value: Any, name: str, n: int, default: tuple[int, ...]) -> tu
             f"The {name!r} parameter must hold {n} width(s); got {len(value)}: {list(value)!r}."
         )
     return tuple(check_int_in_range(v, f"{name}[{i}]", 1) for i, v in enumerate(value))
+
+
+def _check_sampled_inputs(value: Any, n_blocks: int) -> list[Optional[int]] | None:
+    """``sampled_inputs``: None, or one entry per block, each None or an int >= 1 (its upper
+    bound, the block's input width, is checked by the block)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(
+            "The 'sampled_inputs' parameter must be a list with one entry (int or None) per "
+            f"block; got {type(value).__name__}."
+        )
+    if len(value) != n_blocks:
+        raise ValueError(
+            f"The 'sampled_inputs' parameter must hold one entry per block ({n_blocks}); "
+            f"got {len(value)}."
+        )
+    return [
+        None if v is None else check_int_in_range(v, f"sampled_inputs[{i}]", 1)
+        for i, v in enumerate(value)
+    ]
+
+
+def _branch_conv1(
+    in_planes: int, width: int, kernel_size: int, stride: int, sampled: Optional[int]
+) -> nn.Conv2d:
+    """A branch's first conv (no bias, padding ``kernel_size // 2``); with ``sampled``, a
+    :class:`SampledConv2d` reading ``sampled`` of the ``in_planes`` stream channels (the
+    first ones until a state_dict sets its ``in_index``)."""
+    padding = kernel_size // 2
+    if sampled is None:
+        return nn.Conv2d(in_planes, width, kernel_size, stride=stride, padding=padding, bias=False)
+    sampled = check_int_in_range(sampled, "sampled_inputs", 1, in_planes)
+    return SampledConv2d(
+        in_planes, width, kernel_size, in_index=range(sampled), stride=stride, padding=padding,
+        bias=False,
+    )  # fmt: skip
+
+
+def _sampled_inputs_of(conv: nn.Conv2d) -> Optional[int]:
+    return int(conv.in_channels) if isinstance(conv, SampledConv2d) else None
 
 
 def _check_block_widths(value: Any, n_blocks: int, n_widths: int) -> list[Any] | None:
@@ -87,6 +135,13 @@ def _check_block_widths(value: Any, n_blocks: int, n_widths: int) -> list[Any] |
         None if v is None else _check_widths(v, f"block_widths[{i}]", n_widths, ())
         for i, v in enumerate(value)
     ]
+
+
+def _sampled_config(blocks: list[tuple[str, nn.Module]]) -> dict[str, Any]:
+    """The ``sampled_inputs`` entry of ``arch_config()``; none without a channel sampler, so
+    the configs of models without one stay as they always were."""
+    sampled = [b.sampled_inputs for _, b in blocks]
+    return {"sampled_inputs": sampled} if any(k is not None for k in sampled) else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,17 +188,28 @@ class CifarBasicBlock(nn.Module):
         equal ``planes``), otherwise ``nn.Identity``.
     widths : int or (int,), optional
         Width of ``conv1``'s output (pruned block); default ``planes``.
+    sampled_inputs : int, optional
+        ``conv1`` reads only this many of the ``in_planes`` input channels through a
+        :class:`~chanprune.surgery.SampledConv2d` (a channel sampler); default: all.
     """
 
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, *, widths: Any = None) -> None:
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        *,
+        widths: Any = None,
+        sampled_inputs: Optional[int] = None,
+    ) -> None:
         super().__init__()
         in_planes = check_int_in_range(in_planes, "in_planes", 1)
         planes = check_int_in_range(planes, "planes", 1)
         stride = check_int_in_range(stride, "stride", 1)
         (width,) = _check_widths(widths, "widths", 1, (planes,))
-        self.conv1 = nn.Conv2d(in_planes, width, 3, stride=stride, padding=1, bias=False)
+        self.conv1 = _branch_conv1(in_planes, width, 3, stride, sampled_inputs)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(width, planes, 3, stride=1, padding=1, bias=False)
@@ -164,6 +230,11 @@ class CifarBasicBlock(nn.Module):
     def widths(self) -> tuple[int]:
         """Internal width ``(conv1.out_channels,)`` of the live block."""
         return (int(self.conv1.out_channels),)
+
+    @property
+    def sampled_inputs(self) -> Optional[int]:
+        """Input channels ``conv1`` reads through a channel sampler; None: all of them."""
+        return _sampled_inputs_of(self.conv1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_planes, H, W) -> (B, planes, H / stride, W / stride)."""
@@ -195,6 +266,9 @@ class CifarResNet(nn.Module):
     block_widths : list of (int,), optional
         One entry per block (3n, ``layer1.0`` first): width of its ``conv1`` output.
         Default: the stream width of the block (16, 32 or 64).
+    sampled_inputs : list of (int or None), optional
+        One entry per block: how many input channels its ``conv1`` reads through a channel
+        sampler (None: all). Default: no sampler.
 
     Examples
     --------
@@ -212,6 +286,7 @@ class CifarResNet(nn.Module):
         *,
         in_channels: int = 3,
         block_widths: BlockWidths | None = None,
+        sampled_inputs: SampledInputs | None = None,
     ) -> None:
         super().__init__()
         depth = check_int_in_range(depth, "depth", 8)
@@ -223,6 +298,7 @@ class CifarResNet(nn.Module):
         num_classes = check_int_in_range(num_classes, "num_classes", 1)
         in_channels = check_int_in_range(in_channels, "in_channels", 1)
         widths = _check_block_widths(block_widths, 3 * n, 1)
+        sampled = _check_sampled_inputs(sampled_inputs, 3 * n)
 
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -233,8 +309,12 @@ class CifarResNet(nn.Module):
             blocks = []
             for i in range(n):
                 stride = 2 if (stage > 0 and i == 0) else 1
-                w = None if widths is None else widths[stage * n + i]
-                blocks.append(CifarBasicBlock(in_planes, planes, stride, widths=w))
+                k = stage * n + i
+                w = None if widths is None else widths[k]
+                ks = None if sampled is None else sampled[k]
+                blocks.append(
+                    CifarBasicBlock(in_planes, planes, stride, widths=w, sampled_inputs=ks)
+                )
                 in_planes = planes
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
@@ -265,7 +345,8 @@ class CifarResNet(nn.Module):
         -------
         dict
             ``{"arch": "cifar_resnet", "depth": int, "num_classes": int,
-            "in_channels": int, "block_widths": [[w], ...]}`` (one entry per block).
+            "in_channels": int, "block_widths": [[w], ...]}`` (one entry per block), plus
+            ``"sampled_inputs": [k or None, ...]`` when a block has a channel sampler.
         """
         return {
             "arch": "cifar_resnet",
@@ -273,16 +354,18 @@ class CifarResNet(nn.Module):
             "num_classes": int(self.linear.out_features),
             "in_channels": int(self.conv1.in_channels),
             "block_widths": [list(b.widths) for _, b in self.blocks()],
+            **_sampled_config(self.blocks()),
         }
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CifarResNet:
-        """Build from :meth:`arch_config` output (weights freshly initialised)."""
+        """Build from :meth:`arch_config` output (weights freshly initialised; a channel
+        sampler reads the first channels until a state_dict sets its ``in_index``)."""
         kwargs = _check_config_keys(
             config,
             "cifar_resnet",
             required=("depth",),
-            optional=("num_classes", "in_channels", "block_widths"),
+            optional=("num_classes", "in_channels", "block_widths", "sampled_inputs"),
         )
         return cls(**kwargs)
 
@@ -316,6 +399,9 @@ class BasicBlock(nn.Module):
         Applied to ``x`` for the identity (``Sequential(conv1x1, BatchNorm2d)``).
     widths : int or (int,), optional
         Width of ``conv1``'s output; default ``planes``.
+    sampled_inputs : int, optional
+        ``conv1`` reads only this many of the ``inplanes`` input channels through a
+        :class:`~chanprune.surgery.SampledConv2d` (a channel sampler); default: all.
     """
 
     expansion = 1
@@ -328,10 +414,11 @@ class BasicBlock(nn.Module):
         downsample: nn.Module | None = None,
         *,
         widths: Any = None,
+        sampled_inputs: Optional[int] = None,
     ) -> None:
         super().__init__()
         (width,) = _check_widths(widths, "widths", 1, (planes,))
-        self.conv1 = conv3x3(inplanes, width, stride)
+        self.conv1 = _branch_conv1(inplanes, width, 3, stride, sampled_inputs)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu1 = nn.ReLU()
         self.conv2 = conv3x3(width, planes)
@@ -344,6 +431,11 @@ class BasicBlock(nn.Module):
     def widths(self) -> tuple[int]:
         """Internal width ``(conv1.out_channels,)`` of the live block."""
         return (int(self.conv1.out_channels),)
+
+    @property
+    def sampled_inputs(self) -> Optional[int]:
+        """Input channels ``conv1`` reads through a channel sampler; None: all of them."""
+        return _sampled_inputs_of(self.conv1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, inplanes, H, W) -> (B, planes, H / stride, W / stride)."""
@@ -369,6 +461,9 @@ class Bottleneck(nn.Module):
         Applied to ``x`` for the identity (``Sequential(conv1x1, BatchNorm2d)``).
     widths : (int, int), optional
         Widths of ``conv1``'s and ``conv2``'s outputs; default ``(planes, planes)``.
+    sampled_inputs : int, optional
+        ``conv1`` reads only this many of the ``inplanes`` input channels through a
+        :class:`~chanprune.surgery.SampledConv2d` (a channel sampler); default: all.
     """
 
     expansion = 4
@@ -381,10 +476,11 @@ class Bottleneck(nn.Module):
         downsample: nn.Module | None = None,
         *,
         widths: Any = None,
+        sampled_inputs: Optional[int] = None,
     ) -> None:
         super().__init__()
         w1, w2 = _check_widths(widths, "widths", 2, (planes, planes))
-        self.conv1 = conv1x1(inplanes, w1)
+        self.conv1 = _branch_conv1(inplanes, w1, 1, 1, sampled_inputs)
         self.bn1 = nn.BatchNorm2d(w1)
         self.relu1 = nn.ReLU()
         self.conv2 = conv3x3(w1, w2, stride)
@@ -400,6 +496,11 @@ class Bottleneck(nn.Module):
     def widths(self) -> tuple[int, int]:
         """Internal widths ``(conv1.out_channels, conv2.out_channels)`` of the live block."""
         return (int(self.conv1.out_channels), int(self.conv2.out_channels))
+
+    @property
+    def sampled_inputs(self) -> Optional[int]:
+        """Input channels ``conv1`` reads through a channel sampler; None: all of them."""
+        return _sampled_inputs_of(self.conv1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, inplanes, H, W) -> (B, 4 planes, H / stride, W / stride)."""
@@ -428,6 +529,9 @@ class ResNet(nn.Module):
     block_widths : list of tuples, optional
         One entry per block (``sum(layers)``, ``layer1.0`` first): ``(w,)`` for BasicBlock,
         ``(w1, w2)`` for Bottleneck. Default: unpruned (``planes`` of the stage).
+    sampled_inputs : list of (int or None), optional
+        One entry per block: how many input channels its ``conv1`` reads through a channel
+        sampler (None: all). Default: no sampler.
     zero_init_residual : bool, default=False
         Zero the last BN of each block (as torchvision).
 
@@ -448,6 +552,7 @@ class ResNet(nn.Module):
         *,
         in_channels: int = 3,
         block_widths: BlockWidths | None = None,
+        sampled_inputs: SampledInputs | None = None,
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
@@ -465,6 +570,7 @@ class ResNet(nn.Module):
         in_channels = check_int_in_range(in_channels, "in_channels", 1)
         n_widths = 2 if block_cls is Bottleneck else 1
         widths = _check_block_widths(block_widths, sum(layers), n_widths)
+        sampled = _check_sampled_inputs(sampled_inputs, sum(layers))
 
         self.block_type = block_name
         self.inplanes = 64
@@ -475,9 +581,12 @@ class ResNet(nn.Module):
         k = 0
         for stage, (planes, n_blocks) in enumerate(zip(self.stage_planes, layers)):
             stage_widths = None if widths is None else widths[k : k + n_blocks]
+            stage_sampled = None if sampled is None else sampled[k : k + n_blocks]
             k += n_blocks
             stride = 1 if stage == 0 else 2
-            layer = self._make_layer(block_cls, planes, n_blocks, stride, stage_widths)
+            layer = self._make_layer(
+                block_cls, planes, n_blocks, stride, stage_widths, stage_sampled
+            )
             setattr(self, f"layer{stage + 1}", layer)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block_cls.expansion, num_classes)
@@ -502,6 +611,7 @@ class ResNet(nn.Module):
         n_blocks: int,
         stride: int,
         widths: list[tuple[int, ...]] | None,
+        sampled: list[Optional[int]] | None,
     ) -> nn.Sequential:
         downsample = None
         out_planes = planes * block.expansion
@@ -512,10 +622,13 @@ class ResNet(nn.Module):
         blocks = []
         for i in range(n_blocks):
             w = None if widths is None else widths[i]
+            ks = None if sampled is None else sampled[i]
             if i == 0:
-                blocks.append(block(self.inplanes, planes, stride, downsample, widths=w))
+                blocks.append(
+                    block(self.inplanes, planes, stride, downsample, widths=w, sampled_inputs=ks)
+                )
             else:
-                blocks.append(block(self.inplanes, planes, widths=w))
+                blocks.append(block(self.inplanes, planes, widths=w, sampled_inputs=ks))
             self.inplanes = out_planes
         return nn.Sequential(*blocks)
 
@@ -545,7 +658,8 @@ class ResNet(nn.Module):
         -------
         dict
             ``{"arch": "resnet", "block": "basic" | "bottleneck", "layers": [4 ints],
-            "num_classes": int, "in_channels": int, "block_widths": [[w, ...], ...]}``.
+            "num_classes": int, "in_channels": int, "block_widths": [[w, ...], ...]}``, plus
+            ``"sampled_inputs": [k or None, ...]`` when a block has a channel sampler.
         """
         return {
             "arch": "resnet",
@@ -554,16 +668,18 @@ class ResNet(nn.Module):
             "num_classes": int(self.fc.out_features),
             "in_channels": int(self.conv1.in_channels),
             "block_widths": [list(b.widths) for _, b in self.blocks()],
+            **_sampled_config(self.blocks()),
         }
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ResNet:
-        """Build from :meth:`arch_config` output (weights freshly initialised)."""
+        """Build from :meth:`arch_config` output (weights freshly initialised; a channel
+        sampler reads the first channels until a state_dict sets its ``in_index``)."""
         kwargs = _check_config_keys(
             config,
             "resnet",
             required=("block", "layers"),
-            optional=("num_classes", "in_channels", "block_widths"),
+            optional=("num_classes", "in_channels", "block_widths", "sampled_inputs"),
         )
         return cls(**kwargs)
 
@@ -595,7 +711,8 @@ def _cifar_builder(depth: int):
         A checkpoint to load strictly (``module.`` prefixes and a ``state_dict`` entry are
         handled), e.g. akamaster's ``resnet{depth}-*.th``.
     **kwargs
-        :class:`CifarResNet` keywords: ``num_classes``, ``in_channels``, ``block_widths``.
+        :class:`CifarResNet` keywords: ``num_classes``, ``in_channels``, ``block_widths``,
+        ``sampled_inputs``.
     """
     return builder
 
@@ -615,7 +732,8 @@ def resnet18(*, weights: Any = None, **kwargs: Any) -> ResNet:
     weights : str, os.PathLike or state_dict, optional
         A checkpoint to load strictly, e.g. torchvision's ``resnet18-f37072fd.pth``.
     **kwargs
-        :class:`ResNet` keywords: ``num_classes``, ``in_channels``, ``block_widths``, ...
+        :class:`ResNet` keywords: ``num_classes``, ``in_channels``, ``block_widths``,
+        ``sampled_inputs``, ...
     """
     return _load(ResNet("basic", [2, 2, 2, 2], **kwargs), weights, "resnet18")
 

@@ -265,6 +265,51 @@ def test_resnet_validation_errors():
         ResNet("basic", [1, 1, 1, 1], block_widths=[[8]])
 
 
+@pytest.mark.parametrize("cifar", [True, False], ids=["cifar", "bottleneck"])
+def test_channel_sampler_config_round_trip(cifar):
+    """``sampled_inputs`` rebuilds each block's SampledConv2d; the indices come from the
+    state_dict, and the rebuilt model gives the same outputs bit for bit."""
+    if cifar:
+        sampled = [None, 5, None, 7, None, None, 30, None, 64]
+        model, size = resnet20_cifar10(sampled_inputs=sampled), 32
+    else:
+        sampled = [64, None, 100, 3]
+        model, size = ResNet("bottleneck", [1, 1, 1, 1], sampled_inputs=sampled), 64
+    blocks = [b for _, b in model.blocks()]
+    assert [b.sampled_inputs for b in blocks] == sampled
+    generator = torch.Generator().manual_seed(0)
+    for block, k in zip(blocks, sampled):
+        if k is not None:  # as a pruned model would have it: chosen, not the first k
+            c = block.conv1.stream_channels
+            block.conv1.in_index.copy_(torch.randperm(c, generator=generator)[:k].sort().values)
+    config = model.arch_config()
+    assert config["sampled_inputs"] == sampled
+    state = model.eval().state_dict()
+    for (path, _), k in zip(model.blocks(), sampled):
+        key = f"{path}.conv1.in_index"  # the one key beyond the torchvision/akamaster layout
+        assert (key in state) == (k is not None)
+        if k is not None:
+            assert state[key].dtype == torch.int64 and state[key].shape == (k,)
+    rebuilt = build_model(json.loads(json.dumps(config)))
+    rebuilt.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), model(x), rtol=0, atol=0)
+
+
+def test_channel_sampler_is_absent_from_old_configs():
+    config = resnet20_cifar10().arch_config()
+    assert "sampled_inputs" not in config  # files written before the option load unchanged
+    config["sampled_inputs"] = [None] * 9
+    assert build_model(config).arch_config() == resnet20_cifar10().arch_config()
+    with pytest.raises(ValueError, match=r"'sampled_inputs' parameter must be an int in \[1, 16\]"):
+        resnet20_cifar10(sampled_inputs=[17] + [None] * 8)
+    with pytest.raises(ValueError, match=r"sampled_inputs.*one entry per block \(4\)"):
+        ResNet("basic", [1, 1, 1, 1], sampled_inputs=[3])
+    with pytest.raises(ValueError, match=r"sampled_inputs\[1\]"):
+        ResNet("basic", [1, 1, 1, 1], sampled_inputs=[3, 0, None, None])
+
+
 def test_zero_init_residual():
     model = ResNet("basic", [1, 1, 1, 1], zero_init_residual=True)
     assert not model.layer1[0].bn2.weight.any()
