@@ -352,14 +352,11 @@ class LayerStats:
         gram = _gram(x).view(hw, c, hw, c).permute(0, 2, 1, 3).reshape(hw * hw, c * c)
         pairs = g.pair_counts.to(device=x.device, dtype=gram.dtype)
         a5 = _matmul(pairs, gram).view(k, k, c, c)
-        # X^T Y is the weight gradient of the conv with y as the output gradient: one
-        # oneDNN (cuDNN) call over the NHWC views, zero padding never materialised.
-        x_maps = x.view(n_images, *g.in_size, c).permute(0, 3, 1, 2)
-        y_maps = y.view(n_images, *g.out_size, n).permute(0, 3, 1, 2)
-        xty = _no_tf32(lambda: _conv_weight_grad(x_maps, y_maps, g))  # (n, c, kh, kw)
-        xty = xty.double().permute(1, 2, 3, 0).reshape(c * k, n)
+        x_pixels, y_pixels = x.view(n_images, hw, c), y.view(n_images, p, n)
+        blocks = _no_tf32(lambda: _offset_products(x_pixels, y_pixels, g.index))  # (k, c, n)
+        xty = blocks.double().permute(1, 0, 2).reshape(c * k, n)
         y_rows = y.view(n_images * p, n)
-        pixel_sum = x.view(n_images, hw, c).sum(dim=0, dtype=torch.float64)
+        pixel_sum = x_pixels.sum(dim=0, dtype=torch.float64)
         pixel_sum = torch.cat([pixel_sum, pixel_sum.new_zeros(1, c)])  # padding sums to 0
         x_sum = pixel_sum[g.index.to(x.device)].sum(dim=0).T  # (c, k)
         d = self.n_features
@@ -571,10 +568,6 @@ class _MapGeometry:
     in_size: tuple[int, int]
     out_size: tuple[int, int]
     index: torch.Tensor  # (out_pixels, kh * kw), long; in_pixels marks zero padding
-    kernel_size: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
 
     @property
     def pair_counts(self) -> torch.Tensor:
@@ -600,17 +593,10 @@ class _MapGeometry:
     def out_pixels(self) -> int:
         return self.out_size[0] * self.out_size[1]
 
-    @property
-    def sizes(self) -> tuple:
-        return (
-            self.in_size, self.out_size, self.kernel_size, self.stride, self.padding,
-            self.dilation,
-        )  # fmt: skip
-
     def __eq__(self, other) -> bool:
         return (
             isinstance(other, _MapGeometry)
-            and self.sizes == other.sizes
+            and (self.in_size, self.out_size) == (other.in_size, other.out_size)
             and torch.equal(self.index, other.index)
         )
 
@@ -629,7 +615,7 @@ class _MapGeometry:
         q = cols[None, :, None, :]
         inside = (r >= 0) & (r < h) & (q >= 0) & (q < w)  # (ho, wo, kh, kw)
         index = torch.where(inside, r * w + q, h * w).reshape(ho * wo, kh * kw)
-        return cls((h, w), (ho, wo), index, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+        return cls((h, w), (ho, wo), index)
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -647,26 +633,32 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _no_tf32(lambda: a @ b).double()
 
 
-def _conv_weight_grad(x: torch.Tensor, y: torch.Tensor, g: _MapGeometry) -> torch.Tensor:
-    """``sum over images and positions of y[o] * patch[c, i, j]``, shape (n, c, kh, kw):
-    the gradient of a conv's weight, given its input ``x`` and output gradient ``y``."""
-    weight = x.new_empty((y.shape[1], x.shape[1], *g.kernel_size))  # only its shape is read
-    grads = torch.ops.aten.convolution_backward(
-        y, x, weight, None, g.stride, g.padding, g.dilation, False, [0, 0], 1,
-        [False, True, False],
-    )  # fmt: skip
-    return grads[1]
+def _offset_products(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``X^T Y`` of whole maps, per kernel offset: shape (k, c, n).
+
+    ``x`` (images, in_pixels, c) and ``y`` (images, out_pixels, n) are pixel-major maps;
+    ``index`` (out_pixels, k) the input pixel under each kernel offset (``in_pixels``
+    for padding). Each (position, offset) pair adds ``x[:, pixel]^T y[:, position]`` to
+    its offset's block: both operands are strided views that BLAS reads in place, and
+    padding pairs are skipped (shifted copies of padded maps cost 2-8x more here).
+    """
+    hw = x.shape[1]
+    blocks = x.new_zeros(index.shape[1], x.shape[2], y.shape[2])
+    for position, pixels in enumerate(index.tolist()):
+        for offset, pixel in enumerate(pixels):
+            if pixel < hw:
+                blocks[offset].addmm_(x[:, pixel].T, y[:, position])
+    return blocks
 
 
 def _no_tf32(fn):
-    """Run ``fn`` with TF32 off for CUDA matmuls and cuDNN convolutions (statistics need
-    full float32 products)."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    """Run ``fn`` with TF32 off for CUDA matmuls (statistics need full float32 products)."""
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
     try:
         return fn()
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
 
 
 def _products_numpy(X: torch.Tensor, Y: torch.Tensor):
