@@ -1,13 +1,16 @@
 """Branch-internal pruning of the CIFAR-10 ResNet-56 (and ResNet-20) from ../shared.
 
 Accuracy on the whole ``test`` split without fine-tuning, at matched MAC speed-ups, for
-each selector with and without the residual correction (variant ``nocorr``).
+each selector with and without the residual correction (variant ``nocorr``), and with the
+paper's channel sampler before the first conv of every branch (variant ``sampler``).
 
 Examples
 --------
 python benchmarks/resnet_cifar.py --methods lasso greedy_ls --speedups 1.5 2 \
     --variants "" nocorr
 python benchmarks/resnet_cifar.py --model resnet20 --methods lasso --speedups 1.5 2
+python benchmarks/resnet_cifar.py --methods lasso greedy_ls --speedups 1.5 2 \
+    --schedules uniform paper --variants "" sampler
 """
 
 from __future__ import annotations
@@ -34,10 +37,15 @@ def bench_for(model: str) -> Benchmark:
         checkpoint=checkpoint,
         command=(
             f"python benchmarks/resnet_cifar.py --model {model} --methods lasso greedy_ls "
-            "max_response first_k random --speedups 1.5 2 --variants '' nocorr"
+            "max_response first_k random --speedups 1.5 2 --variants '' nocorr; "
+            f"python benchmarks/resnet_cifar.py --model {model} --methods lasso greedy_ls "
+            "--speedups 1.5 2 --schedules uniform paper --variants '' sampler"
         ),
         methods=("lasso", "greedy_ls", "max_response", "first_k", "random"),
-        variants={"nocorr": {"residual_correction": False}},
+        variants={
+            "nocorr": {"residual_correction": False},
+            "sampler": {"channel_sampler": True},
+        },
         script=str(Path(__file__).resolve()),
         script_args=("--model", model),
     )
