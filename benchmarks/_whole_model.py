@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from chanprune.io import atomic_write
 from chanprune.report import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +48,16 @@ def key(method: str, schedule: str, speedup: float, variant: str = "") -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     write_text_atomic(path, text)
+
+
+def save_figure(fig, path: Path) -> str:
+    """Write a matplotlib figure to ``path`` as PNG, atomically; close it; return the
+    file name (what RESULTS.md links)."""
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return path.name
 
 
 def git_commit() -> str | None:
@@ -316,11 +327,7 @@ def plot_accuracy(bench: Benchmark, results: dict, path: Path) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path.name
+    return save_figure(fig, path)
 
 
 def replace_section(results_md: Path, name: str, section: str) -> None:

@@ -37,7 +37,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _whole_model import REPO, SHARED, peak_rss_mb, replace_section, write_atomic  # noqa: E402
+from _whole_model import (  # noqa: E402
+    REPO,
+    SHARED,
+    peak_rss_mb,
+    replace_section,
+    save_figure,
+    write_atomic,
+)
 
 OUT = REPO / "benchmarks" / "results" / "speed.json"
 MARK = "speed"
@@ -290,11 +297,7 @@ def plot(results: dict, path: Path) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path.name
+    return save_figure(fig, path)
 
 
 def write_report(results: dict, results_md: Path) -> None:
