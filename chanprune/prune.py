@@ -39,7 +39,6 @@ from ._validation import check_choice, check_int_in_range, check_real_in_range
 from .exceptions import UnsupportedLayerError
 from .flops import conv_output_sizes, count_macs, count_params
 from .layer import prune_layer_from_stats
-from .refit import reconstruction_error
 from .report import LayerReport, PruneReport
 from .sampling import extract_patches, gather_outputs, record_activations, sample_positions
 from .schedule import SCHEDULES, ConvCost, MacModel, resolve_explicit, widths_for_speedup
@@ -643,7 +642,8 @@ def prune_model(
         position is used: more samples for less work.
     holdout : float, default=0.1
         Fraction of the calibration images kept out of the fit, to report a held-out
-        reconstruction error per layer (0 disables it).
+        reconstruction error per layer, measured directly on their sampled positions
+        (0 disables it).
     refit : bool, default=True
         Least-squares refit of the kept weights (False: keep the original weights).
     ridge : float, default=1e-4
@@ -827,6 +827,35 @@ def _block_inputs(model: nn.Module, block: nn.Module, images: _Maps, device, sto
     return _Maps(chunks)
 
 
+class _HeldOut:
+    """The held-out images' samples of one layer, kept as rows (not statistics): the
+    refit layer's relative error on them is measured directly."""
+
+    def __init__(self) -> None:
+        self.patches: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+
+    def add(self, X: torch.Tensor, Y: torch.Tensor) -> None:
+        """``X`` (rows, c, kh, kw) patches, ``Y`` (rows, n) targets."""
+        self.patches.append(X.contiguous())
+        self.targets.append(Y.contiguous())
+
+    def rel_error(self, kept: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> Optional[float]:
+        """``||Y - X_kept W^T - b||^2 / ||Y||^2`` (sums in float64); None without rows.
+
+        ``weight`` has shape (n, len(kept), kh, kw), ``bias`` (n,)."""
+        if not self.patches:
+            return None
+        X = torch.cat(self.patches)
+        Y = torch.cat(self.targets)
+        X = X[:, torch.from_numpy(kept).to(X.device)].reshape(X.shape[0], -1)
+        w = torch.as_tensor(weight, dtype=X.dtype, device=X.device).reshape(len(weight), -1)
+        b = torch.as_tensor(bias, dtype=X.dtype, device=X.device)
+        residual = torch.addmm(b, X, w.T, beta=1.0).sub_(Y)
+        y2 = float(Y.double().square().sum())
+        return float(residual.double().square().sum()) / y2 if y2 > 0 else 0.0
+
+
 class _Sweep:
     """State of one pruning sweep: the two networks, the options, the per-layer reports.
 
@@ -852,18 +881,18 @@ class _Sweep:
         # it absorbs the error accumulated before it.
         return keep == c and (not diverged or not self.correct_unpruned or not self.refit)
 
-    def new_stats(self, consumer: _Consumer) -> tuple[LayerStats, LayerStats]:
+    def new_stats(self, consumer: _Consumer) -> tuple[LayerStats, _HeldOut]:
         conv = self.pruned.get_submodule(consumer.name)
-        make = lambda: LayerStats(  # noqa: E731
+        fit = LayerStats(
             conv.in_channels, conv.out_channels, conv.kernel_size, device=self.device,
             compute_dtype=self.stats_dtype,
         )  # fmt: skip
-        return make(), make()
+        return fit, _HeldOut()
 
     def accumulate(
         self,
         consumer: _Consumer,
-        stats: tuple[LayerStats, LayerStats],
+        stats: tuple[LayerStats, _HeldOut],
         scores: _Scores,
         x: torch.Tensor,
         y: torch.Tensor,
@@ -874,30 +903,37 @@ class _Sweep:
         conv = self.pruned.get_submodule(consumer.name)
         n = x.shape[0]
         n_fit_here = int(min(max(self.n_fit - lo, 0), n))  # images of this chunk in the fit
+        fit, held = stats
         if n_fit_here:
             scores.update(x[:n_fit_here])
-        if _whole_maps_cheaper(
-            conv, tuple(x.shape[2:]), tuple(y.shape[2:]), self.positions_per_image
-        ):
-            geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
-            if n_fit_here:
-                stats[0].update_maps(x[:n_fit_here], y[:n_fit_here], **geometry)
-            if n_fit_here < n:
-                stats[1].update_maps(x[n_fit_here:], y[n_fit_here:], **geometry)
+            if _whole_maps_cheaper(
+                conv, tuple(x.shape[2:]), tuple(y.shape[2:]), self.positions_per_image
+            ):
+                fit.update_maps(
+                    x[:n_fit_here], y[:n_fit_here], stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation,
+                )  # fmt: skip
+                x, y = x[n_fit_here:], y[n_fit_here:]
+                n_fit_here = 0
+        if not x.shape[0]:
             return
-        pos = sample_positions(n, tuple(y.shape[2:]), self.positions_per_image, self.generator)
+        # Sampled positions: the fit's statistics, and the held-out images' rows, kept as
+        # they are (a small share of the samples) to measure the refit layer on them.
+        pos = sample_positions(
+            x.shape[0], tuple(y.shape[2:]), self.positions_per_image, self.generator
+        )
         X = extract_patches(x, conv, pos)
         Y = gather_outputs(y, pos)
         rows = int((pos.image < n_fit_here).sum())  # positions are image-major
         if rows:
-            stats[0].update(X[:rows], Y[:rows])
+            fit.update(X[:rows], Y[:rows])
         if rows < len(pos):
-            stats[1].update(X[rows:], Y[rows:])
+            held.add(X[rows:], Y[rows:])
 
     def fit_layer(
         self,
         consumer: _Consumer,
-        stats: tuple[LayerStats, LayerStats],
+        stats: tuple[LayerStats, _HeldOut],
         scores: _Scores,
         start: float,
     ) -> torch.Tensor:
@@ -920,12 +956,7 @@ class _Sweep:
             random_state=self.seed + self.step, max_iter=self.max_iter, tol=self.tol, **options,
         )  # fmt: skip
         self.step += 1
-        held_error = None
-        if held.n_samples:
-            m = held.moments()
-            w2 = result.weight.reshape(result.weight.shape[0], -1)
-            err = reconstruction_error(m, result.kept, w2, result.bias)
-            held_error = err / m.yty if m.yty > 0 else 0.0
+        held_error = held.rel_error(result.kept, result.weight, result.bias)
         unknowns = keep * fit.block_size + 1
         if fit.n_samples < 2 * unknowns:
             logger.warning(

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -101,14 +100,21 @@ def extract_patches(x: torch.Tensor, conv: nn.Conv2d, positions: Positions) -> t
             f"conv with padding={conv.padding!r} is not supported; use explicit integer padding."
         )
     ph, pw = conv.padding
-    if ph or pw:
-        x = F.pad(x, (pw, pw, ph, ph), mode="constant", value=0.0)
+    h, w = x.shape[2], x.shape[3]
     device = x.device
     pos = positions.to(device)
-    rows = pos.row[:, None] * sh + torch.arange(kh, device=device) * dh  # (n, kh)
-    cols = pos.col[:, None] * sw + torch.arange(kw, device=device) * dw  # (n, kw)
+    # Input coordinates under each kernel tap; those in the zero padding are read from a
+    # clamped pixel and zeroed after the gather (padding the whole map would copy it).
+    rows = pos.row[:, None] * sh - ph + torch.arange(kh, device=device) * dh  # (n, kh)
+    cols = pos.col[:, None] * sw - pw + torch.arange(kw, device=device) * dw  # (n, kw)
     # Advanced indices separated by a slice put their broadcast dims first: (n, kh, kw, c).
-    patches = x[pos.image[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    patches = x[
+        pos.image[:, None, None], :, rows.clamp(0, h - 1)[:, :, None],
+        cols.clamp(0, w - 1)[:, None, :],
+    ]  # fmt: skip
+    if ph or pw:
+        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        patches.masked_fill_(~inside[..., None], 0.0)
     return patches.permute(0, 3, 1, 2)
 
 
