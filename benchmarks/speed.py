@@ -20,6 +20,7 @@ and random images: the cost does not depend on them).
 Examples
 --------
 python benchmarks/speed.py --n-images 500 1000 2000 5000 --positions 5 10 20 --raw-layer
+python benchmarks/speed.py --n-images 5000 --repeat 3 --rerun   # median of 3, with the range
 python benchmarks/speed.py --device cuda --model vgg16 --n-images 1000 5000
 python benchmarks/speed.py --report-only
 """
@@ -215,10 +216,13 @@ def markdown(results: dict) -> str:
         "Wall time of `prune_model` alone (the images are decoded beforehand; decoding is "
         "listed apart), VGG-16-BN CIFAR at 2x with LASSO unless stated, each configuration "
         "in a fresh process; peak = max RSS of that process. The yardstick is one forward "
-        "pass of the unpruned network over the same images, channels-last, batch 100.",
+        "pass of the unpruned network over the same images, channels-last, batch 100, "
+        "timed in the same process just before. With several runs of a configuration the "
+        "median one is shown, with the range of all.",
         "",
         "```",
         "python benchmarks/speed.py --n-images 500 1000 2000 5000 --positions 5 10 20 --raw-layer",
+        "python benchmarks/speed.py --n-images 5000 --repeat 3 --rerun",
         "```",
         "",
     ]
@@ -239,9 +243,13 @@ def markdown(results: dict) -> str:
             c = r["config"]
             peak = r.get("peak_cuda_mb", r["peak_rss_mb"]) / 1024
             where = r.get("gpu", c["device"])
+            wall = f"{r['wall_time_s']:.1f}"
+            if "wall_times_s" in r:
+                walls = r["wall_times_s"]
+                wall += f" ({min(walls):.1f}-{max(walls):.1f}, {len(walls)} runs)"
             lines.append(
                 f"| {where} | {c['model']} | {c['n_images']} | {c['positions']} "
-                f"| {r['wall_time_s']:.1f} | {r['forward_pass_s']:.1f} "
+                f"| {wall} | {r['forward_pass_s']:.1f} "
                 f"| {r['wall_time_s'] / r['forward_pass_s']:.1f} | {r['load_s']:.1f} "
                 f"| {peak:.2f}{' (CUDA)' if 'peak_cuda_mb' in r else ''} | {r['speedup']:.2f}x |"
             )
@@ -331,6 +339,12 @@ def parse_args(argv):
         action="store_true",
         help="also time the original code's per-layer solve on conv4_2 for each N",
     )
+    p.add_argument(
+        "--repeat", type=int, default=1,
+        help="runs per whole-model configuration; the run with the median wall time is "
+             "kept, with every wall time and forward-pass time beside it (this machine's "
+             "speed drifts by tens of percent between minutes; default: 1)",
+    )  # fmt: skip
     p.add_argument("--rerun", action="store_true", help="recompute configurations in the JSON")
     p.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md and the plot")
     p.add_argument("--shared", type=Path, default=SHARED, help=f"shared folder ({SHARED})")
@@ -349,6 +363,16 @@ def _child(config: dict) -> dict | None:
         print(f"{config}: FAILED\n{proc.stderr[-3000:]}", file=sys.stderr)
         return None
     return json.loads(line[len("RESULT ") :])
+
+
+def _median_run(repeats: list[dict]) -> dict:
+    """The run with the median wall time, carrying every repeat's wall and forward times."""
+    order = sorted(repeats, key=lambda r: r["wall_time_s"])
+    run = dict(order[(len(order) - 1) // 2])
+    if len(repeats) > 1:
+        run["wall_times_s"] = [r["wall_time_s"] for r in repeats]
+        run["forward_times_s"] = [r["forward_pass_s"] for r in repeats]
+    return run
 
 
 def main(argv=None) -> int:
@@ -381,10 +405,11 @@ def main(argv=None) -> int:
             k = f"{args.device}/{args.model}/{config['n_images']}/{config['positions']}"
             if k in results["runs"] and not args.rerun:
                 continue
-            run = _child(config)
-            if run is None:
+            repeats = [_child(config) for _ in range(max(args.repeat, 1))]
+            if any(run is None for run in repeats):
                 failed += 1
                 continue
+            run = _median_run(repeats)
             results["runs"][k] = run
             print(f"{k}: prune {run['wall_time_s']:.1f} s, forward {run['forward_pass_s']:.1f} s, "
                   f"peak {run['peak_rss_mb'] / 1024:.2f} GB")  # fmt: skip
