@@ -314,8 +314,9 @@ class LayerStats:
         while start < n_images:
             take = buf.reserve(n_images - start)
             bx, by = buf.free(take)
-            # Pixel-major (NHWC) rows: the layout of a channels-last cache, and the one
-            # whose shifted windows are plain row blocks (see _flush_maps).
+            # Pixel-major (NHWC) rows: the layout of a channels-last cache, and the one in
+            # which each pixel's channels are contiguous, so the (pixel, position)
+            # products of _flush_maps read strided views in place.
             bx.view(take, *x.shape[2:], x.shape[1]).copy_(
                 x[start : start + take].permute(0, 2, 3, 1)
             )
