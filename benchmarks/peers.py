@@ -58,10 +58,8 @@ from torch import nn
 from chanprune.report import write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _whole_model import replace_section  # noqa: E402
+from _whole_model import REPO, SHARED, replace_section  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 RESULTS_DIR = REPO / "benchmarks" / "results"
 INPUT_SHAPE = (3, 32, 32)
 START, END = "<!-- peers:start -->", "<!-- peers:end -->"

@@ -289,34 +289,21 @@ def fold_batchnorm(
     new_w = w64 * scale.reshape((-1,) + (1,) * (w64.dim() - 1))
     new_b = (b64 - mean) * scale + beta
 
-    if isinstance(conv, SampledConv2d):  # keeps reading the same channels of its input
-        folded: nn.Module = SampledConv2d(
-            conv.stream_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            in_index=conv.in_index,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=True,
-            padding_mode=conv.padding_mode,
-            device=device,
-            dtype=dtype,
-        )
-    elif isinstance(conv, nn.Conv2d):
-        folded = nn.Conv2d(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=True,
-            padding_mode=conv.padding_mode,
-            device=device,
-            dtype=dtype,
-        )
+    if isinstance(conv, nn.Conv2d):
+        geometry = dict(
+            stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=True,
+            padding_mode=conv.padding_mode, device=device, dtype=dtype,
+        )  # fmt: skip
+        if isinstance(conv, SampledConv2d):  # keeps reading the same channels of its input
+            folded: nn.Module = SampledConv2d(
+                conv.stream_channels, conv.out_channels, conv.kernel_size,
+                in_index=conv.in_index, **geometry,
+            )  # fmt: skip
+        else:
+            folded = nn.Conv2d(
+                conv.in_channels, conv.out_channels, conv.kernel_size, groups=conv.groups,
+                **geometry,
+            )  # fmt: skip
     else:
         folded = nn.Linear(
             conv.in_features, conv.out_features, bias=True, device=device, dtype=dtype

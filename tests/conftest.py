@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/_planted.py
 
@@ -19,6 +20,16 @@ def shared_dir() -> Path:
     if not (SHARED / "README.md").is_file():
         pytest.skip(f"needs the shared data and checkpoints at {SHARED} (absent on this machine)")
     return SHARED
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks on a 2-core machine: a second thread only oversubscribes it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(previous)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from threadpoolctl import threadpool_limits
 
 import chanprune.cli as cli
 import chanprune.io as cio
@@ -44,14 +43,8 @@ OPTIONS = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The networks here are tiny: extra threads only oversubscribe a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(previous)
+# The networks here are tiny: extra threads only oversubscribe a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(argv, capsys) -> tuple[int, str, str]:

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from _planted import randomize_batchnorm
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 import chanprune
@@ -23,16 +22,6 @@ QUIET = dict(progress=False)
 def _cifar_resnet(depth: int = 14, seed: int = 0) -> CifarResNet:
     torch.manual_seed(seed)
     return randomize_batchnorm(CifarResNet(depth=depth, num_classes=10))
-
-
-@pytest.fixture
-def one_thread():
-    """Small convolutions on a shared 2-core machine: a second thread only oversubscribes."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(previous)
 
 
 def _images(n: int = 40, size: int = 16, seed: int = 1) -> torch.Tensor:

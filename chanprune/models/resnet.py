@@ -76,21 +76,29 @@ def _check_widths(value: Any, name: str, n: int, default: tuple[int, ...]) -> tu
     return tuple(check_int_in_range(v, f"{name}[{i}]", 1) for i, v in enumerate(value))
 
 
-def _check_sampled_inputs(value: Any, n_blocks: int) -> list[Optional[int]] | None:
-    """``sampled_inputs``: None, or one entry per block, each None or an int >= 1 (its upper
-    bound, the block's input width, is checked by the block)."""
+def _per_block(value: Any, name: str, n_blocks: int, entry: str) -> list[Any] | None:
+    """``value`` (None, or a list with one entry per block) as a list; ``entry`` says what
+    an entry is, for the error message. The entries themselves are checked by the caller."""
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(
-            "The 'sampled_inputs' parameter must be a list with one entry (int or None) per "
-            f"block; got {type(value).__name__}."
+            f"The {name!r} parameter must be a list with {entry} per block; "
+            f"got {type(value).__name__}."
         )
     if len(value) != n_blocks:
         raise ValueError(
-            f"The 'sampled_inputs' parameter must hold one entry per block ({n_blocks}); "
-            f"got {len(value)}."
+            f"The {name!r} parameter must hold one entry per block ({n_blocks}); got {len(value)}."
         )
+    return list(value)
+
+
+def _check_sampled_inputs(value: Any, n_blocks: int) -> list[Optional[int]] | None:
+    """``sampled_inputs``: None, or one entry per block, each None or an int >= 1 (its upper
+    bound, the block's input width, is checked by the block)."""
+    value = _per_block(value, "sampled_inputs", n_blocks, "one entry (int or None)")
+    if value is None:
+        return None
     return [
         None if v is None else check_int_in_range(v, f"sampled_inputs[{i}]", 1)
         for i, v in enumerate(value)
@@ -118,18 +126,9 @@ def _sampled_inputs_of(conv: nn.Conv2d) -> Optional[int]:
 
 
 def _check_block_widths(value: Any, n_blocks: int, n_widths: int) -> list[Any] | None:
+    value = _per_block(value, "block_widths", n_blocks, "one tuple of widths")
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(
-            "The 'block_widths' parameter must be a list with one tuple of widths per block; "
-            f"got {type(value).__name__}."
-        )
-    if len(value) != n_blocks:
-        raise ValueError(
-            f"The 'block_widths' parameter must hold one entry per block ({n_blocks}); "
-            f"got {len(value)}."
-        )
     # None entries stay None: that block keeps its default (unpruned) widths.
     return [
         None if v is None else _check_widths(v, f"block_widths[{i}]", n_widths, ())
