@@ -114,6 +114,9 @@ def run_whole(config: dict) -> dict:
     from chanprune.prune import prune_model
 
     device = config["device"]
+    if not config.get("tf32", True):  # strict float32 convolutions and matmuls on CUDA
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     images, load_s = _images(config)
     model = _model(config)
     forward = forward_pass_s(model, images, device)
@@ -218,16 +221,23 @@ def markdown(results: dict) -> str:
         "in a fresh process; peak = max RSS of that process. The yardstick is one forward "
         "pass of the unpruned network over the same images, channels-last, batch 100, "
         "timed in the same process just before. With several runs of a configuration the "
-        "median one is shown, with the range of all.",
+        "median one is shown, with the range of all. `vgg16` rows: an ImageNet-size VGG-16 "
+        "(224x224) with random weights and random images (the cost does not depend on "
+        "them), on CUDA; its peak is the most GPU memory allocated, mostly the activation "
+        "caches (`max_cache_mb`, by default 3/4 of the free GPU memory). On CUDA the "
+        "convolutions use PyTorch's defaults (TF32 allowed in cuDNN), in the yardstick as "
+        "in the sweep; the statistics products never use TF32.",
         "",
         "```",
         "python benchmarks/speed.py --n-images 500 1000 2000 5000 --positions 5 10 20 --raw-layer",
         "python benchmarks/speed.py --n-images 5000 --repeat 3 --rerun",
+        "python benchmarks/speed.py --device cuda --model vgg16 --n-images 1000 5000",
+        "python benchmarks/speed.py --device cuda --model vgg16 --n-images 5000 --repeat 3 --rerun",
         "```",
         "",
     ]
-    if results.get("machine"):
-        lines += [f"Machine: {results['machine']}.", ""]
+    for device, machine in sorted(results.get("machines", {}).items()):
+        lines += [f"Machine ({device}): {machine}.", ""]
     runs = results.get("runs", {})
     if runs:
         lines += [
@@ -243,6 +253,9 @@ def markdown(results: dict) -> str:
             c = r["config"]
             peak = r.get("peak_cuda_mb", r["peak_rss_mb"]) / 1024
             where = r.get("gpu", c["device"])
+            if "gpu" in r:
+                where += ", TF32 convs" if c.get("tf32", True) else ", strict fp32"
+
             wall = f"{r['wall_time_s']:.1f}"
             if "wall_times_s" in r:
                 walls = r["wall_times_s"]
@@ -293,15 +306,17 @@ def plot(results: dict, path: Path) -> str | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for device in sorted({r["config"]["device"] for r in runs}):
-        rs = sorted((r for r in runs if r["config"]["device"] == device),
-                    key=lambda r: r["config"]["n_images"])  # fmt: skip
+    for device, model in sorted({(r["config"]["device"], r["config"]["model"]) for r in runs}):
+        rs = sorted((r for r in runs if (r["config"]["device"], r["config"]["model"])
+                     == (device, model)), key=lambda r: r["config"]["n_images"])  # fmt: skip
         n = [r["config"]["n_images"] for r in rs]
-        ax.plot(n, [r["wall_time_s"] for r in rs], "o-", label=f"prune_model ({device})")
-        ax.plot(n, [r["forward_pass_s"] for r in rs], "s--", label=f"one forward pass ({device})")
+        where = f"{model}, {device}"
+        ax.plot(n, [r["wall_time_s"] for r in rs], "o-", label=f"prune_model ({where})")
+        ax.plot(n, [r["forward_pass_s"] for r in rs], "s--", label=f"one forward pass ({where})")
     ax.set_xlabel("calibration images N")
     ax.set_ylabel("seconds")
-    ax.set_title("VGG-16-BN CIFAR, 2x: time vs N")
+    ax.set_yscale("log")
+    ax.set_title("Pruning at 2x: time vs N")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -334,6 +349,11 @@ def parse_args(argv):
     p.add_argument("--speedup", type=float, default=2.0, help="MAC speed-up (default: 2)")
     p.add_argument("--method", default="lasso", help="selector (default: lasso)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--no-tf32", action="store_true",
+        help="CUDA: turn off TF32 for convolutions (PyTorch's default allows it in cuDNN on "
+             "Ampere and later), so every pass runs in strict float32",
+    )  # fmt: skip
     p.add_argument(
         "--raw-layer",
         action="store_true",
@@ -383,6 +403,8 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(run(config)), flush=True)
         return 0
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if "machine" in results:  # files written before runs on several devices
+        results.setdefault("machines", {})["cpu"] = results.pop("machine")
     results.setdefault("runs", {})
     results.setdefault("raw_layer", {})
     if not args.report_only:
@@ -391,18 +413,24 @@ def main(argv=None) -> int:
             return 2
         import torch
 
-        results["machine"] = (
+        machine = (
             f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads"
         )
+        if args.device.startswith("cuda"):
+            machine = f"{torch.cuda.get_device_name()}, {machine}"
+        results.setdefault("machines", {})[args.device] = machine
         base = dict(model=args.model, speedup=args.speedup, method=args.method,
                     device=args.device, shared=str(args.shared))  # fmt: skip
+        if args.no_tf32:
+            base["tf32"] = False
         configs = [dict(base, n_images=n, positions=10) for n in args.n_images]
         configs += [dict(base, n_images=max(args.n_images), positions=p)
                     for p in args.positions if p != 10]  # fmt: skip
         failed = 0
         for config in configs:
             k = f"{args.device}/{args.model}/{config['n_images']}/{config['positions']}"
+            k += "/no-tf32" if args.no_tf32 else ""
             if k in results["runs"] and not args.rerun:
                 continue
             repeats = [_child(config) for _ in range(max(args.repeat, 1))]

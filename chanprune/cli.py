@@ -284,6 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(p, batch_size=100)
     p.add_argument(
+        "--max-cache-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help=(
+            "VGG-style models: memory for the activations cached between layers, in MB; "
+            "where a layer's maps do not fit, the layers before it are recomputed in each "
+            "pass instead, with the same result (default: 3/4 of the free GPU memory, or "
+            "half the available RAM on a CPU)"
+        ),
+    )
+    p.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -634,6 +646,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         raise ValueError(f"--holdout must be in [0, 0.5]; got {args.holdout:g}.")
     if not (math.isfinite(args.ridge) and args.ridge >= 0):
         raise ValueError(f"--ridge must be a finite number >= 0; got {args.ridge:g}.")
+    if args.max_cache_mb is not None and not (
+        math.isfinite(args.max_cache_mb) and args.max_cache_mb >= 0
+    ):
+        raise ValueError(f"--max-cache-mb must be a finite number >= 0; got {args.max_cache_mb:g}.")
     device = _check_device(args.device)
     out = _check_output(args.out, "--out")
     report_path = _check_output(args.report, "--report") if args.report else None
@@ -662,6 +678,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         ridge=args.ridge,
         channel_sampler=args.channel_sampler,
         batch_size=args.batch_size,
+        max_cache_mb=args.max_cache_mb,
         device=device,
         seed=args.seed,
         progress=not args.quiet,

@@ -17,7 +17,10 @@ For each prunable conv ``L`` in network order:
 Because ``X`` comes from the pruned network and ``Y`` from the original one, each layer
 corrects the error accumulated before it. The activations of both networks at the current
 layer are kept for all calibration images and advanced one segment per layer, so a whole
-sweep costs about one forward pass of each network, not a fresh pass per layer.
+sweep costs about one forward pass of each network, not a fresh pass per layer. Where the
+maps at a layer would not fit the cache budget (``max_cache_mb``: the 224x224 maps of an
+ImageNet VGG's first stage, for thousands of images), the caches stay at the last point
+that fitted and each pass recomputes the few layers after it.
 """
 
 from __future__ import annotations
@@ -530,6 +533,32 @@ def _keep_channels(maps: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return torch.index_select(rows, 1, kept).view(n, h, w, len(kept)).permute(0, 3, 1, 2)
 
 
+def _default_cache_bytes(device: torch.device) -> Optional[int]:
+    """The activation-cache budget when none is given: 3/4 of the memory free on a CUDA
+    device, half the RAM available on a CPU (None where that cannot be read)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.75)
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _chain_map_bytes(features: nn.Sequential, image: torch.Tensor) -> list[int]:
+    """Bytes per image of the maps entering each index of ``features`` (the last entry:
+    its output), from one forward pass of a single image (``image``: (1, C, H, W))."""
+    sizes = []
+    x = image
+    for module in features:
+        sizes.append(x.numel() * x.element_size())
+        x = module(x)
+    sizes.append(x.numel() * x.element_size())
+    return sizes
+
+
 def _run(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     x = _nhwc(x)
     for module in modules:
@@ -591,6 +620,7 @@ def prune_model(
     residual_correction: bool = True,
     channel_sampler: bool = False,
     batch_size: int = 100,
+    max_cache_mb: Optional[float] = None,
     stats_dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device] = "cpu",
     seed: int = 0,
@@ -667,6 +697,14 @@ def prune_model(
         for VGG-style models, which have no residual stream.
     batch_size : int, default=100
         Images per forward chunk (memory).
+    max_cache_mb : float, optional
+        VGG-style chains: memory, in MB, for the activations cached between layers (both
+        networks' maps at one point, for every calibration image; they live on
+        ``device``). Where a layer's input maps would not fit, the caches stay at the last
+        point that did and each pass recomputes the layers from there: less memory for
+        a little more compute, with the same result. None: 3/4 of the memory free on a
+        CUDA device, half the RAM available on a CPU. (ResNets cache the block inputs on
+        the device of ``calib``, whatever this budget.)
     stats_dtype : torch.float32, torch.float64 or None
         Precision of each chunk's products ``X^T X`` (the running sums are float64
         either way; see :class:`chanprune.LayerStats`). None: float32 on a CPU, where it
@@ -707,6 +745,8 @@ def prune_model(
     ridge = check_real_in_range(ridge, "ridge", 0.0)
     batch_size = check_int_in_range(batch_size, "batch_size", 1)
     device = torch.device(device)
+    if max_cache_mb is not None:
+        max_cache_mb = check_real_in_range(max_cache_mb, "max_cache_mb", 0.0)
     if stats_dtype is None:
         stats_dtype = torch.float32 if device.type == "cpu" else torch.float64
     plan = _plan(model, channel_sampler)
@@ -725,12 +765,20 @@ def prune_model(
             )
 
     images = load_calibration_images(calib, n_images, seed=seed, progress=progress)
+    if device.type == "cuda" and images.device != device:
+        # Every pass that starts from the images then reads them without a host copy.
+        if images.nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
+            images = images.to(device)
+    if max_cache_mb is None:
+        cache_bytes = _default_cache_bytes(device)
+    else:
+        cache_bytes = int(max_cache_mb * 2**20)
     n_total = images.shape[0]
     n_held = int(round(holdout * n_total)) if n_total > 1 else 0
     # Held-out images go last, so every chunk splits into fit and held-out rows by slicing.
     order = np.random.default_rng(seed).permutation(n_total)
     fit_idx, held_idx = np.sort(order[n_held:]), np.sort(order[:n_held])
-    images = images[torch.from_numpy(np.concatenate([fit_idx, held_idx]))]
+    images = images[torch.from_numpy(np.concatenate([fit_idx, held_idx])).to(images.device)]
     input_shape = tuple(images.shape[1:])
 
     reference = copy.deepcopy(model).to(device).eval()
@@ -756,8 +804,10 @@ def prune_model(
         method=method, refit=refit, ridge=ridge, normalize=normalize, alternate=alternate,
         correct_unpruned=correct_unpruned, residual_correction=residual_correction,
         positions_per_image=positions_per_image, batch_size=batch_size,
-        stats_dtype=stats_dtype, device=device, store=images.device, bn_scale=bn_scale,
-        seed=seed, max_iter=max_iter, tol=tol,
+        stats_dtype=stats_dtype, device=device, bn_scale=bn_scale, seed=seed,
+        max_iter=max_iter, tol=tol, cache_bytes=cache_bytes,
+        # A chain's caches fit cache_bytes on the device; a ResNet's stay beside the images.
+        store=device if plan[0].role == "chain" else images.device,
     )  # fmt: skip
     # no_grad, not inference_mode: parameters created by the surgery must stay ordinary
     # tensors, so the pruned model can be fine-tuned afterwards.
@@ -788,7 +838,7 @@ def prune_model(
             positions_per_image=positions_per_image, ridge=ridge, refit=refit,
             normalize=normalize, alternate=alternate, correct_unpruned=correct_unpruned,
             residual_correction=residual_correction, channel_sampler=channel_sampler,
-            seed=seed, widths=widths,
+            seed=seed, widths=widths, max_cache_mb=max_cache_mb,
         ),
     )  # fmt: skip
     return pruned.eval(), report
@@ -1007,51 +1057,80 @@ class _Sweep:
 
     # ------------------------------------------------------------------ VGG-style chains
     def run_chain(self, plan: list[_Consumer], images: _Maps, progress: bool) -> None:
-        """Layer by layer through ``features``, both caches at the current consumer's input."""
+        """Layer by layer through ``features``.
+
+        Both caches (reference and pruned network) hold every image's maps at one index of
+        ``features``, the checkpoint: the current consumer's input when those maps fit
+        ``cache_bytes``, else the last index that did, from which each pass recomputes
+        the layers up to the consumer."""
         ref_features, features = self.reference.features, self.pruned.features
+        with torch.no_grad():
+            first = next(images.batches(self.device))[1][:1]
+            map_bytes = _chain_map_bytes(ref_features, first)
+        n_images = sum(chunk.shape[0] for chunk in images.chunks)
+
+        def fits(start: int, end: int) -> bool:
+            """Whether both caches at ``end`` fit beside those at ``start`` (which are
+            alive while the new ones are built; index 0 holds the caller's images)."""
+            held = map_bytes[start] if start > 0 else 0
+            return self.cache_bytes is None or 2 * n_images * (held + map_bytes[end]) <= (
+                self.cache_bytes
+            )
+
         cache_ref = cache_pruned = images  # the same maps until the first layer is pruned
         diverged = False
-        position = 0  # the index in features whose input the caches hold
+        checkpoint = 0  # the index in features whose input the caches hold
         bar = tqdm(plan, desc="pruning", disable=not progress)
         for step, consumer in enumerate(bar):
             bar.set_postfix_str(consumer.name)
-            if position < consumer.index:  # first layer, or after an untouched one
-                segment_ref = list(ref_features[position : consumer.index])
-                cache_ref = _advance(segment_ref, cache_ref, self.device, self.store)
-                if diverged:
-                    segment = list(features[position : consumer.index])
-                    cache_pruned = _advance(segment, cache_pruned, self.device, self.store)
-                else:
-                    cache_pruned = cache_ref
-                position = consumer.index
+            index = consumer.index
             if self.skip(consumer, diverged):
                 continue
+            if checkpoint < index and fits(checkpoint, index):  # first layer, or after a skip
+                segment_ref = list(ref_features[checkpoint:index])
+                new_ref = _advance(segment_ref, cache_ref, self.device, self.store)
+                if diverged:
+                    segment = list(features[checkpoint:index])
+                    cache_pruned = _advance(segment, cache_pruned, self.device, self.store)
+                else:
+                    cache_pruned = new_ref
+                cache_ref, checkpoint = new_ref, index
+            elif checkpoint < index:
+                logger.info(
+                    "%s: its input maps exceed the cache budget; recomputing features[%d:%d] "
+                    "in each pass.", consumer.name, checkpoint, index,
+                )  # fmt: skip
             start = time.perf_counter()
             ref_target = self.reference.get_submodule(consumer.bn or consumer.name)
-            # The reference network runs up to the next consumer in the same pass that
-            # yields this layer's target (a hook on its BN output): one forward pass per
-            # sweep. The last layer stops at its own output.
+            # The reference network runs on to the next consumer in the same pass that
+            # yields this layer's target (a hook on its BN output), when the caches move
+            # there: one forward pass per sweep. Otherwise it stops at the target.
             nxt = plan[step + 1].index if step + 1 < len(plan) else None
-            bn_index = int(consumer.bn.split(".")[1]) if consumer.bn else consumer.index
-            segment_ref = list(ref_features[consumer.index : nxt if nxt else bn_index + 1])
+            move = nxt is not None and fits(checkpoint, nxt)
+            bn_index = int(consumer.bn.split(".")[1]) if consumer.bn else index
+            prefix_ref = list(ref_features[checkpoint:index])
+            prefix = list(features[checkpoint:index])
+            segment_ref = list(ref_features[index : nxt if move else bn_index + 1])
             stats = self.new_stats(consumer)
-            scores = _Scores(self.method, features[consumer.index].in_channels)
+            scores = _Scores(self.method, features[index].in_channels)
             next_ref = []
             pairs = zip(cache_ref.batches(self.device), cache_pruned.batches(self.device))
             for (lo, x_ref), (_, x) in pairs:
+                x_ref = _run(prefix_ref, x_ref)
+                x = _run(prefix, x) if diverged else x_ref
                 with record_activations(outputs={"y": ref_target}) as rec:
                     out = _run(segment_ref, x_ref)
-                if nxt is not None:
+                if move:
                     next_ref.append(out.to(self.store))
                 self.accumulate(consumer, stats, scores, x, rec["y"], lo)
             kept = self.fit_layer(consumer, stats, scores, start)
-            cache_pruned = cache_pruned.keep_channels(kept)
+            if checkpoint == index:  # the cache holds the producer's output, cut just now
+                cache_pruned = cache_pruned.keep_channels(kept)
             diverged = True
-            if nxt is not None:
-                segment = list(features[consumer.index : nxt])
+            if move:
+                segment = list(features[checkpoint:nxt])
                 cache_pruned = _advance(segment, cache_pruned, self.device, self.store)
-                cache_ref = _Maps(next_ref)
-                position = nxt
+                cache_ref, checkpoint = _Maps(next_ref), nxt
 
     # ------------------------------------------------------------------ ResNets
     def run_residual(self, plan: list[_Consumer], images: _Maps, progress: bool) -> None:

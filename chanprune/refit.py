@@ -61,7 +61,11 @@ def _solve_psd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         pivots = torch.diagonal(factor).abs()
         if float(pivots.min()) ** 2 > _PIVOT_RATIO * float(pivots.max()) ** 2:
             return torch.cholesky_solve(torch.from_numpy(rhs), factor).numpy()
-    sol, _, rank, _ = scipy.linalg.lstsq(gram, rhs, check_finite=False, lapack_driver="gelsd")
+    # Singular values under the pivot threshold are rounding noise of a singular Gram
+    # (LAPACK's default cut-off, eps * size, keeps them and returns a wild solution).
+    sol, _, rank, _ = scipy.linalg.lstsq(
+        gram, rhs, cond=_PIVOT_RATIO, check_finite=False, lapack_driver="gelsd"
+    )
     warnings.warn(
         f"the Gram matrix of the kept channels is singular (numerical rank {rank} of "
         f"{gram.shape[0]}); using the minimum-norm least-squares solution. Sample more "

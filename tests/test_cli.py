@@ -28,8 +28,8 @@ OPTIONS = {
     "prune": [
         "--help", "--model", "--weights", "--preset", "--calib", "--speedup", "--widths",
         "--method", "--schedule", "--channel-sampler", "--n-images", "--positions", "--holdout",
-        "--ridge",
-        "--batch-size", "--device", "--seed", "--out", "--report", "--quiet", "--verbose",
+        "--ridge", "--batch-size", "--device", "--max-cache-mb", "--seed", "--out", "--report",
+        "--quiet", "--verbose",
     ],
     "eval": [
         "--help", "--model", "--weights", "--preset", "--data", "--n-images", "--seed",
@@ -147,7 +147,9 @@ def test_prune_end_to_end(tiny, tmp_path, capsys):
 
 def test_prune_prints_table_and_honours_options(tiny, tmp_path, capsys):
     argv = _prune_argv(tiny, tmp_path, "--speedup", 2, "--method", "first_k", "--holdout", 0)
-    code, out, err = run([*argv, "--n-images", 30, "--positions", 4, "--seed", 3], capsys)
+    code, out, err = run(
+        [*argv, "--n-images", 30, "--positions", 4, "--seed", 3, "--max-cache-mb", 0], capsys
+    )
     assert code == 0, err
     assert "| features.3 |" in out and "first_k" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]
@@ -243,6 +245,8 @@ def _bad_prune_cases():
          "--holdout"),
         ("n-images-0", lambda t, d: _prune_argv(t, d, "--speedup", 1.5, "--n-images", 0),
          "--n-images"),
+        ("negative-cache", lambda t, d: _prune_argv(t, d, "--speedup", 1.5, "--max-cache-mb",
+                                                    -5), "--max-cache-mb"),
         ("bad-device", lambda t, d: _prune_argv(t, d, "--speedup", 1.5, "--device", "gpu0"),
          "--device"),
         ("out-is-a-directory", lambda t, d: [
