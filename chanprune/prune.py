@@ -1087,14 +1087,15 @@ class _Sweep:
             if self.skip(consumer, diverged):
                 continue
             if checkpoint < index and fits(checkpoint, index):  # first layer, or after a skip
+                # (No other name may hold the old caches: each is freed when replaced.)
                 segment_ref = list(ref_features[checkpoint:index])
-                new_ref = _advance(segment_ref, cache_ref, self.device, self.store)
+                cache_ref = _advance(segment_ref, cache_ref, self.device, self.store)
                 if diverged:
                     segment = list(features[checkpoint:index])
                     cache_pruned = _advance(segment, cache_pruned, self.device, self.store)
                 else:
-                    cache_pruned = new_ref
-                cache_ref, checkpoint = new_ref, index
+                    cache_pruned = cache_ref
+                checkpoint = index
             elif checkpoint < index:
                 logger.info(
                     "%s: its input maps exceed the cache budget; recomputing features[%d:%d] "

@@ -250,3 +250,32 @@ def test_cache_budget_changes_memory_not_result(monkeypatch):
         assert [r.rel_error for r in other.layers] == pytest.approx(
             [r.rel_error for r in report.layers], rel=1e-4
         )
+
+
+def test_replaced_caches_are_freed(monkeypatch):
+    """Each cache advanced past is released: when a layer is fit, the only cache made by
+    ``_advance`` still alive is the pruned network's current one (the reference's is the
+    list of maps kept from the pass). A stray name on the first cache once kept the
+    largest maps alive for the whole sweep (+1.3 GB for the CIFAR VGG at 5,000 images)."""
+    import weakref
+
+    import chanprune.prune as driver
+
+    made, live_at_fit = [], []
+    real_advance, real_fit = driver._advance, driver._Sweep.fit_layer
+
+    def advance(*args, **kwargs):
+        maps = real_advance(*args, **kwargs)
+        made.append(weakref.ref(maps))
+        return maps
+
+    def fit_layer(self, *args, **kwargs):
+        live_at_fit.append(sum(ref() is not None for ref in made))
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "_advance", advance)
+    monkeypatch.setattr(driver._Sweep, "fit_layer", fit_layer)
+    prune_model(_tiny_vgg(), _images(), speedup=1.8, **QUIET)
+    assert len(live_at_fit) == 4
+    assert live_at_fit[0] == 1  # the first layer: both networks share the first cache
+    assert max(live_at_fit[1:]) == 1, live_at_fit
