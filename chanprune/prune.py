@@ -746,7 +746,9 @@ def prune_model(
     batch_size = check_int_in_range(batch_size, "batch_size", 1)
     device = torch.device(device)
     if max_cache_mb is not None:
-        max_cache_mb = check_real_in_range(max_cache_mb, "max_cache_mb", 0.0)
+        max_cache_mb = check_real_in_range(
+            max_cache_mb, "max_cache_mb", 0.0, np.inf, high_inclusive=False
+        )
     if stats_dtype is None:
         stats_dtype = torch.float32 if device.type == "cpu" else torch.float64
     plan = _plan(model, channel_sampler)
@@ -765,6 +767,7 @@ def prune_model(
             )
 
     images = load_calibration_images(calib, n_images, seed=seed, progress=progress)
+    calib_device = images.device
     if device.type == "cuda" and images.device != device:
         # Every pass that starts from the images then reads them without a host copy.
         if images.nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
@@ -806,8 +809,9 @@ def prune_model(
         positions_per_image=positions_per_image, batch_size=batch_size,
         stats_dtype=stats_dtype, device=device, bn_scale=bn_scale, seed=seed,
         max_iter=max_iter, tol=tol, cache_bytes=cache_bytes,
-        # A chain's caches fit cache_bytes on the device; a ResNet's stay beside the images.
-        store=device if plan[0].role == "chain" else images.device,
+        # A chain's caches fit cache_bytes on the device; a ResNet's, which no budget
+        # bounds, stay where the calibration images came from.
+        store=device if plan[0].role == "chain" else calib_device,
     )  # fmt: skip
     # no_grad, not inference_mode: parameters created by the surgery must stay ordinary
     # tensors, so the pruned model can be fine-tuned afterwards.
@@ -1065,8 +1069,7 @@ class _Sweep:
         the layers up to the consumer."""
         ref_features, features = self.reference.features, self.pruned.features
         with torch.no_grad():
-            first = next(images.batches(self.device))[1][:1]
-            map_bytes = _chain_map_bytes(ref_features, first)
+            map_bytes = _chain_map_bytes(ref_features, images.chunks[0][:1].to(self.device))
         n_images = sum(chunk.shape[0] for chunk in images.chunks)
 
         def fits(start: int, end: int) -> bool:

@@ -143,6 +143,8 @@ def test_bad_parameters():
         prune_model("vgg16", x, speedup=2, **QUIET)
     with pytest.raises(ValueError, match=r"'max_cache_mb' parameter must be in \[0.0"):
         prune_model(model, x, speedup=2, max_cache_mb=-1, **QUIET)
+    with pytest.raises(ValueError, match=r"'max_cache_mb' parameter must be in \[0.0, inf\)"):
+        prune_model(model, x, speedup=2, max_cache_mb=float("inf"), **QUIET)
 
 
 def test_bad_calibration_data():
