@@ -373,7 +373,10 @@ def _prune_from_moments(
         weights ``w_used`` and bias ``b_used``."""
         coef = sel.coef[sel.kept] if sel.coef is not None else np.ones(sel.kept.size)
         w_sel = (w_used[:, sel.kept] * coef[None, :, None]).reshape(n, -1)
-        before = reconstruction_error(moments, sel.kept, w_sel, b_used)
+        if sel.error is not None:  # the selector knows it (LASSO, from the c x c moments)
+            before = sel.error
+        else:
+            before = reconstruction_error(moments, sel.kept, w_sel, b_used)
         if refit:
             w_new, b_new, after = refit_with_error(moments, sel.kept, ridge=ridge)
         else:

