@@ -346,14 +346,14 @@ class LayerStats:
         g, c, n = self._geometry, self.n_channels, self.n_outputs
         hw, p, k = g.in_pixels, g.out_pixels, g.index.shape[1]
         n_images = x.shape[0]
-        # X^T X: the pixel Gram, (hw, c, hw, c), regrouped as (hw * hw, c * c) so that
-        # summing the (k x k) pixel pairs of every patch is one product with the 0/1
-        # incidence matrix (k * k, hw * hw) of the geometry. a5[k, l] is the (c x c) block
-        # of kernel offsets (k, l).
-        gram = _contiguous(_gram(x).view(hw, c, hw, c).permute(0, 2, 1, 3)).view(hw * hw, c * c)
-        pairs = g.pair_counts.to(device=x.device, dtype=gram.dtype)
-        a5 = _matmul(pairs, gram).view(k, k, c, c)
+        # X^T X: the pixel Gram as (hw * hw, c * c) blocks, so that summing the (k x k)
+        # pixel pairs of every patch is one product with the incidence matrix
+        # (k * k, hw * hw) of the geometry. a5[k, l] is the (c x c) block of kernel
+        # offsets (k, l).
         x_pixels, y_pixels = x.view(n_images, hw, c), y.view(n_images, p, n)
+        pairs = g.pair_counts
+        gram = _pixel_gram(x_pixels, (pairs.sum(dim=0) > 0).view(hw, hw))
+        a5 = _matmul(pairs.to(device=x.device, dtype=gram.dtype), gram).view(k, k, c, c)
         blocks = _no_tf32(lambda: _offset_products(x_pixels, y_pixels, g.index))  # (k, c, n)
         xty = blocks.double().permute(1, 0, 2).reshape(c * k, n)
         y_rows = y.view(n_images * p, n)
@@ -631,13 +631,6 @@ def _new(shape: tuple[int, ...], dtype: torch.dtype, device, *, zero: bool = Fal
     return torch.from_numpy((np.zeros if zero else np.empty)(shape, dtype=np_dtype))
 
 
-def _contiguous(x: torch.Tensor) -> torch.Tensor:
-    """``x.contiguous()``, the copy (if any) made into :func:`_new` memory."""
-    if x.is_contiguous():
-        return x
-    return _new(tuple(x.shape), x.dtype, x.device).copy_(x)
-
-
 def _sum_squares(y: torch.Tensor) -> torch.Tensor:
     """``sum(y ** 2)`` accumulated in float64, as a 0-d float64 tensor (on the CPU without
     a float64 copy of ``y``)."""
@@ -648,12 +641,31 @@ def _sum_squares(y: torch.Tensor) -> torch.Tensor:
     return (y.double() ** 2).sum()
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """``x^T x`` of a 2-D tensor in its own dtype (numpy's syrk on the CPU)."""
-    if x.device.type == "cpu":
-        a = np.ascontiguousarray(x.numpy())
-        return torch.from_numpy(a.T @ a)
-    return _no_tf32(lambda: x.T @ x)
+def _pixel_gram(x: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
+    """The blocks ``x[:, u]^T x[:, v]`` of pixel-major maps ``x`` (images, hw, c), as
+    shape (hw * hw, c * c) in ``x``'s dtype, for the pixel pairs that share a patch
+    (``needed`` (hw, hw), symmetric); the others are left zero.
+
+    Pixels too far apart to share a patch (a quarter of the pairs of a 4x4 map under a
+    3x3 kernel) are skipped, and each pair is computed once for both orders, straight
+    into its block (BLAS reads the strided pixel columns in place).
+    """
+    n_images, hw, c = x.shape
+    out = _new((hw, hw, c, c), x.dtype, x.device, zero=True)
+    needed = needed.cpu().numpy()
+    cpu = x.device.type == "cpu"
+    x_np, out_np = (x.numpy(), out.numpy()) if cpu else (None, None)
+    for u in range(hw):
+        for v in range(u, hw):
+            if not needed[u, v]:
+                continue
+            if cpu:
+                np.matmul(x_np[:, u].T, x_np[:, v], out=out_np[u, v])
+            else:
+                out[u, v] = _no_tf32(lambda: x[:, u].T @ x[:, v])  # noqa: B023
+            if v != u:
+                out[v, u] = out[u, v].T
+    return out.view(hw * hw, c * c)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
