@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _whole_model import (  # noqa: E402
     REPO,
     SHARED,
+    git_commit,
     peak_rss_mb,
     replace_section,
     save_figure,
@@ -132,6 +133,7 @@ def run_whole(config: dict) -> dict:
     wall = time.perf_counter() - start
     out = {
         "config": {k: v for k, v in config.items() if k != "shared"},
+        "commit": git_commit(),
         "wall_time_s": wall,
         "forward_pass_s": forward,
         "load_s": load_s,
@@ -242,8 +244,8 @@ def markdown(results: dict) -> str:
     if runs:
         lines += [
             "| device | model | N | positions | prune (s) | forward pass (s) | prune / forward "
-            "| decode (s) | peak (GB) | speed-up |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| decode (s) | peak (GB) | speed-up | code |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(
             runs.values(),
@@ -264,7 +266,8 @@ def markdown(results: dict) -> str:
                 f"| {where} | {c['model']} | {c['n_images']} | {c['positions']} "
                 f"| {wall} | {r['forward_pass_s']:.1f} "
                 f"| {r['wall_time_s'] / r['forward_pass_s']:.1f} | {r['load_s']:.1f} "
-                f"| {peak:.2f}{' (CUDA)' if 'peak_cuda_mb' in r else ''} | {r['speedup']:.2f}x |"
+                f"| {peak:.2f}{' (CUDA)' if 'peak_cuda_mb' in r else ''} | {r['speedup']:.2f}x "
+                f"| {r.get('commit') or 'before 94f6180'} |"
             )
         lines.append("")
     raw = results.get("raw_layer", {})
