@@ -720,5 +720,4 @@ def _products_torch(x: torch.Tensor, y: torch.Tensor):
     xtx, xty = _no_tf32(lambda: ((x.T @ x).double(), (x.T @ y).double()))
     x_sum = x.sum(dim=0, dtype=torch.float64)
     y_sum = y.sum(dim=0, dtype=torch.float64)
-    yty = (y.double() ** 2).sum()
-    return xtx, x_sum, xty, y_sum, yty
+    return xtx, x_sum, xty, y_sum, _sum_squares(y)
