@@ -22,6 +22,7 @@ from typing import Callable
 
 from chanprune.io import atomic_write
 from chanprune.report import write_text_atomic
+from chanprune.schedule import SCHEDULES
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -228,7 +229,7 @@ def markdown(bench: Benchmark, results: dict) -> str:
         lines += [f"Machine: {machine}.", ""]
     speedups = sorted({r["config"]["speedup"] for r in runs.values()})
     variants = [""] + list(bench.variants)
-    for schedule in ("uniform", "paper"):
+    for schedule in SCHEDULES:
         rows = [r for r in runs.values() if r["config"]["schedule"] == schedule]
         if not rows:
             continue
@@ -316,7 +317,7 @@ def plot_accuracy(bench: Benchmark, results: dict, path: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in sorted(lines):
         pts = sorted(lines[label])
-        style = "--" if ", paper" in label else "-"
+        style = "--" if ", paper" in label else "-." if ", energy" in label else "-"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
     base = results.get("baseline", {}).get("accuracy")
     if base is not None:
@@ -357,7 +358,7 @@ def parse_args(bench: Benchmark, argv, doc: str):
         "--speedups", nargs="+", type=float, default=[2.0], help="MAC speed-ups (default: 2)"
     )
     p.add_argument(
-        "--schedules", nargs="+", default=["uniform"], choices=["uniform", "paper"],
+        "--schedules", nargs="+", default=["uniform"], choices=list(SCHEDULES),
         help="width schedules (default: uniform)",
     )  # fmt: skip
     p.add_argument(

@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
             "'paper' (He et al.'s VGG-16 schedule: conv4_x keeps 1.5x the ratio of "
             "conv1_x-conv3_x, conv5_x untouched; ResNets: the last stage and blocks that "
             "change the map size keep 7/3 the ratio of the others, Bottleneck 2a : 2b : 2c "
-            "inputs 2 : 4 : 3) (default: uniform)"
+            "inputs 2 : 4 : 3) or 'energy' (from the data: layers whose input channels are "
+            "redundant, by the principal-component spectrum of 500 calibration images, are "
+            "pruned hardest) (default: uniform)"
         ),
     )
     p.add_argument(
@@ -611,6 +613,10 @@ def _check_plan(
     """
     from .prune import plan_widths
 
+    if schedule == "energy":
+        # Its widths need the data; it prunes every layer, as uniform does, so the same
+        # targets are reachable and the same checks apply.
+        schedule = "uniform"
     plan_widths(
         model, input_shape, speedup=speedup, schedule=schedule, channel_sampler=channel_sampler
     )

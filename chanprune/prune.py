@@ -43,8 +43,22 @@ from .exceptions import UnsupportedLayerError
 from .flops import conv_output_sizes, count_macs, count_params
 from .layer import prune_layer_from_stats
 from .report import LayerReport, PruneReport
-from .sampling import extract_patches, gather_outputs, record_activations, sample_positions
-from .schedule import SCHEDULES, ConvCost, MacModel, resolve_explicit, widths_for_speedup
+from .sampling import (
+    channel_spectra,
+    extract_patches,
+    gather_outputs,
+    record_activations,
+    sample_positions,
+)
+from .schedule import (
+    SCHEDULES,
+    ConvCost,
+    MacModel,
+    energy_fractions,
+    resolve_explicit,
+    widths_for_energy,
+    widths_for_speedup,
+)
 from .selection import SELECTORS
 from .stats import LayerStats
 from .surgery import (
@@ -319,6 +333,13 @@ def _mac_model(model: nn.Module, plan: list[_Consumer], input_shape) -> MacModel
 _RESIDUAL_ROLE = {"basic": 1.0, "2a": 2.0 / 3.5, "2b": 4.0 / 3.5, "2c": 3.0 / 3.5}
 
 
+#: Images (the first fit ones) whose channel spectra drive ``schedule="energy"``: every
+#: position of every map counts, so even the 2x2 maps of VGG-16's conv5 on CIFAR give
+#: 2,000 vectors of 512 channels, enough to tell a fast-falling spectrum from a flat one,
+#: for one forward pass over a tenth of 5,000 images.
+ENERGY_IMAGES = 500
+
+
 def _multipliers(plan: list[_Consumer], schedule: str) -> dict[str, float]:
     if schedule == "uniform":
         return {c.name: 1.0 for c in plan}
@@ -357,8 +378,10 @@ def plan_widths(
     speedup: Optional[float] = None,
     schedule: Union[str, Mapping[str, Union[int, float]]] = "uniform",
     channel_sampler: bool = False,
+    spectra: Optional[Mapping[str, np.ndarray]] = None,
 ) -> tuple[dict[str, int], float]:
-    """Per-layer widths for a target speed-up, without any data or pruning.
+    """Per-layer widths for a target speed-up, without pruning (and, but for the
+    ``energy`` schedule, without data).
 
     Parameters
     ----------
@@ -368,6 +391,10 @@ def plan_widths(
         One input without the batch dimension, e.g. ``(3, 32, 32)``.
     speedup, schedule, channel_sampler
         As in :func:`prune_model`.
+    spectra : dict of layer -> ndarray, optional
+        Needed by ``schedule="energy"`` only: the eigenvalues of the covariance of each
+        prunable layer's input channels, as :func:`chanprune.sampling.channel_spectra`
+        returns them (:func:`prune_model` computes them from its calibration images).
 
     Returns
     -------
@@ -396,6 +423,15 @@ def plan_widths(
     if explicit:
         widths = {**mac_model.groups, **resolve_explicit(mac_model, schedule)}
         return widths, mac_model.macs() / mac_model.macs(widths)
+    if schedule == "energy":
+        if spectra is None:
+            raise ValueError(
+                "schedule='energy' allocates the widths from the channel spectra of "
+                "calibration data: pass spectra=channel_spectra(...), or use prune_model, "
+                "which computes them."
+            )
+        energy = {c.name: energy_fractions(spectra[c.name]) for c in plan if c.name in spectra}
+        return widths_for_energy(mac_model, speedup, energy)
     return widths_for_speedup(mac_model, speedup, _multipliers(plan, schedule))
 
 
@@ -667,11 +703,15 @@ def prune_model(
     speedup : float, optional
         Target MAC speed-up (> 1), turned into per-layer widths by ``schedule``. The
         achieved value is reported (within 2% of the target).
-    schedule : {"uniform", "paper"} or dict of layer -> keep
+    schedule : {"uniform", "paper", "energy"} or dict of layer -> keep
         ``uniform``: one kept ratio everywhere; ``paper``: He et al.'s schedules (VGG-16:
         conv1_x-conv3_x : conv4_x kept ratios 1 : 1.5, conv5_x untouched; ResNet: blocks
         of the last stage and blocks that change the map size keep 7/3 the ratio of the
-        others, Bottleneck 2b : 2c inputs 4 : 3); or explicit
+        others, Bottleneck 2b : 2c inputs 4 : 3); ``energy``: from the data, the widths
+        that keep the most principal-component energy of each layer's input channels per
+        MAC (:func:`chanprune.schedule.widths_for_energy`; the spectra come from one
+        forward pass of the original network over the first ``ENERGY_IMAGES`` = 500 fit
+        images, so layers with redundant channels are pruned hardest); or explicit
         widths ``{"features.3": 32, ...}`` (int counts or float ratios), in which case
         ``speedup`` must be None. :func:`prunable_layers` lists the keys. With
         ``channel_sampler``, the paper schedule gives the stream input of a Bottleneck's
@@ -810,9 +850,16 @@ def prune_model(
         pruned = model.to(device).eval()
     else:
         pruned = copy.deepcopy(model).to(device).eval()
+    spectra = None
+    if schedule == "energy":
+        consumers = {c.name: reference.get_submodule(c.name) for c in plan}
+        n_spectra = min(ENERGY_IMAGES, n_total - n_held)
+        spectra = channel_spectra(
+            reference, images[:n_spectra], consumers, batch_size=batch_size, device=device
+        )  # fmt: skip
     widths, _ = plan_widths(
         reference, input_shape, speedup=speedup, schedule=schedule,
-        channel_sampler=channel_sampler,
+        channel_sampler=channel_sampler, spectra=spectra,
     )  # fmt: skip
     macs_before = count_macs(reference, input_shape)
     params_before = count_params(reference)

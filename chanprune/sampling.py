@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +23,7 @@ __all__ = [
     "extract_patches",
     "gather_outputs",
     "record_activations",
+    "channel_spectra",
 ]
 
 
@@ -174,3 +176,84 @@ def record_activations(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def channel_spectra(
+    model: nn.Module,
+    images: torch.Tensor,
+    consumers: dict[str, nn.Module],
+    *,
+    batch_size: int = 100,
+    device: Optional[torch.device | str] = None,
+) -> dict[str, np.ndarray]:
+    """Eigenvalues of the covariance of each consumer's input channels.
+
+    Runs ``model`` over ``images`` with a forward pre-hook on every consumer that adds
+    its input's channel vectors, at every spatial position, to a float64 sum and Gram
+    matrix. The covariance is centred: the intercept of a refit absorbs a channel's mean,
+    so only the variation around it is information the kept channels must carry.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Run in its current mode under ``torch.no_grad``; not modified.
+    images : tensor of shape (n_images, C, H, W)
+        Preprocessed images.
+    consumers : dict of name -> module
+        Modules whose input (4-d, ``(N, c, h, w)``) is measured, each called once per
+        forward.
+    batch_size : int, default=100
+    device : torch.device or str, optional
+        Where the model runs; each batch is moved there. Default: the images' device.
+
+    Returns
+    -------
+    dict of name -> ndarray of shape (c,)
+        Eigenvalues of each covariance, largest first, clipped at 0.
+
+    Notes
+    -----
+    Hooks are removed in ``finally``, as in :func:`record_activations`.
+    """
+    gram: dict[str, torch.Tensor] = {}
+    total: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = {}
+
+    def pre_hook(name):
+        def hook(module, args):
+            x = args[0].detach()
+            if x.dim() != 4:
+                raise ValueError(f"{name}: expected a 4-d input (N, C, H, W); got {x.dim()}-d.")
+            rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).to(torch.float64)
+            if name not in gram:
+                gram[name] = rows.T @ rows
+                total[name] = rows.sum(0)
+                count[name] = rows.shape[0]
+            else:
+                gram[name] += rows.T @ rows
+                total[name] += rows.sum(0)
+                count[name] += rows.shape[0]
+
+        return hook
+
+    handles = []
+    try:
+        for name, module in consumers.items():
+            handles.append(module.register_forward_pre_hook(pre_hook(name)))
+        with torch.no_grad():
+            for start in range(0, images.shape[0], batch_size):
+                batch = images[start : start + batch_size].to(device or images.device)
+                model(batch.contiguous(memory_format=torch.channels_last))
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in consumers if name not in gram]
+    if missing:
+        raise ValueError(f"the forward pass never reached {missing}.")
+    spectra = {}
+    for name in consumers:
+        mean = total[name] / count[name]
+        cov = gram[name] / count[name] - torch.outer(mean, mean)
+        eigenvalues = torch.linalg.eigvalsh(cov.cpu()).flip(0).clamp(min=0.0)
+        spectra[name] = eigenvalues.numpy()
+    return spectra

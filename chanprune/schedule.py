@@ -17,12 +17,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import numpy as np
+
 from ._validation import check_real_in_range
 
-__all__ = ["ConvCost", "MacModel", "widths_for_speedup", "SCHEDULES"]
+__all__ = [
+    "ConvCost",
+    "MacModel",
+    "widths_for_speedup",
+    "widths_for_energy",
+    "energy_fractions",
+    "SCHEDULES",
+]
 
 #: Built-in schedule names; an explicit ``{group: keep}`` mapping is also accepted.
-SCHEDULES = ("uniform", "paper")
+#: ``energy`` needs the channel spectra of calibration data (see :func:`widths_for_energy`).
+SCHEDULES = ("uniform", "paper", "energy")
 
 
 @dataclass(frozen=True)
@@ -145,6 +155,117 @@ def widths_for_speedup(
     candidates = [_widths_at(model, multipliers, lo), _widths_at(model, multipliers, hi)]
     widths = min(candidates, key=lambda w: abs(math.log(base / model.macs(w) / speedup)))
     widths = _refine(model, widths, prunable, target)
+    return widths, base / model.macs(widths)
+
+
+def energy_fractions(eigenvalues: np.ndarray) -> np.ndarray:
+    """Cumulative fraction of the energy kept by the top ``k`` principal components.
+
+    Parameters
+    ----------
+    eigenvalues : ndarray of shape (n_channels,)
+        Eigenvalues of a channel covariance, any order; negative round-off is clipped.
+
+    Returns
+    -------
+    ndarray of shape (n_channels,)
+        Entry ``k - 1``: the fraction kept with ``k`` components, non-decreasing, last 1.
+        All ones when the total energy is zero (the channels carry nothing to lose).
+    """
+    ev = np.sort(np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None))[::-1]
+    total = ev.sum()
+    if not total > 0:
+        return np.ones(ev.shape[0])
+    fractions = np.minimum(np.cumsum(ev) / total, 1.0)
+    fractions[-1] = 1.0
+    return fractions
+
+
+def widths_for_energy(
+    model: MacModel,
+    speedup: float,
+    energy: Mapping[str, np.ndarray],
+) -> tuple[dict[str, int], float]:
+    """Widths for a target speed-up that keep the most channel energy per MAC.
+
+    The rank selection of Zhang et al. (2015), "Accelerating Very Deep Convolutional
+    Networks for Classification and Detection", applied to channel groups: maximise
+    ``prod_g E_g(k_g)`` (``E_g(k)``: fraction of the energy of group ``g``'s channels kept
+    by its top ``k`` principal components) under the MAC budget. Greedily, one channel at
+    a time, the group whose next channel costs the least ``-log E`` per MAC saved gives
+    it up, until the target is met; a final pass moves single channels to close the gap.
+    A group whose spectrum falls off fast (redundant channels) is pruned hard; one whose
+    energy is spread over all its channels keeps them.
+
+    Parameters
+    ----------
+    model : MacModel
+    speedup : float
+        Target ``macs(original) / macs(pruned)``, > 1.
+    energy : dict of group -> ndarray of shape (size_g,)
+        :func:`energy_fractions` of each group's channels; every group of ``model`` is
+        prunable and must be present.
+
+    Returns
+    -------
+    widths : dict of group -> int
+    achieved : float
+
+    Raises
+    ------
+    ValueError
+        A missing group, a spectrum of the wrong length, or an unreachable target.
+    """
+    speedup = check_real_in_range(speedup, "speedup", 1.0, low_inclusive=False)
+    missing = [g for g in model.groups if g not in energy]
+    if missing:
+        raise ValueError(f"energy has no spectrum for the groups {missing}.")
+    cost = {}
+    for g, size in model.groups.items():
+        fractions = np.asarray(energy[g], dtype=np.float64)
+        if fractions.shape != (size,):
+            raise ValueError(
+                f"energy[{g!r}] must have shape ({size},), one fraction per channel; "
+                f"got {fractions.shape}."
+            )
+        if not np.all((fractions >= 0) & (fractions <= 1)):
+            raise ValueError(f"energy[{g!r}] must hold fractions in [0, 1] (no NaN).")
+        # -log E(k) for k = 1..size; a group with no energy at k keeps an infinite cost.
+        with np.errstate(divide="ignore"):
+            cost[g] = -np.log(fractions)
+    base = model.macs()
+    target = base / speedup
+    groups = list(model.groups)
+    floor = model.macs({g: 1 for g in groups})
+    if floor > target:
+        raise ValueError(
+            f"speedup={speedup:g} is out of reach: at most {base / floor:.3g}x "
+            "(one channel left in every pruned layer)."
+        )
+    # MACs are bilinear in the widths: the MACs one channel of a group carries are the
+    # sum, over the convs it feeds or leaves, of coef times the width on the other side.
+    terms: dict[str, list] = {g: [] for g in groups}
+    for conv in model.convs:
+        if conv.in_group:
+            terms[conv.in_group].append((conv.coef, conv.out_group, conv.out_fixed))
+        if conv.out_group:
+            terms[conv.out_group].append((conv.coef, conv.in_group, conv.in_fixed))
+    widths = dict(model.groups)
+    macs = base
+    while macs > target:
+        best, best_rate = None, np.inf
+        for g in groups:
+            w = widths[g]
+            if w <= 1:
+                continue
+            saved = sum(c * (widths[o] if o else fixed) for c, o, fixed in terms[g])
+            loss = cost[g][w - 2] - cost[g][w - 1]  # >= 0; inf once no energy would be left
+            rate = loss / saved if saved > 0 and np.isfinite(loss) else np.inf
+            if best is None or rate < best_rate:
+                best, best_rate = g, rate
+        widths[best] -= 1
+        macs = model.macs(widths)
+    widths = _refine(model, widths, groups, target)
     return widths, base / model.macs(widths)
 
 

@@ -155,6 +155,15 @@ def test_prune_prints_table_and_honours_options(tiny, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]
 
 
+def test_prune_energy_schedule(tiny, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    argv = _prune_argv(tiny, tmp_path, "--speedup", 1.5, "--schedule", "energy")
+    code, _, err = run([*argv, "--report", report, "--quiet"], capsys)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["schedule"] == "energy" and abs(data["speedup"] / 1.5 - 1) <= 0.02
+
+
 def test_prune_with_explicit_widths(tiny, tmp_path, capsys):
     widths = tmp_path / "widths.json"
     widths.write_text(json.dumps({"features.3": 8, "features.10": 0.5}))

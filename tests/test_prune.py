@@ -10,7 +10,7 @@ from torch import nn
 from chanprune import UnsupportedLayerError
 from chanprune.flops import count_macs
 from chanprune.models import VGG, build_model
-from chanprune.prune import MODEL_METHODS, prunable_layers, prune_model
+from chanprune.prune import MODEL_METHODS, plan_widths, prunable_layers, prune_model
 
 
 def _tiny_vgg(seed: int = 0, batch_norm: bool = True) -> VGG:
@@ -29,7 +29,7 @@ def _images(n: int = 60, seed: int = 1) -> torch.Tensor:
 QUIET = dict(progress=False)
 
 
-@pytest.mark.parametrize("schedule", ["uniform", "paper"])
+@pytest.mark.parametrize("schedule", ["uniform", "paper", "energy"])
 def test_speedup_is_hit_and_model_is_physically_smaller(schedule):
     model = _tiny_vgg()
     pruned, report = prune_model(model, _images(), speedup=1.6, schedule=schedule, **QUIET)
@@ -42,6 +42,37 @@ def test_speedup_is_hit_and_model_is_physically_smaller(schedule):
     x = _images(4, seed=9)
     torch.testing.assert_close(rebuilt.eval()(x), pruned(x))
     assert not pruned.training
+
+
+def test_energy_schedule_prunes_the_redundant_layer_hardest():
+    """Planted: conv1's 12 outputs are 4 copies of 3 (rank 3), the other layers' are not.
+    Uniform cuts every layer alike; the energy schedule takes the whole 1.6x out of the
+    copies, which cost no energy, and keeps every other layer whole. With the 3 distinct
+    channels kept (greedy_ls finds them), the first pruned layer is reconstructed exactly."""
+    model = _tiny_vgg()
+    with torch.no_grad():
+        conv = model.features[0]
+        conv.weight[3:] = conv.weight[:3].repeat(3, 1, 1, 1)
+        conv.bias[3:] = conv.bias[:3].repeat(3)
+        bn = model.features[1]
+        for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            t[3:] = t[:3].repeat(3)
+    sizes = prunable_layers(model)
+    uniform, _ = plan_widths(model, (3, 16, 16), speedup=1.6, schedule="uniform")
+    assert all(uniform[name] < size for name, size in sizes.items())
+    _, report = prune_model(
+        model, _images(), speedup=1.6, schedule="energy", method="greedy_ls", **QUIET
+    )  # fmt: skip
+    widths = report.options["widths"]
+    assert report.schedule == "energy" and abs(report.speedup / 1.6 - 1) <= 0.02
+    assert 3 <= widths["features.3"] < uniform["features.3"]
+    assert all(widths[name] == size for name, size in sizes.items() if name != "features.3")
+    assert report.layers[0].name == "features.3" and report.layers[0].rel_error < 1e-6
+
+
+def test_energy_schedule_needs_spectra_outside_prune_model():
+    with pytest.raises(ValueError, match=r"schedule='energy' allocates the widths from"):
+        plan_widths(_tiny_vgg(), (3, 16, 16), speedup=2.0, schedule="energy")
 
 
 def test_input_model_is_not_modified():

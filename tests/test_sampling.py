@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from chanprune.sampling import (
+    channel_spectra,
     extract_patches,
     gather_outputs,
     record_activations,
@@ -69,3 +71,55 @@ def test_hooks_are_removed_after_an_exception():
         with record_activations(inputs={"a": net[0]}, outputs={"b": net[1]}):
             net(torch.randn(1, 5, 4, 4))  # wrong channel count
     assert not net[0]._forward_pre_hooks and not net[1]._forward_hooks
+
+
+def _spectrum_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1),
+    )  # fmt: skip
+
+
+def test_channel_spectra_match_a_dense_covariance():
+    """Every position of every image, centred, in float64: numpy's population covariance
+    of the recorded inputs has the same eigenvalues, however the images are batched."""
+    net = _spectrum_net().eval()
+    x = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    consumers = {"mid": net[3], "last": net[5]}
+    spectra = channel_spectra(net, x, consumers, batch_size=3)
+    with record_activations(inputs=consumers) as rec:
+        net(x)
+    for name, module in consumers.items():
+        rows = rec[name].permute(0, 2, 3, 1).reshape(-1, module.in_channels).double().numpy()
+        expected = np.sort(np.linalg.eigvalsh(np.cov(rows, rowvar=False, bias=True)))[::-1]
+        # rtol: the float32 activations of batches of 3 and of 10 differ in the last bits.
+        np.testing.assert_allclose(spectra[name], np.clip(expected, 0, None), rtol=1e-6, atol=1e-9)
+        assert spectra[name].shape == (module.in_channels,)
+
+
+def test_channel_spectra_see_a_rank_deficient_input():
+    """Channels that are copies of one another span a low-rank space: the spectrum has as
+    many nonzero eigenvalues as independent channels."""
+    conv = nn.Conv2d(3, 3, 1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0] = conv.weight[1, 0] = conv.weight[2, 1] = 1.0  # channel 1 = 0
+        conv.bias.zero_()
+    net = nn.Sequential(conv, nn.Conv2d(3, 2, 1)).eval()
+    x = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    ev = channel_spectra(net, x, {"c": net[1]})["c"]
+    assert ev[0] >= ev[1] > 0.1 and ev[2] < 1e-10
+
+
+def test_channel_spectra_remove_hooks_and_keep_the_model():
+    net = _spectrum_net().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(RuntimeError):
+        channel_spectra(net, torch.randn(2, 5, 8, 8), {"mid": net[3]})  # wrong channel count
+    assert not net[3]._forward_pre_hooks
+    channel_spectra(net, torch.randn(2, 3, 8, 8), {"mid": net[3]})
+    assert not net[3]._forward_pre_hooks and net.training
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match=r"never reached \['stray'\]"):
+        channel_spectra(net, torch.randn(2, 3, 8, 8), {"stray": nn.Conv2d(6, 4, 1)})
