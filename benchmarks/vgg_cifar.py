@@ -26,7 +26,7 @@ BENCH = Benchmark(
     checkpoint="vgg16_bn_cifar10.pth",
     command=(
         "python benchmarks/vgg_cifar.py --methods lasso greedy_ls max_response first_k random "
-        "--speedups 2 4 5 --schedules uniform paper --latency"
+        "--speedups 2 4 5 --schedules uniform paper energy --latency"
     ),
     methods=("lasso", "greedy_ls", "max_response", "first_k", "random"),
     script=str(Path(__file__).resolve()),
