@@ -39,7 +39,9 @@ def bench_for(model: str) -> Benchmark:
             f"python benchmarks/resnet_cifar.py --model {model} --methods lasso greedy_ls "
             "max_response first_k random --speedups 1.5 2 --variants '' nocorr; "
             f"python benchmarks/resnet_cifar.py --model {model} --methods lasso greedy_ls "
-            "--speedups 1.5 2 --schedules uniform paper --variants '' sampler"
+            "--speedups 1.5 2 --schedules uniform paper --variants '' sampler; "
+            f"python benchmarks/resnet_cifar.py --model {model} --methods lasso greedy_ls "
+            "--speedups 1.5 2 --schedules energy"
         ),
         methods=("lasso", "greedy_ls", "max_response", "first_k", "random"),
         variants={
