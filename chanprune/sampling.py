@@ -225,14 +225,9 @@ def channel_spectra(
             if x.dim() != 4:
                 raise ValueError(f"{name}: expected a 4-d input (N, C, H, W); got {x.dim()}-d.")
             rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).to(torch.float64)
-            if name not in gram:
-                gram[name] = rows.T @ rows
-                total[name] = rows.sum(0)
-                count[name] = rows.shape[0]
-            else:
-                gram[name] += rows.T @ rows
-                total[name] += rows.sum(0)
-                count[name] += rows.shape[0]
+            gram[name] = gram.get(name, 0.0) + rows.T @ rows
+            total[name] = total.get(name, 0.0) + rows.sum(0)
+            count[name] = count.get(name, 0) + rows.shape[0]
 
         return hook
 

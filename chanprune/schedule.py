@@ -139,12 +139,7 @@ def widths_for_speedup(
     prunable = [g for g in model.groups if multipliers.get(g, 0.0) > 0]
     if not prunable:
         raise ValueError("the schedule prunes no layer, so no speed-up > 1 is reachable.")
-    floor = model.macs({g: 1 for g in prunable})
-    if floor > target:
-        raise ValueError(
-            f"speedup={speedup:g} is out of reach for this schedule: at most {base / floor:.3g}x "
-            "(one channel left in every pruned layer)."
-        )
+    _check_reachable(model, prunable, speedup, " for this schedule")
     lo, hi = 0.0, 1.0 / min(multipliers[g] for g in prunable)
     for _ in range(100):  # macs(r) is non-decreasing in r: bisect for macs <= target
         mid = 0.5 * (lo + hi)
@@ -236,12 +231,7 @@ def widths_for_energy(
     base = model.macs()
     target = base / speedup
     groups = list(model.groups)
-    floor = model.macs({g: 1 for g in groups})
-    if floor > target:
-        raise ValueError(
-            f"speedup={speedup:g} is out of reach: at most {base / floor:.3g}x "
-            "(one channel left in every pruned layer)."
-        )
+    _check_reachable(model, groups, speedup)
     # MACs are bilinear in the widths: the MACs one channel of a group carries are the
     # sum, over the convs it feeds or leaves, of coef times the width on the other side.
     terms: dict[str, list] = {g: [] for g in groups}
@@ -267,6 +257,17 @@ def widths_for_energy(
         macs = model.macs(widths)
     widths = _refine(model, widths, groups, target)
     return widths, base / model.macs(widths)
+
+
+def _check_reachable(model: MacModel, prunable: list, speedup: float, scope: str = "") -> None:
+    """Raise if ``speedup`` needs fewer MACs than one channel left in every pruned group."""
+    base = model.macs()
+    floor = model.macs({g: 1 for g in prunable})
+    if floor > base / speedup:
+        raise ValueError(
+            f"speedup={speedup:g} is out of reach{scope}: at most {base / floor:.3g}x "
+            "(one channel left in every pruned layer)."
+        )
 
 
 def _refine(model: MacModel, widths: dict, prunable: list, target: float) -> dict:
