@@ -243,8 +243,8 @@ class LayerStats:
             bx, by = buf.free(take)
             # One strided copy from the caller's layout (e.g. permuted patches) into the
             # flat, channel-major buffer rows, converting the dtype on the way.
-            bx.view(take, self.n_channels, kh, kw).copy_(X[start : start + take])
-            by.copy_(Y[start : start + take])
+            bx[0].view(take, self.n_channels, kh, kw).copy_(X[start : start + take])
+            by[0].copy_(Y[start : start + take])
             buf.filled += take
             start += take
             if buf.full:
@@ -305,8 +305,8 @@ class LayerStats:
             self._geometry = geometry
             hw, p = geometry.in_pixels, geometry.out_pixels
             self._maps = _RowBuffer(
-                self.n_channels * hw, self.n_outputs * p, self.buffer_mb, self.compute_dtype,
-                self.device,
+                self.n_channels, self.n_outputs, self.buffer_mb, self.compute_dtype,
+                self.device, lead=(hw, p),
             )  # fmt: skip
         n_images = int(x.shape[0])
         self.n_samples += n_images * geometry.out_pixels
@@ -314,14 +314,14 @@ class LayerStats:
         while start < n_images:
             take = buf.reserve(n_images - start)
             bx, by = buf.free(take)
-            # Pixel-major (NHWC) rows: the layout of a channels-last cache, and the one in
-            # which each pixel's channels are contiguous, so the (pixel, position)
-            # products of _flush_maps read strided views in place.
-            bx.view(take, *x.shape[2:], x.shape[1]).copy_(
-                x[start : start + take].permute(0, 2, 3, 1)
+            # Pixel-major blocks (pixel, image, channel): each pixel's (images, channels)
+            # matrix is contiguous for the (pixel, position) products of _flush_maps, and
+            # the copy from a channels-last cache moves whole channel vectors.
+            bx.view(*x.shape[2:], take, x.shape[1]).copy_(
+                x[start : start + take].permute(2, 3, 0, 1)
             )
-            by.view(take, *y.shape[2:], y.shape[1]).copy_(
-                y[start : start + take].permute(0, 2, 3, 1)
+            by.view(*y.shape[2:], take, y.shape[1]).copy_(
+                y[start : start + take].permute(2, 3, 0, 1)
             )
             buf.filled += take
             start += take
@@ -337,27 +337,26 @@ class LayerStats:
 
     def _flush_rows(self) -> None:
         if self._rows.filled:
-            self._accumulate(*self._rows.take())
+            x, y = self._rows.take()
+            self._accumulate(x[0], y[0])
 
     def _flush_maps(self) -> None:
         if self._maps is None or not self._maps.filled:
             return
-        x, y = self._maps.take()  # pixel-major: (images, H W c) and (images, P n)
+        x, y = self._maps.take()  # pixel-major: (H W, images, c) and (P, images, n)
         g, c, n = self._geometry, self.n_channels, self.n_outputs
         hw, p, k = g.in_pixels, g.out_pixels, g.index.shape[1]
-        n_images = x.shape[0]
+        n_images = x.shape[1]
         # X^T X: the pixel Gram as (hw * hw, c * c) blocks, so that summing the (k x k)
         # pixel pairs of every patch is one product with the incidence matrix
         # (k * k, hw * hw) of the geometry. a5[k, l] is the (c x c) block of kernel
         # offsets (k, l).
-        x_pixels, y_pixels = x.view(n_images, hw, c), y.view(n_images, p, n)
         pairs = g.pair_counts
-        gram = _pixel_gram(x_pixels, (pairs.sum(dim=0) > 0).view(hw, hw))
+        gram = _pixel_gram(x, (pairs.sum(dim=0) > 0).view(hw, hw))
         a5 = _matmul(pairs.to(device=x.device, dtype=gram.dtype), gram).view(k, k, c, c)
-        blocks = _no_tf32(lambda: _offset_products(x_pixels, y_pixels, g.index))  # (k, c, n)
+        blocks = _no_tf32(lambda: _offset_products(x, y, g.index))  # (k, c, n)
         xty = blocks.double().permute(1, 0, 2).reshape(c * k, n)
-        y_rows = y.view(n_images * p, n)
-        pixel_sum = x_pixels.sum(dim=0, dtype=torch.float64)
+        pixel_sum = x.sum(dim=1, dtype=torch.float64)  # (hw, c)
         pixel_sum = torch.cat([pixel_sum, pixel_sum.new_zeros(1, c)])  # padding sums to 0
         x_sum = pixel_sum[g.index.to(x.device)].sum(dim=0).T  # (c, k)
         d = self.n_features
@@ -366,8 +365,8 @@ class LayerStats:
         self._xtx[d, :d] += x_sum.reshape(d)
         self._xtx[d, d] += n_images * p
         self._xty[:d] += xty
-        self._xty[d] += y_rows.sum(dim=0, dtype=torch.float64)
-        self._yty += _sum_squares(y_rows)
+        self._xty[d] += y.sum(dim=(0, 1), dtype=torch.float64)
+        self._yty += sum(_sum_squares(y_position) for y_position in y)
         if not (torch.isfinite(torch.diagonal(self._xtx)).all() and torch.isfinite(self._yty)):
             raise ValueError("x or y is too large: its second moments overflow to Inf.")
 
@@ -515,16 +514,21 @@ class LayerStats:
 
 
 class _RowBuffer:
-    """Rows waiting to be multiplied out: ``x`` (rows, width_x), ``y`` (rows, width_y).
+    """Rows waiting to be multiplied out: ``x`` (*lead_x, rows, width_x) and ``y``
+    (*lead_y, rows, width_y), the rows on the second-last axis.
 
-    Allocated on first use and grown by doubling up to about ``mb`` MiB, so statistics fed
-    few rows stay small; ``full`` says when to flush.
+    Whole maps use a leading pixel axis, so that each pixel's (rows, channels) block is
+    contiguous: BLAS runs 1.3-1.7x faster on it than on a strided view (a 512-channel
+    4x4 map, measured). Allocated on first use and grown by doubling up to about ``mb``
+    MiB, so statistics fed few rows stay small; ``full`` says when to flush.
     """
 
-    def __init__(self, width_x: int, width_y: int, mb: float, dtype, device) -> None:
-        row_bytes = (width_x + width_y) * (4 if dtype == torch.float32 else 8)
+    def __init__(
+        self, width_x: int, width_y: int, mb: float, dtype, device, lead: tuple[int, int] = (1, 1)
+    ) -> None:
+        row_bytes = (lead[0] * width_x + lead[1] * width_y) * (4 if dtype == torch.float32 else 8)
         self.max_rows = int(mb * 2**20 // row_bytes)
-        self.widths = (width_x, width_y)
+        self.shapes = ((lead[0], width_x), (lead[1], width_y))
         self.options = dict(dtype=dtype, device=device)
         self.x: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
@@ -532,7 +536,7 @@ class _RowBuffer:
 
     @property
     def capacity(self) -> int:
-        return 0 if self.x is None else self.x.shape[0]
+        return 0 if self.x is None else self.x.shape[1]
 
     @property
     def full(self) -> bool:
@@ -543,23 +547,26 @@ class _RowBuffer:
         capacity = self.capacity
         if self.filled + wanted > capacity and capacity < max(self.max_rows, 1):
             new = min(max(self.max_rows, 1), max(2 * capacity, self.filled + wanted))
-            x = _new((new, self.widths[0]), **self.options)
-            y = _new((new, self.widths[1]), **self.options)
+            (lead_x, width_x), (lead_y, width_y) = self.shapes
+            x = _new((lead_x, new, width_x), **self.options)
+            y = _new((lead_y, new, width_y), **self.options)
             if self.filled:
-                x[: self.filled] = self.x[: self.filled]
-                y[: self.filled] = self.y[: self.filled]
+                x[:, : self.filled] = self.x[:, : self.filled]
+                y[:, : self.filled] = self.y[:, : self.filled]
             self.x, self.y, capacity = x, y, new
         return min(wanted, capacity - self.filled)
 
     def free(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next ``rows`` unused rows of both buffers (views to copy into)."""
+        """The next ``rows`` unused rows of both buffers (views to copy into), shaped
+        (lead, rows, width)."""
         span = slice(self.filled, self.filled + rows)
-        return self.x[span], self.y[span]
+        return self.x[:, span], self.y[:, span]
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The filled rows (views, valid until the next write); empties the buffer."""
+        """The filled rows (views, valid until the next write), shaped (lead, rows, width);
+        empties the buffer."""
         rows, self.filled = self.filled, 0
-        return self.x[:rows], self.y[:rows]
+        return self.x[:, :rows], self.y[:, :rows]
 
 
 @dataclass(frozen=True)
@@ -642,15 +649,15 @@ def _sum_squares(y: torch.Tensor) -> torch.Tensor:
 
 
 def _pixel_gram(x: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
-    """The blocks ``x[:, u]^T x[:, v]`` of pixel-major maps ``x`` (images, hw, c), as
-    shape (hw * hw, c * c) in ``x``'s dtype, for the pixel pairs that share a patch
-    (``needed`` (hw, hw), symmetric); the others are left zero.
+    """The blocks ``x[u]^T x[v]`` of pixel-major maps ``x`` (hw, images, c), as shape
+    (hw * hw, c * c) in ``x``'s dtype, for the pixel pairs that share a patch (``needed``
+    (hw, hw), symmetric); the others are left zero.
 
     Pixels too far apart to share a patch (a quarter of the pairs of a 4x4 map under a
     3x3 kernel) are skipped, and each pair is computed once for both orders, straight
-    into its block (BLAS reads the strided pixel columns in place).
+    into its block.
     """
-    n_images, hw, c = x.shape
+    hw, n_images, c = x.shape
     out = _new((hw, hw, c, c), x.dtype, x.device, zero=True)
     needed = needed.cpu().numpy()
     cpu = x.device.type == "cpu"
@@ -660,9 +667,9 @@ def _pixel_gram(x: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
             if not needed[u, v]:
                 continue
             if cpu:
-                np.matmul(x_np[:, u].T, x_np[:, v], out=out_np[u, v])
+                np.matmul(x_np[u].T, x_np[v], out=out_np[u, v])
             else:
-                out[u, v] = _no_tf32(lambda: x[:, u].T @ x[:, v])  # noqa: B023
+                out[u, v] = _no_tf32(lambda: x[u].T @ x[v])  # noqa: B023
             if v != u:
                 out[v, u] = out[u, v].T
     return out.view(hw * hw, c * c)
@@ -678,18 +685,18 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _offset_products(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``X^T Y`` of whole maps, per kernel offset: shape (k, c, n).
 
-    ``x`` (images, in_pixels, c) and ``y`` (images, out_pixels, n) are pixel-major maps;
+    ``x`` (in_pixels, images, c) and ``y`` (out_pixels, images, n) are pixel-major maps;
     ``index`` (out_pixels, k) the input pixel under each kernel offset (``in_pixels``
-    for padding). Each (position, offset) pair adds ``x[:, pixel]^T y[:, position]`` to
-    its offset's block: both operands are strided views that BLAS reads in place, and
-    padding pairs are skipped (shifted copies of padded maps cost 2-8x more here).
+    for padding). Each (position, offset) pair adds ``x[pixel]^T y[position]`` to its
+    offset's block, and padding pairs are skipped (shifted copies of padded maps cost
+    2-8x more here).
     """
-    hw = x.shape[1]
+    hw = x.shape[0]
     blocks = x.new_zeros(index.shape[1], x.shape[2], y.shape[2])
     for position, pixels in enumerate(index.tolist()):
         for offset, pixel in enumerate(pixels):
             if pixel < hw:
-                blocks[offset].addmm_(x[:, pixel].T, y[:, position])
+                blocks[offset].addmm_(x[pixel].T, y[position])
     return blocks
 
 
