@@ -518,9 +518,10 @@ class _RowBuffer:
     (*lead_y, rows, width_y), the rows on the second-last axis.
 
     Whole maps use a leading pixel axis, so that each pixel's (rows, channels) block is
-    contiguous: BLAS runs 1.3-1.7x faster on it than on a strided view (a 512-channel
-    4x4 map, measured). Allocated on first use and grown by doubling up to about ``mb``
-    MiB, so statistics fed few rows stay small; ``full`` says when to flush.
+    contiguous: the per-offset products of ``X^T Y`` ran 1.1-1.3x faster on it than on
+    strided views (512-channel 4x4 maps, 3,000-4,500 images). Allocated on first use and
+    grown by doubling up to about ``mb`` MiB, so statistics fed few rows stay small;
+    ``full`` says when to flush.
     """
 
     def __init__(
