@@ -514,8 +514,9 @@ class LayerStats:
 
 
 class _RowBuffer:
-    """Rows waiting to be multiplied out: ``x`` (*lead_x, rows, width_x) and ``y``
-    (*lead_y, rows, width_y), the rows on the second-last axis.
+    """Rows waiting to be multiplied out: ``x`` (lead_x, rows, width_x) and ``y``
+    (lead_y, rows, width_y), with one leading axis: 1 for sampled rows, the pixels for
+    whole maps.
 
     Whole maps use a leading pixel axis, so that each pixel's (rows, channels) block is
     contiguous: the per-offset products of ``X^T Y`` ran 1.1-1.3x faster on it than on
