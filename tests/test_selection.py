@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.linear_model import Lasso
 
+from chanprune.exceptions import SingularGramWarning
 from chanprune.refit import least_squares_refit, reconstruction_error
 from chanprune.selection import (
     channel_gram,
@@ -148,6 +149,32 @@ def test_greedy_ls_many_removals_match_brute_force_greedy():
         errors = {g: _refit_error(m, np.array([i for i in kept if i != g])) for g in kept}
         assert channel == min(errors, key=errors.get)
         kept.remove(channel)
+
+
+def test_greedy_ls_order_survives_repeated_compaction():
+    """Removing 36 of 40 blocks compacts the arrays to the live rows several times; every
+    removal must still be the one a fresh refit of each candidate picks."""
+    X, Y, *_ = planted_conv(9, noise=0.5, support=range(40), c=40, k=2, n_samples=1500)
+    m = _moments(X, Y)
+    sel = select_greedy_ls(m, keep=4)
+    kept = list(range(40))
+    for channel in sel.info["removed"]:
+        errors = {g: _refit_error(m, np.array([i for i in kept if i != g])) for g in kept}
+        assert channel == min(errors, key=errors.get)
+        kept.remove(channel)
+    np.testing.assert_array_equal(sel.kept, kept)
+
+
+def test_greedy_ls_singular_gram_grows_the_ridge_with_a_warning():
+    """Channel 5 duplicates channel 2: with ridge=0 the Gram is singular, so the ridge is
+    raised (with a warning) and one copy of the pair is kept alongside channel 0."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(400, 6))
+    X[:, 5] = X[:, 2]
+    Y = X[:, [0, 2]] @ rng.normal(size=(2, 4))
+    with pytest.warns(SingularGramWarning, match="greedy_ls used ridge="):
+        sel = select_greedy_ls(_moments(X, Y), keep=2, ridge=0.0)
+    assert sel.kept[0] == 0 and sel.kept[1] in (2, 5)
 
 
 def test_greedy_ls_linear_layer_block_size_one():
