@@ -41,10 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _whole_model import (  # noqa: E402
     REPO,
     SHARED,
+    forward_pass_s,
     git_commit,
     peak_rss_mb,
     replace_section,
     save_figure,
+    sync_device,
     write_atomic,
 )
 
@@ -85,29 +87,6 @@ def _model(config: dict):
     return get_model(config["model"]).eval()  # random weights
 
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def forward_pass_s(model, images, device: str, batch_size: int = 100) -> float:
-    """Seconds of one forward pass over ``images`` (channels-last, no grad)."""
-    import torch
-
-    model = model.to(device)
-    with torch.inference_mode():
-        model(images[:2].to(device).contiguous(memory_format=torch.channels_last))  # warm-up
-        _sync(device)
-        start = time.perf_counter()
-        for lo in range(0, images.shape[0], batch_size):
-            batch = images[lo : lo + batch_size].to(device)
-            model(batch.contiguous(memory_format=torch.channels_last))
-        _sync(device)
-    return time.perf_counter() - start
-
-
 def run_whole(config: dict) -> dict:
     """Prune once; time the forward-pass yardstick in the same process first."""
     import torch
@@ -123,13 +102,13 @@ def run_whole(config: dict) -> dict:
     forward = forward_pass_s(model, images, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     _, report = prune_model(
         model, images, speedup=config["speedup"], method=config["method"],
         positions_per_image=config["positions"], device=device, seed=0, progress=False,
     )  # fmt: skip
-    _sync(device)
+    sync_device(device)
     wall = time.perf_counter() - start
     out = {
         "config": {k: v for k, v in config.items() if k != "shared"},
