@@ -162,7 +162,6 @@ def forward_pass_s(model, images, device: str, batch_size: int = 100) -> float:
 
 def baseline(bench: Benchmark, shared: Path, n_images: int, latency: bool) -> dict:
     """Unpruned accuracy and the cost of one forward pass over the calibration images."""
-
     from chanprune.data import evaluate_accuracy
     from chanprune.flops import count_macs, measure_latency
     from chanprune.prune import load_calibration_images
@@ -188,10 +187,20 @@ def baseline(bench: Benchmark, shared: Path, n_images: int, latency: bool) -> di
     return out
 
 
-def remeasure_latency(bench: Benchmark, results: dict) -> None:
+#: Rounds of ``--latency-only``: every network is timed once per round, round after round.
+LATENCY_ROUNDS = 3
+
+
+def remeasure_latency(bench: Benchmark, results: dict, rounds: int = LATENCY_ROUNDS) -> None:
     """CPU latency (batch 1 and 64) of the unpruned network and of each run's pruned
     architecture, rebuilt from its recorded widths (latency does not depend on weights).
-    Meant for a quiet machine: accuracy runs that overlapped other work time badly."""
+
+    Runs with the same widths (e.g. every selector under one uniform schedule) share one
+    network. The networks are timed in ``rounds`` interleaved rounds and each keeps the
+    median over the rounds, so a slow phase of the machine, which lasts minutes here,
+    hits every network alike instead of a few of them.
+    """
+    import numpy as np
     from peers import chanprune_architecture
 
     from chanprune.flops import measure_latency
@@ -200,19 +209,32 @@ def remeasure_latency(bench: Benchmark, results: dict) -> None:
     network = {"vgg16_bn_cifar10": "vgg", "resnet56_cifar10": "resnet56"}.get(bench.model)
     if network is None:
         raise ValueError(f"--latency-only knows no architecture rebuild for {bench.model}")
-
-    def latency(model) -> dict:
-        return {
-            f"cpu_b{b}": measure_latency(model, (3, 32, 32), batch_size=b)["median_ms"]
-            for b in (1, 64)
-        }
-
-    results.setdefault("baseline", {})["latency_ms"] = latency(get_model(bench.model).eval())
-    for run in results.get("runs", {}).values():
+    models = {"unpruned": get_model(bench.model).eval()}
+    arch_of = {}
+    for k, run in results.get("runs", {}).items():
         widths = run["report"].get("options", {}).get("widths")
         if widths:
-            run["latency_ms"] = latency(chanprune_architecture(network, widths))
-            run["latency_from"] = "architecture rebuilt from the recorded widths"
+            arch_of[k] = json.dumps(widths, sort_keys=True)
+            if arch_of[k] not in models:
+                models[arch_of[k]] = chanprune_architecture(network, widths)
+    times: dict[str, dict[int, list]] = {name: {1: [], 64: []} for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            for b in (1, 64):
+                ms = measure_latency(model, (3, 32, 32), batch_size=b)["median_ms"]
+                times[name][b].append(ms)
+
+    def median(name: str) -> dict:
+        return {f"cpu_b{b}": float(np.median(v)) for b, v in times[name].items()}
+
+    base = results.setdefault("baseline", {})
+    base["latency_ms"] = median("unpruned")
+    base["latency_rounds"] = rounds
+    for k, arch in arch_of.items():
+        results["runs"][k]["latency_ms"] = median(arch)
+        results["runs"][k]["latency_from"] = (
+            f"architecture rebuilt from the recorded widths, median of {rounds} rounds"
+        )
 
 
 # ---------------------------------------------------------------------------- report
@@ -289,6 +311,19 @@ def markdown(bench: Benchmark, results: dict) -> str:
         lines += [
             "### Measured CPU latency of the pruned networks (median ms per batch)",
             "",
+        ]
+        if base.get("latency_rounds"):
+            lines += [
+                "Measured by `--latency-only` on networks rebuilt from the recorded widths "
+                "(runs with the same widths share one network), all in one process: "
+                f"{base['latency_rounds']} interleaved rounds over every network, each "
+                "the median of 20 timed batches after 5 warm-up ones; the median round is "
+                "shown. A single round on this machine timed networks of identical widths "
+                "up to 1.7x apart at batch 64, hence the rounds; still read differences "
+                "of tens of percent as noise.",
+                "",
+            ]
+        lines += [
             "| model | batch 1 | batch 64 |",
             "|---|---|---|",
             f"| unpruned | {base['latency_ms']['cpu_b1']:.2f} "
@@ -395,7 +430,8 @@ def parse_args(bench: Benchmark, argv, doc: str):
     p.add_argument(
         "--latency-only", action="store_true",
         help="(re)measure CPU latency of the unpruned network and of every recorded run, "
-        "from its architecture rebuilt from the recorded widths; no pruning",
+        "from its architecture rebuilt from the recorded widths, in "
+        f"{LATENCY_ROUNDS} interleaved rounds (the median is kept); no pruning",
     )  # fmt: skip
     p.add_argument("--rerun", action="store_true", help="recompute configurations in the JSON")
     p.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md from the JSON")

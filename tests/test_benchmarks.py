@@ -490,3 +490,40 @@ def test_speed_report_only_and_help(tmp_path):
          str(tmp_path / "x.json"), "--results-md", str(md)], capture_output=True, text=True,
     )  # fmt: skip
     assert missing.returncode == 2 and "shared checkpoints" in missing.stderr
+
+
+def test_latency_only_shares_networks_and_keeps_the_median_round(monkeypatch):
+    """Runs with the same widths share one network; each network keeps the median of its
+    rounds, and the rounds are interleaved (every network once, then again)."""
+    vgg = _load_script("vgg_cifar")
+    import _whole_model
+
+    import chanprune.flops
+
+    widths_a = {"features.3": 32}
+    widths_b = {"features.3": 16}
+    runs = {
+        name: {"report": {"options": {"widths": w}}}
+        for name, w in (("lasso/a", widths_a), ("first_k/a", widths_a), ("lasso/b", widths_b))
+    }
+    results = {"runs": runs}
+    calls = []
+
+    def fake_latency(model, input_shape, batch_size):
+        calls.append((model.features[0].out_channels, batch_size))
+        # The second round is slow for everyone: the median must ignore it.
+        round_ = sum(1 for c in calls if c == calls[-1]) - 1
+        return {"median_ms": float(model.features[0].out_channels + (100 if round_ == 1 else 0))}
+
+    monkeypatch.setattr(chanprune.flops, "measure_latency", fake_latency)
+    _whole_model.remeasure_latency(vgg.BENCH, results, rounds=3)
+    # 3 networks (unpruned, a, b) x 2 batch sizes x 3 rounds, one network after another.
+    assert len(calls) == 18
+    assert [c[0] for c in calls[:6]] == [64, 64, 32, 32, 16, 16]
+    assert calls[6:12] == calls[:6]
+    assert results["baseline"]["latency_ms"] == {"cpu_b1": 64.0, "cpu_b64": 64.0}
+    assert results["baseline"]["latency_rounds"] == 3
+    assert runs["lasso/a"]["latency_ms"] == runs["first_k/a"]["latency_ms"] == {
+        "cpu_b1": 32.0, "cpu_b64": 32.0,
+    }  # fmt: skip
+    assert runs["lasso/b"]["latency_ms"]["cpu_b64"] == 16.0
