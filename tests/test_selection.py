@@ -139,16 +139,21 @@ def test_greedy_ls_single_removal_is_optimal():
     assert np.setdiff1d(np.arange(10), sel.kept)[0] == int(np.argmin(errors))
 
 
-def test_greedy_ls_many_removals_match_brute_force_greedy():
-    """Many removals (a long low-rank downdate) give the same order as recomputing each refit."""
-    X, Y, *_ = planted_conv(8, noise=0.5, support=range(12), c=12, k=2, n_samples=800)
-    m = _moments(X, Y)
-    sel = select_greedy_ls(m, keep=2)
-    kept = list(range(12))
+def _assert_brute_force_greedy_order(m, sel, c):
+    """Each removal of ``sel`` is the block whose removal a fresh refit finds cheapest."""
+    kept = list(range(c))
     for channel in sel.info["removed"]:
         errors = {g: _refit_error(m, np.array([i for i in kept if i != g])) for g in kept}
         assert channel == min(errors, key=errors.get)
         kept.remove(channel)
+    np.testing.assert_array_equal(sel.kept, kept)
+
+
+def test_greedy_ls_many_removals_match_brute_force_greedy():
+    """Many removals (a long low-rank downdate) give the same order as recomputing each refit."""
+    X, Y, *_ = planted_conv(8, noise=0.5, support=range(12), c=12, k=2, n_samples=800)
+    m = _moments(X, Y)
+    _assert_brute_force_greedy_order(m, select_greedy_ls(m, keep=2), 12)
 
 
 def test_greedy_ls_order_survives_repeated_compaction():
@@ -156,13 +161,7 @@ def test_greedy_ls_order_survives_repeated_compaction():
     removal must still be the one a fresh refit of each candidate picks."""
     X, Y, *_ = planted_conv(9, noise=0.5, support=range(40), c=40, k=2, n_samples=1500)
     m = _moments(X, Y)
-    sel = select_greedy_ls(m, keep=4)
-    kept = list(range(40))
-    for channel in sel.info["removed"]:
-        errors = {g: _refit_error(m, np.array([i for i in kept if i != g])) for g in kept}
-        assert channel == min(errors, key=errors.get)
-        kept.remove(channel)
-    np.testing.assert_array_equal(sel.kept, kept)
+    _assert_brute_force_greedy_order(m, select_greedy_ls(m, keep=4), 40)
 
 
 def test_greedy_ls_singular_gram_grows_the_ridge_with_a_warning():
