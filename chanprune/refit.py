@@ -49,18 +49,28 @@ def regularized_gram(moments: Moments, cols: np.ndarray, ridge: float) -> np.nda
     return gram
 
 
-def _solve_psd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Solve ``gram @ sol = rhs`` for symmetric PSD ``gram``: Cholesky, min-norm fallback.
+def cholesky_factor(gram: np.ndarray) -> torch.Tensor | None:
+    """The lower Cholesky factor of symmetric ``gram`` (float64), or None if it is not
+    numerically positive definite (a failed factorisation, or a pivot under
+    ``_PIVOT_RATIO`` of the largest in squared terms).
 
-    The Cholesky runs through torch, whose LAPACK (MKL on x86 wheels) is 2x faster here
-    than SciPy's bundled one; both are float64.
+    Through torch, whose LAPACK (MKL on x86 wheels) is 2x faster here than SciPy's
+    bundled one.
     """
-    gram_t = torch.from_numpy(gram)
-    factor, info = torch.linalg.cholesky_ex(gram_t)
-    if int(info) == 0:
-        pivots = torch.diagonal(factor).abs()
-        if float(pivots.min()) ** 2 > _PIVOT_RATIO * float(pivots.max()) ** 2:
-            return torch.cholesky_solve(torch.from_numpy(rhs), factor).numpy()
+    factor, info = torch.linalg.cholesky_ex(torch.from_numpy(gram))
+    if int(info) != 0:
+        return None
+    pivots = torch.diagonal(factor).abs()
+    if float(pivots.min()) ** 2 <= _PIVOT_RATIO * float(pivots.max()) ** 2:
+        return None
+    return factor
+
+
+def _solve_psd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve ``gram @ sol = rhs`` for symmetric PSD ``gram``: Cholesky, min-norm fallback."""
+    factor = cholesky_factor(gram)
+    if factor is not None:
+        return torch.cholesky_solve(torch.from_numpy(rhs), factor).numpy()
     # Singular values under the pivot threshold are rounding noise of a singular Gram
     # (LAPACK's default cut-off, eps * size, keeps them and returns a wild solution).
     sol, _, rank, _ = scipy.linalg.lstsq(

@@ -30,7 +30,7 @@ from sklearn.exceptions import ConvergenceWarning as SklearnConvergenceWarning
 from sklearn.linear_model import Lasso
 
 from .exceptions import ConvergenceWarning, SingularGramWarning
-from .refit import _PIVOT_RATIO, regularized_gram
+from .refit import cholesky_factor, regularized_gram
 from .stats import Moments
 
 __all__ = [
@@ -299,6 +299,14 @@ def select_lasso(
 _COMPACT = 0.75
 
 
+def _held_rows(factor: np.ndarray, rows: np.ndarray, filled: int) -> np.ndarray:
+    """``factor[rows]`` with only its first ``filled`` columns copied (the rest are zero,
+    to be written by later steps)."""
+    out = np.zeros((rows.size, factor.shape[1]))
+    out[:, :filled] = factor[rows, :filled]
+    return out
+
+
 def _inverse_psd(gram: np.ndarray, ridge: float, moments: Moments) -> np.ndarray:
     """Inverse of the (ridge-regularised) Gram; grows the ridge if it is numerically
     singular (dead channels, fewer samples than unknowns), with a warning.
@@ -310,11 +318,8 @@ def _inverse_psd(gram: np.ndarray, ridge: float, moments: Moments) -> np.ndarray
     cols = np.arange(gram.shape[0])
     scale = float(np.mean(np.diag(gram))) or 1.0
     for attempt in range(6):
-        factor, info = torch.linalg.cholesky_ex(torch.from_numpy(gram))
-        pivots = torch.diagonal(factor).abs()
-        # Pivots near 1e-12 of the largest mean a numerically singular Gram, whose
-        # inverse would be rounding noise.
-        if int(info) == 0 and float(pivots.min()) ** 2 > _PIVOT_RATIO * float(pivots.max()) ** 2:
+        factor = cholesky_factor(gram)  # None: numerically singular, its inverse noise
+        if factor is not None:
             inverse = torch.cholesky_inverse(factor).numpy()
             diag = np.diag(inverse)
             if np.all(np.isfinite(diag)) and diag.min() > 0 and diag.max() * scale < 1e13:
@@ -377,10 +382,9 @@ def select_greedy_ls(moments: Moments, keep: int, *, ridge: float = 0.0) -> Sele
     n_steps = c - keep
     # A removed block's rows of H, W, C and R are never read again: the arrays hold only
     # the rows of the live blocks and the ones row, and are compacted to them whenever
-    # the removed rows exceed a quarter of those held (``stored``: the original index of
-    # each held row; ``where``: the held position of each original row).
-    stored = np.arange(d + 1)
-    where = stored.copy()
+    # the removed rows exceed a quarter of those held (``where``: the held position of
+    # each original row).
+    where = np.arange(d + 1)
     H = H0  # (held rows, d + 1): rows of H0
     coupling = np.zeros((d + 1, n_steps * k))  # C
     columns = np.zeros((d + 1, n_steps * k))  # R
@@ -413,17 +417,11 @@ def select_greedy_ls(moments: Moments, keep: int, *, ridge: float = 0.0) -> Sele
         live = np.flatnonzero(alive)
         live_rows = where[idx[live]]
         diag[live] -= step[live_rows] @ h_cols[live_rows].transpose(0, 2, 1)
-        if t + 1 < n_steps and live.size * k + 1 < _COMPACT * stored.size:
+        if t + 1 < n_steps and live.size * k + 1 < _COMPACT * W.shape[0]:
             held = np.append(idx[live].ravel(), d)
             at = where[held]
             H, W = H[at], W[at]
-            filled = slice(0, (t + 1) * k)
-            coupling_new = np.zeros((held.size, n_steps * k))
-            coupling_new[:, filled] = coupling[at, filled]
-            columns_new = np.zeros((held.size, n_steps * k))
-            columns_new[:, filled] = columns[at, filled]
-            coupling, columns = coupling_new, columns_new
-            stored = held
+            coupling, columns = (_held_rows(a, at, (t + 1) * k) for a in (coupling, columns))
             where = np.full(d + 1, -1)
             where[held] = np.arange(held.size)
     kept = np.flatnonzero(alive).astype(np.int64)
