@@ -17,11 +17,16 @@ on all of them, against chanprune's statistics on the same rows.
 ``--device cuda --model vgg16`` times an ImageNet-size VGG-16 (224x224, random weights
 and random images: the cost does not depend on them).
 
+``--rates`` shows where the yardstick's time goes on this machine: each module of one
+forward pass timed on its own (conv rates in GMAC/s), beside the float32 GEMM rate of
+numpy's and torch's BLAS measured before and after the pass (the practical peak).
+
 Examples
 --------
 python benchmarks/speed.py --n-images 500 1000 2000 5000 --positions 5 10 20 --raw-layer
 python benchmarks/speed.py --n-images 5000 --repeat 3 --rerun   # median of 3, with the range
 python benchmarks/speed.py --device cuda --model vgg16 --n-images 1000 5000
+python benchmarks/speed.py --rates --n-images 5000                # the pass, module by module
 python benchmarks/speed.py --report-only
 """
 
@@ -53,6 +58,7 @@ from _whole_model import (  # noqa: E402
 OUT = REPO / "benchmarks" / "results" / "speed.json"
 MARK = "speed"
 RAW_LAYER = "features.27"  # conv4_2 of the CIFAR VGG-16-BN: 512 -> 512 channels, 4x4 maps
+GEMM_SIZE = 4096  # square float32 matrices for the BLAS rate
 
 
 # ---------------------------------------------------------------------------- one run
@@ -193,7 +199,118 @@ def run_raw_layer(config: dict) -> dict:
     }
 
 
+def gemm_gmacs(library: str, size: int = GEMM_SIZE, repeat: int = 5) -> float:
+    """The best float32 GEMM rate of ``library`` ("numpy" or "torch") on square ``size``
+    matrices, in GMAC/s (best of ``repeat`` products after a warm-up)."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    out = np.empty_like(a)
+    if library == "numpy":
+        product = lambda: np.matmul(a, b, out=out)  # noqa: E731
+    else:
+        ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
+        product = lambda: torch.mm(ta, tb, out=tout)  # noqa: E731
+    product()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        product()
+        best = min(best, time.perf_counter() - start)
+    return size**3 / best / 1e9
+
+
+def module_times(model, images, batch_size: int = 100) -> list[dict]:
+    """One forward pass over ``images`` (channels-last, batch ``batch_size``, no grad),
+    each module of ``model.features`` and the head timed on its own, summed over the
+    batches. Each entry: name, kind, seconds, and for a conv its shape and MACs."""
+    import torch
+    from torch import nn
+
+    from chanprune.flops import conv_macs
+
+    features = list(model.features.named_children())
+    entries = [{"name": f"features.{name}", "kind": type(m).__name__, "seconds": 0.0}
+               for name, m in features] + [{"name": "head", "kind": "head", "seconds": 0.0}]  # fmt: skip
+    with torch.inference_mode():
+        model(images[:2].contiguous(memory_format=torch.channels_last))  # warm-up
+        for lo in range(0, images.shape[0], batch_size):
+            x = images[lo : lo + batch_size].contiguous(memory_format=torch.channels_last)
+            for entry, (_, module) in zip(entries, features):
+                start = time.perf_counter()
+                y = module(x)
+                entry["seconds"] += time.perf_counter() - start
+                if isinstance(module, nn.Conv2d):
+                    h, w = y.shape[2:]
+                    macs = conv_macs(h, w, module.out_channels, module.in_channels,
+                                     *module.kernel_size, groups=module.groups)  # fmt: skip
+                    entry["macs"] = entry.get("macs", 0) + macs * x.shape[0]
+                    entry["shape"] = [module.in_channels, module.out_channels, h, w]
+                x = y
+            start = time.perf_counter()
+            model.classifier(torch.flatten(model.avgpool(x), 1))
+            entries[-1]["seconds"] += time.perf_counter() - start
+    return entries
+
+
+def run_rates(config: dict) -> dict:
+    """The yardstick's pass module by module, between two measurements of the GEMM rate."""
+    images, _ = _images(config)
+    model = _model(config)
+    before = {lib: gemm_gmacs(lib) for lib in ("numpy", "torch")}
+    start = time.perf_counter()
+    modules = module_times(model, images)
+    pass_s = time.perf_counter() - start
+    after = {lib: gemm_gmacs(lib) for lib in ("numpy", "torch")}
+    return {
+        "config": {k: v for k, v in config.items() if k != "shared"},
+        "commit": git_commit(),
+        "gemm_gmacs_before": before,
+        "gemm_gmacs_after": after,
+        "gemm_size": GEMM_SIZE,
+        "pass_s": pass_s,
+        "modules": modules,
+    }
+
+
 # ---------------------------------------------------------------------------- report
+def rates_markdown(rates: dict) -> list[str]:
+    """The ``--rates`` table: convs one by one, the other modules by kind."""
+    n = rates["config"]["n_images"]
+    convs = [m for m in rates["modules"] if "macs" in m]
+    conv_s = sum(m["seconds"] for m in convs)
+    macs = sum(m["macs"] for m in convs)
+    before, after = rates["gemm_gmacs_before"], rates["gemm_gmacs_after"]
+    size = rates["gemm_size"]
+    lines = [
+        f"### Where one forward pass goes ({rates['config']['model']}, {n} images)",
+        "",
+        f"Each module of the yardstick's pass timed on its own (channels-last, batch 100, "
+        f"no grad), code {rates.get('commit')}. Float32 GEMM of two {size}x{size} matrices, "
+        f"best of 5, just before / after the pass: numpy (OpenBLAS) "
+        f"{before['numpy']:.0f} / {after['numpy']:.0f} GMAC/s, torch "
+        f"{before['torch']:.0f} / {after['torch']:.0f} GMAC/s. The whole pass took "
+        f"{rates['pass_s']:.1f} s: its convolutions {conv_s:.1f} s for "
+        f"{macs / 1e12:.2f} TMAC ({macs / conv_s / 1e9:.0f} GMAC/s), every other module "
+        f"{rates['pass_s'] - conv_s:.1f} s.",
+        "",
+        "| conv | in -> out channels | output map | seconds | GMAC/s |",
+        "|---|---|---|---|---|",
+    ]
+    for m in convs:
+        c_in, c_out, h, w = m["shape"]
+        lines.append(
+            f"| {m['name']} | {c_in} -> {c_out} | {h}x{w} | {m['seconds']:.2f} "
+            f"| {m['macs'] / m['seconds'] / 1e9:.0f} |"
+        )
+    for kind in sorted({m["kind"] for m in rates["modules"] if "macs" not in m}):
+        total = sum(m["seconds"] for m in rates["modules"] if m["kind"] == kind)
+        lines.append(f"| all {kind} | | | {total:.2f} | |")
+    return lines + [""]
+
+
 def markdown(results: dict) -> str:
     lines = [f"<!-- {MARK}:start -->", "## Pruning speed and memory (`benchmarks/speed.py`)", ""]
     lines += [
@@ -214,6 +331,7 @@ def markdown(results: dict) -> str:
         "python benchmarks/speed.py --n-images 5000 --repeat 3 --rerun",
         "python benchmarks/speed.py --device cuda --model vgg16 --n-images 1000 5000",
         "python benchmarks/speed.py --device cuda --model vgg16 --n-images 5000 --repeat 3 --rerun",
+        "python benchmarks/speed.py --rates --n-images 5000",
         "```",
         "",
     ]
@@ -271,6 +389,8 @@ def markdown(results: dict) -> str:
                 f"| {r['stats_mb']:.0f} | {r['stats_rel_error']:.4f} |"
             )
         lines.append("")
+    if results.get("rates"):
+        lines += rates_markdown(results["rates"])
     if results.get("plot"):
         lines += [f"![wall time vs N](results/{results['plot']})", ""]
     lines.append(f"<!-- {MARK}:end -->")
@@ -347,6 +467,11 @@ def parse_args(argv):
              "kept, with every wall time and forward-pass time beside it (this machine's "
              "speed drifts by tens of percent between minutes; default: 1)",
     )  # fmt: skip
+    p.add_argument(
+        "--rates", action="store_true",
+        help="instead of pruning: time each module of one forward pass over the largest N "
+             "images, and the float32 GEMM rate before and after it (CPU)",
+    )  # fmt: skip
     p.add_argument("--rerun", action="store_true", help="recompute configurations in the JSON")
     p.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md and the plot")
     p.add_argument("--shared", type=Path, default=SHARED, help=f"shared folder ({SHARED})")
@@ -381,7 +506,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.single:
         config = json.loads(args.single)
-        run = run_raw_layer if config.get("kind") == "raw" else run_whole
+        run = {"raw": run_raw_layer, "rates": run_rates}.get(config.get("kind"), run_whole)
         print("RESULT " + json.dumps(run(config)), flush=True)
         return 0
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -406,6 +531,14 @@ def main(argv=None) -> int:
                     device=args.device, shared=str(args.shared))  # fmt: skip
         if args.no_tf32:
             base["tf32"] = False
+        if args.rates:
+            rates = _child(dict(base, n_images=max(args.n_images), positions=10, kind="rates"))
+            if rates is None:
+                return 1
+            results["rates"] = rates
+            write_atomic(args.out, json.dumps(results, indent=1))
+            write_report(results, args.results_md)
+            return 0
         configs = [dict(base, n_images=n, positions=10) for n in args.n_images]
         configs += [dict(base, n_images=max(args.n_images), positions=p)
                     for p in args.positions if p != 10]  # fmt: skip
