@@ -233,7 +233,8 @@ def module_times(model, images, batch_size: int = 100) -> list[dict]:
 
     features = list(model.features.named_children())
     entries = [{"name": f"features.{name}", "kind": type(m).__name__, "seconds": 0.0}
-               for name, m in features] + [{"name": "head", "kind": "head", "seconds": 0.0}]  # fmt: skip
+               for name, m in features]  # fmt: skip
+    entries.append({"name": "head", "kind": "head", "seconds": 0.0})
     with torch.inference_mode():
         model(images[:2].contiguous(memory_format=torch.channels_last))  # warm-up
         for lo in range(0, images.shape[0], batch_size):
