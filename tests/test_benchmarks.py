@@ -472,6 +472,47 @@ def test_speed_report_and_plot(tmp_path):
     assert "![wall time vs N](results/speed.png)" in text
 
 
+def test_speed_rates_table_is_computed_from_the_module_times():
+    speed = _load_script("speed")
+    results = _speed_results()
+    results["rates"] = {
+        "config": {"model": "vgg16_bn_cifar10", "n_images": 100}, "commit": "abc1234",
+        "gemm_gmacs_before": {"numpy": 88.6, "torch": 66.2},
+        "gemm_gmacs_after": {"numpy": 87.4, "torch": 67.0}, "gemm_size": 4096,
+        "pass_s": 3.0,
+        "modules": [
+            {"name": "features.0", "kind": "Conv2d", "seconds": 1.0, "macs": 2e9,
+             "shape": [3, 64, 32, 32]},
+            {"name": "features.1", "kind": "ReLU", "seconds": 0.25},
+            {"name": "features.2", "kind": "Conv2d", "seconds": 1.5, "macs": 1.5e11,
+             "shape": [64, 64, 16, 16]},
+            {"name": "features.3", "kind": "ReLU", "seconds": 0.15},
+            {"name": "head", "kind": "head", "seconds": 0.1},
+        ],
+    }  # fmt: skip
+    text = speed.markdown(results)
+    assert "| features.0 | 3 -> 64 | 32x32 | 1.00 | 2 |" in text
+    assert "| features.2 | 64 -> 64 | 16x16 | 1.50 | 100 |" in text
+    assert "| all ReLU | | | 0.40 | |" in text and "| all head | | | 0.10 | |" in text
+    # convs: 2.5 s for 152 GMAC; the rest of the 3.0 s pass is 0.5 s
+    assert "its convolutions 2.5 s for 0.15 TMAC (61 GMAC/s), every other module 0.5 s" in text
+    assert "numpy (OpenBLAS) 89 / 87 GMAC/s, torch 66 / 67 GMAC/s" in text
+
+
+def test_speed_module_times_counts_every_conv_mac():
+    import torch
+
+    from chanprune.flops import count_macs
+    from chanprune.models import get_model
+
+    speed = _load_script("speed")
+    model = get_model("vgg16_bn_cifar10").eval()
+    entries = speed.module_times(model, torch.randn(6, 3, 32, 32), batch_size=4)
+    assert len(entries) == len(model.features) + 1 and entries[-1]["name"] == "head"
+    assert sum(e.get("macs", 0) for e in entries) == 6 * count_macs(model, (3, 32, 32))
+    assert all(e["seconds"] > 0 for e in entries)
+
+
 def test_speed_report_only_and_help(tmp_path):
     out, md = tmp_path / "speed.json", tmp_path / "RESULTS.md"
     out.write_text(json.dumps(_speed_results()))
