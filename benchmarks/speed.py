@@ -17,6 +17,10 @@ on all of them, against chanprune's statistics on the same rows.
 ``--device cuda --model vgg16`` times an ImageNet-size VGG-16 (224x224, random weights
 and random images: the cost does not depend on them).
 
+``--end-to-end`` times the whole command a user runs, ``chanprune prune`` in a fresh
+process (starting Python and torch, decoding the images, pruning, saving the model and
+the report), with the forward-pass yardstick timed in its own process just before.
+
 ``--rates`` shows where the yardstick's time goes on this machine: each module of one
 forward pass timed on its own (conv rates in GMAC/s), beside the float32 GEMM rate of
 numpy's and torch's BLAS measured before and after the pass (the practical peak).
@@ -27,6 +31,7 @@ python benchmarks/speed.py --n-images 500 1000 2000 5000 --positions 5 10 20 --r
 python benchmarks/speed.py --n-images 5000 --repeat 3 --rerun   # median of 3, with the range
 python benchmarks/speed.py --device cuda --model vgg16 --n-images 1000 5000
 python benchmarks/speed.py --rates --n-images 5000                # the pass, module by module
+python benchmarks/speed.py --end-to-end --n-images 5000 --repeat 5  # the CLI, start to finish
 python benchmarks/speed.py --report-only
 """
 
@@ -199,6 +204,35 @@ def run_raw_layer(config: dict) -> dict:
     }
 
 
+def run_forward(config: dict) -> dict:
+    """The yardstick alone: one forward pass over the decoded images, in this process."""
+    images, load_s = _images(config)
+    return {"forward_pass_s": forward_pass_s(_model(config), images, config["device"]),
+            "load_s": load_s}  # fmt: skip
+
+
+def run_cli(config: dict, workdir: Path) -> dict:
+    """``chanprune prune`` on the shared CIFAR-10 calibration folder, in a fresh process:
+    its wall time from start to exit, and the pruning time its own report gives."""
+    shared = Path(config["shared"])
+    out, report = workdir / "pruned.pt", workdir / "report.json"
+    cmd = [
+        sys.executable, "-m", "chanprune", "prune", "--model", config["model"],
+        "--weights", str(shared / "models" / "vgg16_bn_cifar10.pth"),
+        "--calib", str(shared / "data" / "cifar10-jpeg" / "train5k"),
+        "--speedup", str(config["speedup"]), "--method", config["method"],
+        "--n-images", str(config["n_images"]), "--device", config["device"],
+        "--out", str(out), "--report", str(report), "--quiet",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"chanprune prune exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    pruned = json.loads(report.read_text())
+    return {"wall_s": wall, "prune_s": pruned["wall_time_s"], "speedup": pruned["speedup"]}
+
+
 def gemm_gmacs(library: str, size: int = GEMM_SIZE, repeat: int = 5) -> float:
     """The best float32 GEMM rate of ``library`` ("numpy" or "torch") on square ``size``
     matrices, in GMAC/s (best of ``repeat`` products after a warm-up)."""
@@ -312,6 +346,34 @@ def rates_markdown(rates: dict) -> list[str]:
     return lines + [""]
 
 
+def end_to_end_markdown(e2e: dict) -> list[str]:
+    """The ``--end-to-end`` line: the CLI's wall time, its pruning time, the yardstick."""
+    c = e2e["config"]
+    order = sorted(range(len(e2e["wall_s"])), key=lambda i: e2e["wall_s"][i])
+    median = order[(len(order) - 1) // 2]
+
+    def span(values):
+        return f"{values[median]:.1f} s ({min(values):.1f}-{max(values):.1f})"
+
+    return [
+        f"### End to end: `chanprune prune`, {c['model']} at {c['speedup']:g}x, {c['method']}, "
+        f"{c['n_images']} images",
+        "",
+        f"The command in a fresh process, from start to exit (Python and torch start-up, "
+        f"decoding the JPEGs, pruning, writing the model and the report), {len(order)} runs, "
+        f"code {e2e.get('commit')}; the median run (range of all runs) and the other figures "
+        f"of that run:",
+        "",
+        "| end to end | of which prune_model | forward pass (own process, just before) "
+        "| end to end / forward |",
+        "|---|---|---|---|",
+        f"| {span(e2e['wall_s'])} | {e2e['prune_s'][median]:.1f} s "
+        f"| {e2e['forward_s'][median]:.1f} s "
+        f"| {e2e['wall_s'][median] / e2e['forward_s'][median]:.1f} |",
+        "",
+    ]
+
+
 def markdown(results: dict) -> str:
     lines = [f"<!-- {MARK}:start -->", "## Pruning speed and memory (`benchmarks/speed.py`)", ""]
     lines += [
@@ -333,6 +395,7 @@ def markdown(results: dict) -> str:
         "python benchmarks/speed.py --device cuda --model vgg16 --n-images 1000 5000",
         "python benchmarks/speed.py --device cuda --model vgg16 --n-images 5000 --repeat 3 --rerun",
         "python benchmarks/speed.py --rates --n-images 5000",
+        "python benchmarks/speed.py --end-to-end --n-images 5000 --repeat 5",
         "```",
         "",
     ]
@@ -390,6 +453,8 @@ def markdown(results: dict) -> str:
                 f"| {r['stats_mb']:.0f} | {r['stats_rel_error']:.4f} |"
             )
         lines.append("")
+    if results.get("end_to_end"):
+        lines += end_to_end_markdown(results["end_to_end"])
     if results.get("rates"):
         lines += rates_markdown(results["rates"])
     if results.get("plot"):
@@ -469,6 +534,12 @@ def parse_args(argv):
              "speed drifts by tens of percent between minutes; default: 1)",
     )  # fmt: skip
     p.add_argument(
+        "--end-to-end", action="store_true",
+        help="instead of prune_model in-process: time 'chanprune prune' in a fresh process "
+             "at the largest N, --repeat times, each after the yardstick in its own process "
+             "(the shared CIFAR VGG-16-BN only)",
+    )  # fmt: skip
+    p.add_argument(
         "--rates", action="store_true",
         help="instead of pruning: time each module of one forward pass over the largest N "
              "images, and the float32 GEMM rate before and after it (CPU)",
@@ -503,11 +574,43 @@ def _median_run(repeats: list[dict]) -> dict:
     return run
 
 
+def _end_to_end(args, base: dict, results: dict) -> int:
+    """``--end-to-end``: alternate the yardstick and the CLI, ``--repeat`` times."""
+    import tempfile
+
+    if args.model != "vgg16_bn_cifar10":
+        print("error: --end-to-end runs on the shared CIFAR VGG-16-BN only", file=sys.stderr)
+        return 2
+    config = dict(base, n_images=max(args.n_images))
+    e2e = {"config": {k: v for k, v in config.items() if k != "shared"},
+           "commit": git_commit(), "wall_s": [], "prune_s": [], "forward_s": []}  # fmt: skip
+    for _ in range(max(args.repeat, 1)):
+        forward = _child(dict(config, positions=10, kind="forward"))
+        if forward is None:
+            return 1
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                cli = run_cli(config, Path(tmp))
+            except RuntimeError as err:
+                print(err, file=sys.stderr)
+                return 1
+        e2e["forward_s"].append(forward["forward_pass_s"])
+        e2e["wall_s"].append(cli["wall_s"])
+        e2e["prune_s"].append(cli["prune_s"])
+        print(f"end to end {cli['wall_s']:.1f} s (prune_model {cli['prune_s']:.1f} s), "
+              f"forward {forward['forward_pass_s']:.1f} s")  # fmt: skip
+    results["end_to_end"] = e2e
+    write_atomic(args.out, json.dumps(results, indent=1))
+    write_report(results, args.results_md)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.single:
         config = json.loads(args.single)
-        run = {"raw": run_raw_layer, "rates": run_rates}.get(config.get("kind"), run_whole)
+        runs = {"raw": run_raw_layer, "rates": run_rates, "forward": run_forward}
+        run = runs.get(config.get("kind"), run_whole)
         print("RESULT " + json.dumps(run(config)), flush=True)
         return 0
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -540,6 +643,8 @@ def main(argv=None) -> int:
             write_atomic(args.out, json.dumps(results, indent=1))
             write_report(results, args.results_md)
             return 0
+        if args.end_to_end:
+            return _end_to_end(args, base, results)
         configs = [dict(base, n_images=n, positions=10) for n in args.n_images]
         configs += [dict(base, n_images=max(args.n_images), positions=p)
                     for p in args.positions if p != 10]  # fmt: skip

@@ -499,6 +499,22 @@ def test_speed_rates_table_is_computed_from_the_module_times():
     assert "numpy (OpenBLAS) 89 / 87 GMAC/s, torch 66 / 67 GMAC/s" in text
 
 
+def test_speed_end_to_end_row_is_the_median_run():
+    speed = _load_script("speed")
+    results = _speed_results()
+    results["end_to_end"] = {
+        "config": {"model": "vgg16_bn_cifar10", "speedup": 2.0, "method": "lasso",
+                   "n_images": 5000},
+        "commit": "abc1234",
+        "wall_s": [70.0, 62.0, 66.0], "prune_s": [64.0, 57.0, 60.5],
+        "forward_s": [25.0, 20.0, 22.0],
+    }  # fmt: skip
+    text = speed.markdown(results)
+    assert "`chanprune prune`, vgg16_bn_cifar10 at 2x, lasso, 5000 images" in text
+    # the median run is the third (66 s); its own prune and forward times, 66 / 22 = 3.0
+    assert "| 66.0 s (62.0-70.0) | 60.5 s | 22.0 s | 3.0 |" in text
+
+
 def test_speed_module_times_counts_every_conv_mac():
     import torch
 
