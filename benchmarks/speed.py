@@ -348,28 +348,24 @@ def rates_markdown(rates: dict) -> list[str]:
 
 def end_to_end_markdown(e2e: dict) -> list[str]:
     """The ``--end-to-end`` line: the CLI's wall time, its pruning time, the yardstick."""
-    c = e2e["config"]
-    order = sorted(range(len(e2e["wall_s"])), key=lambda i: e2e["wall_s"][i])
-    median = order[(len(order) - 1) // 2]
-
-    def span(values):
-        return f"{values[median]:.1f} s ({min(values):.1f}-{max(values):.1f})"
+    c, run = e2e["config"], _median_run(e2e["repeats"])
+    walls = [r["wall_time_s"] for r in e2e["repeats"]]
 
     return [
         f"### End to end: `chanprune prune`, {c['model']} at {c['speedup']:g}x, {c['method']}, "
         f"{c['n_images']} images",
         "",
         f"The command in a fresh process, from start to exit (Python and torch start-up, "
-        f"decoding the JPEGs, pruning, writing the model and the report), {len(order)} runs, "
+        f"decoding the JPEGs, pruning, writing the model and the report), {len(walls)} runs, "
         f"code {e2e.get('commit')}; the median run (range of all runs) and the other figures "
         f"of that run:",
         "",
         "| end to end | of which prune_model | forward pass (own process, just before) "
         "| end to end / forward |",
         "|---|---|---|---|",
-        f"| {span(e2e['wall_s'])} | {e2e['prune_s'][median]:.1f} s "
-        f"| {e2e['forward_s'][median]:.1f} s "
-        f"| {e2e['wall_s'][median] / e2e['forward_s'][median]:.1f} |",
+        f"| {run['wall_time_s']:.1f} s ({min(walls):.1f}-{max(walls):.1f}) "
+        f"| {run['prune_time_s']:.1f} s | {run['forward_pass_s']:.1f} s "
+        f"| {run['wall_time_s'] / run['forward_pass_s']:.1f} |",
         "",
     ]
 
@@ -582,8 +578,7 @@ def _end_to_end(args, base: dict, results: dict) -> int:
         print("error: --end-to-end runs on the shared CIFAR VGG-16-BN only", file=sys.stderr)
         return 2
     config = dict(base, n_images=max(args.n_images))
-    e2e = {"config": {k: v for k, v in config.items() if k != "shared"},
-           "commit": git_commit(), "wall_s": [], "prune_s": [], "forward_s": []}  # fmt: skip
+    repeats = []
     for _ in range(max(args.repeat, 1)):
         forward = _child(dict(config, positions=10, kind="forward"))
         if forward is None:
@@ -594,11 +589,12 @@ def _end_to_end(args, base: dict, results: dict) -> int:
             except RuntimeError as err:
                 print(err, file=sys.stderr)
                 return 1
-        e2e["forward_s"].append(forward["forward_pass_s"])
-        e2e["wall_s"].append(cli["wall_s"])
-        e2e["prune_s"].append(cli["prune_s"])
+        repeats.append({"wall_time_s": cli["wall_s"], "prune_time_s": cli["prune_s"],
+                        "forward_pass_s": forward["forward_pass_s"]})  # fmt: skip
         print(f"end to end {cli['wall_s']:.1f} s (prune_model {cli['prune_s']:.1f} s), "
               f"forward {forward['forward_pass_s']:.1f} s")  # fmt: skip
+    e2e = {"config": {k: v for k, v in config.items() if k != "shared"},
+           "commit": git_commit(), "repeats": repeats}  # fmt: skip
     results["end_to_end"] = e2e
     write_atomic(args.out, json.dumps(results, indent=1))
     write_report(results, args.results_md)

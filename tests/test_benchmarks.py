@@ -506,8 +506,10 @@ def test_speed_end_to_end_row_is_the_median_run():
         "config": {"model": "vgg16_bn_cifar10", "speedup": 2.0, "method": "lasso",
                    "n_images": 5000},
         "commit": "abc1234",
-        "wall_s": [70.0, 62.0, 66.0], "prune_s": [64.0, 57.0, 60.5],
-        "forward_s": [25.0, 20.0, 22.0],
+        "repeats": [
+            {"wall_time_s": w, "prune_time_s": p, "forward_pass_s": f}
+            for w, p, f in [(70.0, 64.0, 25.0), (62.0, 57.0, 20.0), (66.0, 60.5, 22.0)]
+        ],
     }  # fmt: skip
     text = speed.markdown(results)
     assert "`chanprune prune`, vgg16_bn_cifar10 at 2x, lasso, 5000 images" in text
