@@ -25,6 +25,7 @@ Examples
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -917,5 +918,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         restore()
 
 
+def console_main() -> None:
+    """The ``chanprune`` console script and ``python -m chanprune``: :func:`main`, then exit
+    with its code.
+
+    Before the interpreter exits, every object is moved out of the cyclic garbage
+    collector's reach (:func:`gc.freeze`): its final collections would otherwise walk the
+    million-odd objects of torch, SciPy and scikit-learn, about 0.5 s of every command
+    here. Objects are still freed by reference counting; only reference cycles are left
+    to the operating system, after every output has been written and closed.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()

@@ -129,6 +129,23 @@ def test_python_dash_m_runs_the_cli(capsys, monkeypatch):
     assert capsys.readouterr().out.startswith("chanprune ")
 
 
+def test_console_main_exits_with_the_code_of_main_after_freezing_the_gc(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda: calls.append("main") or 3)
+    monkeypatch.setattr(cli.gc, "freeze", lambda: calls.append("freeze"))
+    with pytest.raises(SystemExit) as exc:
+        cli.console_main()
+    assert exc.value.code == 3
+    assert calls == ["main", "freeze"]  # frozen only once every output is written
+
+
+def test_console_script_entry_point_is_console_main():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["chanprune"] == "chanprune.cli:console_main"
+
+
 # ---------------------------------------------------------------------------- prune
 def test_prune_end_to_end(tiny, tmp_path, capsys):
     argv = _prune_argv(tiny, tmp_path, "--speedup", 1.5, "--report", tmp_path / "r.json")
