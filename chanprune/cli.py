@@ -924,7 +924,7 @@ def console_main() -> None:
 
     Before the interpreter exits, every object is moved out of the cyclic garbage
     collector's reach (:func:`gc.freeze`): its final collections would otherwise walk the
-    million-odd objects of torch, SciPy and scikit-learn, about 0.5 s of every command
+    ~230,000 objects of torch, SciPy and scikit-learn, about 0.45 s of every command
     here. Objects are still freed by reference counting; only reference cycles are left
     to the operating system, after every output has been written and closed.
     """
