@@ -39,3 +39,15 @@ def test_per_layer_examples_run(capsys):
 @pytest.mark.parametrize("command", ["chanprune demo", "python -m pytest -q"])
 def test_readme_names_the_two_commands(command):
     assert command in README.read_text()
+
+
+def test_main_job_command_installs_what_its_plot_needs():
+    import tomllib
+
+    # The README says the demo writes demo.png, which needs matplotlib: the `plot` extra.
+    text = README.read_text()
+    assert "demo.png" in text
+    line = next(ln for ln in text.splitlines() if ln.rstrip().endswith("&& chanprune demo"))
+    assert 'pip install -e ".[plot]"' in line
+    project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+    assert any(r.startswith("matplotlib") for r in project["optional-dependencies"]["plot"])
