@@ -570,35 +570,66 @@ def _median_run(repeats: list[dict]) -> dict:
     return run
 
 
-def _end_to_end(args, base: dict, results: dict) -> int:
-    """``--end-to-end``: alternate the yardstick and the CLI, ``--repeat`` times."""
+def _end_to_end(args, base: dict) -> dict | None:
+    """``--end-to-end``: alternate the yardstick and the CLI, ``--repeat`` times; the
+    record of all runs (None if one failed)."""
     import tempfile
 
-    if args.model != "vgg16_bn_cifar10":
-        print("error: --end-to-end runs on the shared CIFAR VGG-16-BN only", file=sys.stderr)
-        return 2
     config = dict(base, n_images=max(args.n_images))
     repeats = []
     for _ in range(max(args.repeat, 1)):
         forward = _child(dict(config, positions=10, kind="forward"))
         if forward is None:
-            return 1
+            return None
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 cli = run_cli(config, Path(tmp))
             except RuntimeError as err:
                 print(err, file=sys.stderr)
-                return 1
+                return None
         repeats.append({"wall_time_s": cli["wall_s"], "prune_time_s": cli["prune_s"],
                         "forward_pass_s": forward["forward_pass_s"]})  # fmt: skip
         print(f"end to end {cli['wall_s']:.1f} s (prune_model {cli['prune_s']:.1f} s), "
               f"forward {forward['forward_pass_s']:.1f} s")  # fmt: skip
-    e2e = {"config": {k: v for k, v in config.items() if k != "shared"},
-           "commit": git_commit(), "repeats": repeats}  # fmt: skip
-    results["end_to_end"] = e2e
-    write_atomic(args.out, json.dumps(results, indent=1))
-    write_report(results, args.results_md)
-    return 0
+    return {"config": {k: v for k, v in config.items() if k != "shared"},
+            "commit": git_commit(), "repeats": repeats}  # fmt: skip
+
+
+def _sweep(args, base: dict, results: dict) -> int:
+    """The prune runs (and ``--raw-layer``) not yet in ``results``, each saved as it ends;
+    the number of configurations that failed."""
+    configs = [dict(base, n_images=n, positions=10) for n in args.n_images]
+    configs += [dict(base, n_images=max(args.n_images), positions=p)
+                for p in args.positions if p != 10]  # fmt: skip
+    failed = 0
+    for config in configs:
+        k = f"{args.device}/{args.model}/{config['n_images']}/{config['positions']}"
+        k += "/no-tf32" if args.no_tf32 else ""
+        if k in results["runs"] and not args.rerun:
+            continue
+        repeats = [_child(config) for _ in range(max(args.repeat, 1))]
+        if any(run is None for run in repeats):
+            failed += 1
+            continue
+        run = _median_run(repeats)
+        results["runs"][k] = run
+        print(f"{k}: prune {run['wall_time_s']:.1f} s, forward {run['forward_pass_s']:.1f} s, "
+              f"peak {run['peak_rss_mb'] / 1024:.2f} GB")  # fmt: skip
+        write_atomic(args.out, json.dumps(results, indent=1))
+    if args.raw_layer and args.model == "vgg16_bn_cifar10":
+        for n in args.n_images:
+            k = str(n)
+            if k in results["raw_layer"] and not args.rerun:
+                continue
+            run = _child(dict(base, n_images=n, positions=10, kind="raw"))
+            if run is None:
+                failed += 1
+                continue
+            results["raw_layer"][k] = run
+            print(f"raw layer N={n}: raw {run['raw_s']:.1f} s / {run['raw_rows_mb']:.0f} MB, "
+                  f"statistics {run['stats_s']:.1f} s")  # fmt: skip
+            write_atomic(args.out, json.dumps(results, indent=1))
+    return failed
 
 
 def main(argv=None) -> int:
@@ -618,6 +649,9 @@ def main(argv=None) -> int:
         if args.model == "vgg16_bn_cifar10" and not (args.shared / "models").is_dir():
             print(f"error: the shared checkpoints are not at {args.shared}", file=sys.stderr)
             return 2
+        if args.end_to_end and args.model != "vgg16_bn_cifar10":
+            print("error: --end-to-end runs on the shared CIFAR VGG-16-BN only", file=sys.stderr)
+            return 2
         import torch
 
         machine = (
@@ -636,44 +670,15 @@ def main(argv=None) -> int:
             if rates is None:
                 return 1
             results["rates"] = rates
-            write_atomic(args.out, json.dumps(results, indent=1))
-            write_report(results, args.results_md)
-            return 0
-        if args.end_to_end:
-            return _end_to_end(args, base, results)
-        configs = [dict(base, n_images=n, positions=10) for n in args.n_images]
-        configs += [dict(base, n_images=max(args.n_images), positions=p)
-                    for p in args.positions if p != 10]  # fmt: skip
-        failed = 0
-        for config in configs:
-            k = f"{args.device}/{args.model}/{config['n_images']}/{config['positions']}"
-            k += "/no-tf32" if args.no_tf32 else ""
-            if k in results["runs"] and not args.rerun:
-                continue
-            repeats = [_child(config) for _ in range(max(args.repeat, 1))]
-            if any(run is None for run in repeats):
-                failed += 1
-                continue
-            run = _median_run(repeats)
-            results["runs"][k] = run
-            print(f"{k}: prune {run['wall_time_s']:.1f} s, forward {run['forward_pass_s']:.1f} s, "
-                  f"peak {run['peak_rss_mb'] / 1024:.2f} GB")  # fmt: skip
-            write_atomic(args.out, json.dumps(results, indent=1))
-        if args.raw_layer and args.model == "vgg16_bn_cifar10":
-            for n in args.n_images:
-                k = str(n)
-                if k in results["raw_layer"] and not args.rerun:
-                    continue
-                run = _child(dict(base, n_images=n, positions=10, kind="raw"))
-                if run is None:
-                    failed += 1
-                    continue
-                results["raw_layer"][k] = run
-                print(f"raw layer N={n}: raw {run['raw_s']:.1f} s / {run['raw_rows_mb']:.0f} MB, "
-                      f"statistics {run['stats_s']:.1f} s")  # fmt: skip
-                write_atomic(args.out, json.dumps(results, indent=1))
-        if failed:
-            print(f"{failed} configuration(s) failed", file=sys.stderr)
+        elif args.end_to_end:
+            e2e = _end_to_end(args, base)
+            if e2e is None:
+                return 1
+            results["end_to_end"] = e2e
+        else:
+            failed = _sweep(args, base, results)
+            if failed:
+                print(f"{failed} configuration(s) failed", file=sys.stderr)
     results["plot"] = plot(results, args.out.with_suffix(".png"))
     write_atomic(args.out, json.dumps(results, indent=1))
     write_report(results, args.results_md)
