@@ -291,6 +291,49 @@ def _plan(model: nn.Module, channel_sampler: bool = False) -> list[_Consumer]:
     )
 
 
+def _check_consumers(model: nn.Module, plan: list[_Consumer]) -> None:
+    """Refuse, before any work, consumer layers whose patches or refit chanprune cannot
+    model: the sampled patches assume explicit zero padding, and the refit's intercept
+    goes into the layer's BatchNorm (or its conv's bias)."""
+    for consumer in plan:
+        conv = model.get_submodule(consumer.name)
+        if isinstance(conv.padding, str):
+            raise UnsupportedLayerError(
+                f"{consumer.name} has padding={conv.padding!r}; only explicit integer padding "
+                "is supported (padding=1 is 'same' for a 3x3 conv with stride 1)."
+            )
+        if conv.padding_mode != "zeros" and any(conv.padding):
+            raise UnsupportedLayerError(
+                f"{consumer.name} pads with padding_mode={conv.padding_mode!r}; the sampled "
+                "input patches assume zero padding (padding_mode='zeros')."
+            )
+        if consumer.bn is None:
+            continue
+        bn = model.get_submodule(consumer.bn)
+        if not bn.track_running_stats or bn.running_mean is None:
+            raise UnsupportedLayerError(
+                f"{consumer.bn} keeps no running statistics (track_running_stats=False), so "
+                "it cannot be folded into its conv."
+            )
+        if not bn.affine and conv.bias is None:
+            raise UnsupportedLayerError(
+                f"{consumer.bn} has affine=False and {consumer.name} has no bias: the refit's "
+                "intercept would have nowhere to go without changing the architecture."
+            )
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of ``model``'s parameters: float32 or float64."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if not dtypes <= {torch.float32, torch.float64} or len(dtypes) > 1:
+        found = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+        raise TypeError(
+            f"prune_model needs a model whose parameters are all float32 or all float64; got "
+            f"{found} (convert it with model.float())."
+        )
+    return dtypes.pop() if dtypes else torch.float32
+
+
 def prunable_layers(model: nn.Module, *, channel_sampler: bool = False) -> dict[str, int]:
     """The layers whose input channels :func:`prune_model` can select, with their widths.
 
@@ -696,7 +739,8 @@ def prune_model(
         (``layer1``... of BasicBlock/Bottleneck), e.g.
         :func:`chanprune.models.resnet56_cifar10` or a torchvision ResNet, of which the
         branch-internal channels are pruned (the residual stream keeps its width; see
-        ``channel_sampler`` for the input of each branch). Not modified unless
+        ``channel_sampler`` for the input of each branch). Its parameters are float32 or
+        float64 (the calibration images are converted to that dtype). Not modified unless
         ``inplace=True``.
     calib : Dataset or tensor of shape (n_images, C, H, W)
         Preprocessed calibration images (a dataset may yield ``(image, label)``).
@@ -768,8 +812,8 @@ def prune_model(
         the device of ``calib``, whatever this budget.)
     stats_dtype : torch.float32, torch.float64 or None
         Precision of each chunk's products ``X^T X`` (the running sums are float64
-        either way; see :class:`chanprune.LayerStats`). None: float32 on a CPU, where it
-        is 2-4x faster, float64 on CUDA.
+        either way; see :class:`chanprune.LayerStats`). None: float32 for a float32 model
+        on a CPU, where it is 2-4x faster; float64 on CUDA or for a float64 model.
     device : str or torch.device, default="cpu"
         Where the forward passes and statistics run (``"cuda"`` works).
     seed : int, default=0
@@ -789,7 +833,10 @@ def prune_model(
     Raises
     ------
     UnsupportedLayerError
-        A model or layer chanprune cannot prune; the message names it.
+        A model or layer chanprune cannot prune (e.g. a pruned conv with non-zero
+        ``padding_mode`` or string padding); the message names it.
+    TypeError
+        A model whose parameters are not all float32 or all float64.
     ValueError
         Bad parameters, an unreachable speed-up, empty or non-finite calibration data.
     """
@@ -810,9 +857,12 @@ def prune_model(
         max_cache_mb = check_real_in_range(
             max_cache_mb, "max_cache_mb", 0.0, np.inf, high_inclusive=False
         )
+    dtype = _model_dtype(model)
     if stats_dtype is None:
-        stats_dtype = torch.float32 if device.type == "cpu" else torch.float64
+        cpu32 = device.type == "cpu" and dtype == torch.float32
+        stats_dtype = torch.float32 if cpu32 else torch.float64
     plan = _plan(model, channel_sampler)
+    _check_consumers(model, plan)
     if method == "bn_scale" and channel_sampler:
         raise ValueError(
             "method='bn_scale' ranks channels by the |gamma| of the BatchNorm that produces "
@@ -820,14 +870,19 @@ def prune_model(
             "and shortcut, with no such BatchNorm: use another method or channel_sampler=False."
         )
     if method == "bn_scale":
-        missing = [c.name for c in plan if c.producer_bn is None]
+        missing = [
+            c.name
+            for c in plan
+            if c.producer_bn is None or not model.get_submodule(c.producer_bn).affine
+        ]
         if missing:
             raise UnsupportedLayerError(
-                f"method='bn_scale' needs a BatchNorm after every pruned conv; the producers of "
-                f"{missing} have none."
+                f"method='bn_scale' needs an affine BatchNorm after every pruned conv; the "
+                f"producers of {missing} have none."
             )
 
     images = load_calibration_images(calib, n_images, seed=seed, progress=progress)
+    images = images.to(dtype)  # a float64 model runs (and is refit) in float64
     calib_device = images.device
     if device.type == "cuda" and images.device != device:
         # Every pass that starts from the images then reads them without a host copy.
@@ -1080,7 +1135,7 @@ class _Sweep:
         self.step += 1
         held_error = held.rel_error(result.kept, result.weight, result.bias)
         unknowns = keep * fit.block_size + 1
-        if fit.n_samples < 2 * unknowns:
+        if self.refit and fit.n_samples < 2 * unknowns:
             logger.warning(
                 "%s: %d samples for %d unknowns per output; the refit may overfit (use more "
                 "images or positions per image, or a larger ridge).",
@@ -1098,13 +1153,15 @@ class _Sweep:
             prune_conv_out_channels(self.pruned.get_submodule(consumer.producer), kept)
             if consumer.producer_bn:
                 prune_batchnorm(self.pruned.get_submodule(consumer.producer_bn), kept)
-        if bn is not None:
+        if bn is not None and bn.affine:
             set_conv_params(conv, result.weight)
             if conv.bias is not None:
                 conv.bias.zero_()
             set_batchnorm_identity(bn)
             bn.bias.copy_(torch.as_tensor(result.bias, dtype=bn.bias.dtype))
-        else:
+        else:  # no BN, or one without parameters: the conv has a bias (_check_consumers)
+            if bn is not None:
+                set_batchnorm_identity(bn)
             set_conv_params(conv, result.weight, result.bias)
         self.reports.append(
             LayerReport(

@@ -87,7 +87,7 @@ def extract_patches(x: torch.Tensor, conv: nn.Conv2d, positions: Positions) -> t
     x : tensor of shape (n_images, c, H, W)
         The conv's input.
     conv : nn.Conv2d
-        Supplies kernel size, stride, padding and dilation (``groups=1``).
+        Supplies kernel size, stride, padding and dilation (``groups=1``, zero padding).
     positions : Positions
 
     Returns
@@ -102,6 +102,11 @@ def extract_patches(x: torch.Tensor, conv: nn.Conv2d, positions: Positions) -> t
             f"conv with padding={conv.padding!r} is not supported; use explicit integer padding."
         )
     ph, pw = conv.padding
+    if conv.padding_mode != "zeros" and (ph or pw):
+        raise ValueError(
+            f"conv with padding_mode={conv.padding_mode!r} is not supported; the patches are "
+            "zero-padded (padding_mode='zeros')."
+        )
     h, w = x.shape[2], x.shape[3]
     device = x.device
     pos = positions.to(device)

@@ -13,6 +13,8 @@ which are the input channels of the next (named after the consuming layer).
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -119,7 +121,8 @@ def widths_for_speedup(
         Relative kept ratios (1 everywhere: uniform; the paper's VGG schedule uses 1.5
         for conv4_x and 0 for conv5_x).
     tolerance : float, default=0.02
-        Relative distance to the target speed-up considered good enough.
+        Relative distance to the target speed-up considered good enough; a farther one
+        (layers too narrow for finer steps) is returned with a ``UserWarning``.
 
     Returns
     -------
@@ -134,6 +137,7 @@ def widths_for_speedup(
         every pruned group); the message says the largest reachable speed-up.
     """
     speedup = check_real_in_range(speedup, "speedup", 1.0, low_inclusive=False)
+    tolerance = check_real_in_range(tolerance, "tolerance", 0.0)
     base = model.macs()
     target = base / speedup
     prunable = [g for g in model.groups if multipliers.get(g, 0.0) > 0]
@@ -150,7 +154,7 @@ def widths_for_speedup(
     candidates = [_widths_at(model, multipliers, lo), _widths_at(model, multipliers, hi)]
     widths = min(candidates, key=lambda w: abs(math.log(base / model.macs(w) / speedup)))
     widths = _refine(model, widths, prunable, target)
-    return widths, base / model.macs(widths)
+    return widths, _achieved(base / model.macs(widths), speedup, tolerance)
 
 
 def energy_fractions(eigenvalues: np.ndarray) -> np.ndarray:
@@ -180,6 +184,8 @@ def widths_for_energy(
     model: MacModel,
     speedup: float,
     energy: Mapping[str, np.ndarray],
+    *,
+    tolerance: float = 0.02,
 ) -> tuple[dict[str, int], float]:
     """Widths for a target speed-up that keep the most channel energy per MAC.
 
@@ -200,6 +206,8 @@ def widths_for_energy(
     energy : dict of group -> ndarray of shape (size_g,)
         :func:`energy_fractions` of each group's channels; every group of ``model`` is
         prunable and must be present.
+    tolerance : float, default=0.02
+        As in :func:`widths_for_speedup`.
 
     Returns
     -------
@@ -212,6 +220,7 @@ def widths_for_energy(
         A missing group, a spectrum of the wrong length, or an unreachable target.
     """
     speedup = check_real_in_range(speedup, "speedup", 1.0, low_inclusive=False)
+    tolerance = check_real_in_range(tolerance, "tolerance", 0.0)
     missing = [g for g in model.groups if g not in energy]
     if missing:
         raise ValueError(f"energy has no spectrum for the groups {missing}.")
@@ -256,7 +265,20 @@ def widths_for_energy(
         widths[best] -= 1
         macs = model.macs(widths)
     widths = _refine(model, widths, groups, target)
-    return widths, base / model.macs(widths)
+    return widths, _achieved(base / model.macs(widths), speedup, tolerance)
+
+
+def _achieved(achieved: float, speedup: float, tolerance: float) -> float:
+    """``achieved``, with a warning when it is farther than ``tolerance`` (relative) from
+    the target: one channel is a coarse step on a narrow network."""
+    if abs(achieved / speedup - 1.0) > tolerance:
+        warnings.warn(
+            f"the achieved speed-up {achieved:.3f} is {abs(achieved / speedup - 1):.1%} from "
+            f"the target {speedup:g}: the layers are too narrow for a closer width plan.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return achieved
 
 
 def _check_reachable(model: MacModel, prunable: list, speedup: float, scope: str = "") -> None:
@@ -304,9 +326,9 @@ def resolve_explicit(model: MacModel, keep: Mapping[str, Union[int, float]]) -> 
     out = {}
     for name, value in keep.items():
         size = model.groups[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
             raise TypeError(f"schedule[{name!r}] must be an int or a float; got {value!r}.")
-        if isinstance(value, float):
+        if not isinstance(value, numbers.Integral):  # numpy scalars count as well
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"schedule[{name!r}] as a ratio must be in (0, 1]; got {value}.")
             value = max(1, round(value * size))

@@ -415,3 +415,46 @@ def test_channel_sampler_on_the_shared_resnet20(shared_dir, tmp_path, one_thread
     x = torch.stack([test[i][0] for i in range(16)])
     with torch.no_grad():
         assert torch.equal(chanprune.load(tmp_path / "resnet20.pt")(x), pruned(x))
+
+
+class _FailingIdentity(nn.Module):
+    """An identity shortcut that raises when the instance called is ``target`` (the one in
+    the user's model; the driver's deepcopies of it pass their input through)."""
+
+    target = None
+
+    def forward(self, x):
+        if self is type(self).target:
+            raise RuntimeError("forward failed")
+        return x
+
+
+def test_no_hooks_left_after_a_failure_inside_a_recorded_forward(monkeypatch):
+    # With inplace=True the pruned network is the user's model: its block's forward runs
+    # under hooks on its conv2 and shortcut, and the shortcut raises inside it.
+    model = _cifar_resnet()
+    model.layer1[0].shortcut = _FailingIdentity()
+    monkeypatch.setattr(_FailingIdentity, "target", model.layer1[0].shortcut)
+    registered = []
+    original = nn.Module.register_forward_hook
+
+    def spy(module, *args, **kwargs):
+        registered.append(module)
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "register_forward_hook", spy)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        prune_model(model, _images(), speedup=1.5, inplace=True, **QUIET)
+    # Hooks were placed on the user's modules (so the check below can fail) and removed.
+    assert any(any(m is r for r in registered) for m in model.modules())
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_float64_resnet_is_pruned_in_float64():
+    model = _cifar_resnet().double()
+    pruned, report = prune_model(model, _images().double(), speedup=1.5, **QUIET)
+    assert {p.dtype for p in pruned.parameters()} == {torch.float64}
+    assert abs(report.speedup / 1.5 - 1) <= 0.02
+    x = _images(3, seed=5).double()
+    assert pruned(x).dtype == torch.float64

@@ -35,6 +35,21 @@ def test_patches_match_unfold_and_reproduce_the_conv(stride, padding, dilation):
     torch.testing.assert_close(pred, out, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_patches_refuse_padding_other_than_zeros(mode):
+    conv = nn.Conv2d(4, 5, 3, padding=1, padding_mode=mode)
+    x = torch.randn(2, 4, 6, 6)
+    pos = sample_positions(2, (6, 6), 3, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=f"padding_mode='{mode}' is not supported"):
+        extract_patches(x, conv, pos)
+    # Without padding the mode is never used: nothing to refuse.
+    unpadded = nn.Conv2d(4, 5, 3, padding=0, padding_mode=mode)
+    pos = sample_positions(2, (4, 4), 3, torch.Generator().manual_seed(0))
+    patches = extract_patches(x, unpadded, pos)
+    ref = F.unfold(x, 3)[pos.image, :, pos.row * 4 + pos.col].reshape(-1, 4, 3, 3)
+    torch.testing.assert_close(patches, ref)
+
+
 def test_positions_are_distinct_in_range_and_reproducible():
     gen = torch.Generator().manual_seed(3)
     pos = sample_positions(4, (5, 6), 10, gen)
