@@ -49,3 +49,26 @@ def randomize_batchnorm(model):
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.1, 0.3)
     return model.eval()
+
+
+def conv_macs_by_hooks(model, input_shape) -> int:
+    """Conv MACs counted from the shapes seen in a forward pass (independent of
+    chanprune.flops): H_out * W_out * c_out * c_in / groups * kh * kw per conv."""
+    import torch
+    from torch import nn
+
+    total = []
+
+    def hook(conv, args, out):
+        kh, kw = conv.kernel_size
+        c_in = args[0].shape[1] // conv.groups
+        total.append(out.shape[2] * out.shape[3] * out.shape[1] * c_in * kh * kw)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(total)

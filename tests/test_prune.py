@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _planted import randomize_batchnorm
+from _planted import conv_macs_by_hooks, randomize_batchnorm
 from torch import nn
 
 from chanprune import UnsupportedLayerError
@@ -126,15 +126,26 @@ def test_every_method_runs_and_refit_helps(method):
         assert layer.rel_error_heldout is not None and layer.rel_error_heldout >= 0
 
 
-def test_runs_are_reproducible_and_seed_matters():
+@pytest.mark.parametrize("method", ["random", "lasso", "greedy_ls"])
+def test_runs_are_reproducible_and_seed_matters(method):
     model = _tiny_vgg()
-    a, ra = prune_model(model, _images(), speedup=1.5, method="random", seed=5, **QUIET)
-    b, rb = prune_model(model, _images(), speedup=1.5, method="random", seed=5, **QUIET)
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert ka == kb and torch.equal(va, vb)
-    c, _ = prune_model(model, _images(), speedup=1.5, method="random", seed=6, **QUIET)
+    a, ra = prune_model(model, _images(), speedup=1.5, method=method, seed=5, **QUIET)
+    b, rb = prune_model(model, _images(), speedup=1.5, method=method, seed=5, **QUIET)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [layer.rel_error for layer in ra.layers] == [layer.rel_error for layer in rb.layers]
+    c, _ = prune_model(model, _images(), speedup=1.5, method=method, seed=6, **QUIET)
     x = _images(3, seed=7)
     assert not torch.equal(a(x), c(x))
+
+
+def test_reported_macs_match_an_independent_count():
+    model = _tiny_vgg()
+    pruned, report = prune_model(model, _images(), speedup=2.0, **QUIET)
+    assert report.macs_before == conv_macs_by_hooks(model, (3, 16, 16))
+    assert report.macs_after == conv_macs_by_hooks(pruned, (3, 16, 16))
+    assert report.speedup == pytest.approx(report.macs_before / report.macs_after)
 
 
 def test_without_batchnorm():
