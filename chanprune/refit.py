@@ -39,12 +39,16 @@ def regularized_gram(moments: Moments, cols: np.ndarray, ridge: float) -> np.nda
     """``xtx[cols][:, cols]`` with ``ridge * mean(diag)`` added to the patch columns.
 
     The ridge is relative (scale-free) and never applied to the ones column (last of
-    ``cols``), so the intercept is not shrunk.
+    ``cols``), so the intercept is not shrunk. ``mean(diag)`` is that of the whole layer's
+    patch Gram, all channels, whichever ``cols`` are taken: the regularised objective is
+    then the same function for every kept set, so ``greedy_ls`` ranks removals by the
+    objective the refit minimises.
     """
     gram = moments.xtx[np.ix_(cols, cols)]
     if ridge > 0:
+        d = moments.n_features
+        scale = float(np.einsum("ii->", moments.xtx[:d, :d])) / d
         diag = np.einsum("ii->i", gram)
-        scale = diag[:-1].mean() if diag.size > 1 else 1.0
         diag[:-1] += ridge * (scale if scale > 0 else 1.0)
     return gram
 
@@ -91,7 +95,9 @@ def least_squares_refit(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weights and bias of the kept channels minimising the squared reconstruction error.
 
-    Solves ``min ||Y - X_kept W'^T - 1 b'^T||^2 + ridge * mean(diag) * ||W'||^2``.
+    Solves ``min ||Y - X_kept W'^T - 1 b'^T||^2 + ridge * mean(diag) * ||W'||^2``, with
+    ``mean(diag)`` the mean diagonal of the whole layer's ``X^T X`` (all channels, so the
+    penalty does not depend on which are kept).
 
     Parameters
     ----------

@@ -58,7 +58,9 @@ def test_ridge_equals_dense_ridge_with_free_intercept():
     weight, bias = least_squares_refit(m, kept, ridge=ridge)
     D = dense_design(X, kept)
     gram = D.T @ D
-    penalty = ridge * np.mean(np.diag(gram)[:-1])
+    # The ridge's scale is the whole layer's, every channel, not the kept ones'.
+    full = X.reshape(X.shape[0], -1)
+    penalty = ridge * np.mean((full**2).sum(axis=0))
     reg = np.diag(np.r_[np.full(D.shape[1] - 1, penalty), 0.0])  # intercept not shrunk
     ref = np.linalg.solve(gram + reg, D.T @ Y)
     np.testing.assert_allclose(weight, ref[:-1].T, rtol=1e-9, atol=1e-12)

@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-from _planted import planted_conv
+from _planted import dense_design, planted_conv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.linear_model import Lasso
@@ -162,6 +162,42 @@ def test_greedy_ls_order_survives_repeated_compaction():
     X, Y, *_ = planted_conv(9, noise=0.5, support=range(40), c=40, k=2, n_samples=1500)
     m = _moments(X, Y)
     _assert_brute_force_greedy_order(m, select_greedy_ls(m, keep=4), 40)
+
+
+def _ridge_objective(X, Y, kept, lam):
+    """Dense reference: ``min ||Y - D w||^2 + lam ||w_patch||^2`` over the design ``D`` of
+    the kept channels plus a ones column (the intercept is not shrunk); (value, w)."""
+    D = dense_design(X, kept)
+    penalty = np.full(D.shape[1], lam)
+    penalty[-1] = 0.0
+    w = np.linalg.solve(D.T @ D + np.diag(penalty), D.T @ Y)
+    return float(((Y - D @ w) ** 2).sum() + lam * (w[:-1] ** 2).sum()), w
+
+
+def test_ridge_is_the_same_for_every_kept_set_so_greedy_ls_and_refit_agree():
+    """With a ridge, greedy_ls ranks removals by the regularised objective the refit then
+    minimises: one lam (ridge times the mean diagonal of the whole layer's patch Gram),
+    whichever channels are kept, even when the channels' scales differ."""
+    X, Y, *_ = planted_conv(10, noise=0.5, support=range(8), c=8, k=2, n_samples=300)
+    X = X * np.geomspace(0.2, 5.0, 8)[None, :, None, None]  # unequal channel scales
+    ridge = 1e-2
+    m = _moments(X, Y)
+    lam = ridge * float(np.mean(np.diag(m.xtx)[:-1]))
+    kept = [0, 2, 3, 5, 7]
+    weight, bias = least_squares_refit(m, np.array(kept), ridge=ridge)
+    _, w = _ridge_objective(X, Y, kept, lam)
+    np.testing.assert_allclose(weight.reshape(len(Y[0]), -1), w[:-1].T, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(bias, w[-1], rtol=1e-8, atol=1e-10)
+    sel = select_greedy_ls(m, keep=2, ridge=ridge)
+    kept = list(range(8))
+    value = _ridge_objective(X, Y, kept, lam)[0]
+    for channel, cost in zip(sel.info["removed"], sel.info["cost"]):
+        candidates = {g: _ridge_objective(X, Y, [i for i in kept if i != g], lam)[0] for g in kept}
+        assert channel == min(candidates, key=candidates.get)
+        assert cost == pytest.approx(candidates[channel] - value, rel=1e-6)
+        kept.remove(channel)
+        value = candidates[channel]
+    np.testing.assert_array_equal(sel.kept, kept)
 
 
 def test_greedy_ls_singular_gram_grows_the_ridge_with_a_warning():
