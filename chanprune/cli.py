@@ -3,13 +3,16 @@
 Exit codes: 0 on success; 2 on bad usage or bad input (argparse errors, and the
 ``ValueError``/``TypeError``/``FileNotFoundError``/``UnsupportedLayerError`` that chanprune
 raises for bad arguments, files or models: one line ``chanprune: error: <message>`` on
-stderr, no traceback); 1 on any unexpected failure (the traceback is shown); 130 when
-interrupted. Library messages go through :mod:`logging` (warnings by default, ``-v`` for
-more); results are printed to stdout, progress bars to stderr.
+stderr, no traceback); 1 when an output cannot be written (a full disk: one line
+``chanprune: error: could not write <path>: <reason>``) and on any unexpected failure (the
+traceback is shown); 130 when interrupted. Library messages go through :mod:`logging`
+(warnings by default, ``-v`` for more); results are printed to stdout, progress bars to
+stderr.
 
 Outputs (``--out``, ``--report``, ``--json``) are written only once everything has
 succeeded, each to a temporary file beside it and then renamed, so a failed run writes
-nothing and never leaves a half-written file.
+nothing and never leaves a half-written file. An output naming the same file as an input
+(``--model``, ``--weights``, ``--widths``) or as another output is refused before any work.
 
 Examples
 --------
@@ -52,6 +55,7 @@ from .data import (
 from .flops import count_macs, count_params
 from .io import atomic_write_all, load, save
 from .models import get_model, list_models
+from .models._checkpoint import strip_ansi
 from .prune import MODEL_METHODS, prune_model
 from .schedule import SCHEDULES
 
@@ -158,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "exit codes: 0 success; 2 bad usage or bad input (message on stderr); "
-            "1 unexpected failure (traceback)\n\n"
+            "1 an output could not be written (message) or an unexpected failure "
+            "(traceback); 130 interrupted (Ctrl-C)\n\n"
             "examples:\n"
             "  chanprune demo\n"
             "  chanprune info --model vgg16_bn_cifar10\n"
@@ -451,6 +456,12 @@ def _check_int(value: Optional[int], option: str, low: int) -> None:
         raise ValueError(f"{option} must be an integer >= {low}; got {value}.")
 
 
+def _check_seed(value: int) -> None:
+    # Checked up front: torch's generators take a signed 64-bit seed and would fail late.
+    if not 0 <= value < 2**63:
+        raise ValueError(f"--seed must be an integer >= 0 and < 2**63; got {value}.")
+
+
 def _check_device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
@@ -471,14 +482,69 @@ def _check_output(spec: str, option: str) -> Path:
     path = Path(spec)
     if path.is_dir():
         raise ValueError(f"{option} '{path}' is a directory; give a file path.")
-    ancestor = path.parent
+    _check_creatable(path.parent, path, option)
+    return path
+
+
+def _check_output_folder(spec: str, option: str) -> Path:
+    """A folder that exists or can be created, to write files into."""
+    path = Path(spec)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} '{path}' exists and is not a directory; give a folder.")
+    _check_creatable(path, path, option)
+    return path
+
+
+def _check_creatable(folder: Path, path: Path, option: str) -> None:
+    """``folder`` exists, or its nearest existing ancestor is a writable directory."""
+    ancestor = folder
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise ValueError(f"{option} '{path}': '{ancestor}' is not a directory.")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{option} '{path}': the folder '{ancestor}' is not writable.")
-    return path
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file: through symbolic links and '..', and
+    hard links where both exist."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _check_distinct_files(
+    outputs: Mapping[str, Optional[str]], inputs: Mapping[str, Optional[str]]
+) -> None:
+    """Refuse an output that names the same file as an input or as another output.
+
+    Writing an output replaces its file, so it would destroy an input (inputs are never
+    modified) or the other output. ``None`` entries (options not given) are skipped.
+    """
+    given_outputs = [(option, path) for option, path in outputs.items() if path is not None]
+    given_inputs = [(option, path) for option, path in inputs.items() if path is not None]
+    for i, (option, path) in enumerate(given_outputs):
+        for other, other_path in given_outputs[:i]:
+            if _same_file(path, other_path):
+                raise ValueError(
+                    f"{other} '{other_path}' and {option} '{path}' name the same file; "
+                    "give different paths."
+                )
+        for other, other_path in given_inputs:
+            if _same_file(path, other_path):
+                raise ValueError(
+                    f"{option} '{path}' names the same file as the input {other} "
+                    f"'{other_path}', which it would overwrite; give another output path."
+                )
+
+
+def _model_file(spec: str) -> Optional[str]:
+    """``--model`` when it names a file rather than a registered model, else None."""
+    return None if spec in list_models() else spec
 
 
 def _check_folder(spec: str, option: str) -> Path:
@@ -579,6 +645,8 @@ def _preprocess(preset: str) -> Preprocess:
 
 def _read_widths(spec: str) -> dict[str, Union[int, float]]:
     path = Path(spec)
+    if path.is_dir():
+        raise ValueError(f"--widths '{path}' is a directory; give a JSON file.")
     if not path.is_file():
         raise FileNotFoundError(f"--widths file '{path}' does not exist.")
     try:
@@ -623,6 +691,44 @@ def _check_plan(
     )
 
 
+def _input_shape_error(shape: tuple[int, ...], exc: BaseException) -> ValueError:
+    """The error of an input shape the model refuses, worded as prune's own check."""
+    return ValueError(
+        f"the model does not accept inputs of shape {tuple(shape)}: {str(exc).splitlines()[0]}"
+    )
+
+
+def _output_shape(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of ``model``'s output for one input (without the batch dimension), from a
+    forward pass of zeros; a ``ValueError`` if the model does not accept such inputs."""
+    tensor = next(model.parameters(), None)
+    device = tensor.device if tensor is not None else torch.device("cpu")
+    dtype = tensor.dtype if tensor is not None else torch.get_default_dtype()
+    try:
+        with torch.inference_mode():
+            scores = model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+    except RuntimeError as exc:
+        raise _input_shape_error(input_shape, exc) from exc
+    return tuple(scores.shape[1:])
+
+
+def _check_classes(model: nn.Module, dataset: ImageFolder, input_shape: tuple[int, ...]) -> None:
+    """The model accepts the images, and scores as many classes as there are class folders.
+
+    Labels are the indices of the sorted folder names, so any other number of folders
+    gives a meaningless accuracy.
+    """
+    out_shape = _output_shape(model, input_shape)
+    n_classes = len(dataset.classes)
+    if len(out_shape) == 1 and out_shape[0] != n_classes:
+        shown = ", ".join(dataset.classes[:5]) + (", ..." if n_classes > 5 else "")
+        raise ValueError(
+            f"--data '{dataset.root}' has {n_classes} class folder(s) ({shown}) but the model "
+            f"has {out_shape[0]} outputs; labels are the indices of the sorted folder names, "
+            "so give one folder per output, named so that they sort in the model's class order."
+        )
+
+
 def _split_methods(values: Optional[Sequence[str]]) -> tuple[str, ...]:
     if values is None:
         return MODEL_METHODS
@@ -648,7 +754,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     _check_int(args.n_images, "--n-images", 1)
     _check_int(args.positions, "--positions", 1)
     _check_int(args.batch_size, "--batch-size", 1)
-    _check_int(args.seed, "--seed", 0)
+    _check_seed(args.seed)
     if not 0.0 <= args.holdout <= 0.5:
         raise ValueError(f"--holdout must be in [0, 0.5]; got {args.holdout:g}.")
     if not (math.isfinite(args.ridge) and args.ridge >= 0):
@@ -660,15 +766,18 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
     out = _check_output(args.out, "--out")
     report_path = _check_output(args.report, "--report") if args.report else None
-    if report_path is not None and report_path.resolve() == out.resolve():
-        raise ValueError("--out and --report name the same file.")
+    _check_distinct_files(
+        {"--out": args.out, "--report": args.report},
+        {"--model": _model_file(args.model), "--weights": args.weights, "--widths": args.widths},
+    )
     calib_dir = _check_folder(args.calib, "--calib")
     schedule = _read_widths(args.widths) if args.widths else (args.schedule or "uniform")
 
     # 2. The model, the data, and the plan they imply.
     model, name = _resolve_model(args.model, args.weights)
     preset = _require_preset(args.preset, name, model, args.model, args.quiet)
-    dataset = ImageFolder(calib_dir, preprocess=_preprocess(preset))
+    # same_size: the calibration images are stacked into batches; name any odd one out.
+    dataset = ImageFolder(calib_dir, preprocess=_preprocess(preset), same_size=True)
     input_shape = tuple(dataset[0][0].shape)
     _check_plan(model, input_shape, args.speedup, schedule, args.channel_sampler)
 
@@ -714,14 +823,18 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     _check_int(args.n_images, "--n-images", 1)
     _check_int(args.batch_size, "--batch-size", 1)
-    _check_int(args.seed, "--seed", 0)
+    _check_seed(args.seed)
     device = _check_device(args.device)
     json_path = _check_output(args.json, "--json") if args.json else None
+    _check_distinct_files(
+        {"--json": args.json}, {"--model": _model_file(args.model), "--weights": args.weights}
+    )
     data_dir = _check_folder(args.data, "--data")
 
     model, name = _resolve_model(args.model, args.weights)
     preset = _require_preset(args.preset, name, model, args.model, args.quiet)
-    dataset = ImageFolder(data_dir, preprocess=_preprocess(preset))
+    dataset = ImageFolder(data_dir, preprocess=_preprocess(preset), same_size=True)
+    _check_classes(model, dataset, tuple(dataset[0][0].shape))
     if args.n_images is not None:
         dataset = calibration_subset(dataset, args.n_images, seed=args.seed)
     accuracy = evaluate_accuracy(
@@ -765,9 +878,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         per_layer = count_macs(model, shape, per_layer=True).per_layer
         with_linear = count_macs(model, shape, include_linear=True)
     except RuntimeError as exc:
-        raise ValueError(
-            f"the model does not accept inputs of shape {shape}: {str(exc).splitlines()[0]}"
-        ) from exc
+        raise _input_shape_error(shape, exc) from exc
     from .prune import prunable_layers
 
     try:
@@ -813,6 +924,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _check_seed(args.seed)
+    _check_output_folder(args.out_dir, "--out-dir")
+    if args.cache_dir is not None:
+        _check_output_folder(args.cache_dir, "--cache-dir")
     run_demo(
         args.out_dir,
         cache_dir=args.cache_dir,
@@ -825,27 +940,44 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- plumbing
+class _WriteError(Exception):
+    """An output could not be written (a full disk, an I/O error): a failure of the run,
+    not of its input, reported in one line with exit code 1."""
+
+
 def _write_outputs(outputs: list[tuple[Path, Callable[[Path], None]]]) -> None:
     """Create missing output folders, then write all outputs at once (removing any folder
-    created here if the writing fails)."""
+    created here if the writing fails).
+
+    Raises
+    ------
+    _WriteError
+        If creating a folder or writing fails with an ``OSError``: "could not write
+        '<path>': <reason>", ``<path>`` the destination (chanprune.io names it, not its
+        temporary file).
+    """
     created: list[Path] = []
-    for path, _ in outputs:
-        missing = []
-        folder = path.parent
-        while not folder.exists():
-            missing.append(folder)
-            folder = folder.parent
-        for folder in reversed(missing):
-            folder.mkdir()
-            created.append(folder)
     try:
+        for path, _ in outputs:
+            missing = []
+            folder = path.parent
+            while not folder.exists():
+                missing.append(folder)
+                folder = folder.parent
+            for folder in reversed(missing):
+                folder.mkdir()
+                created.append(folder)
         atomic_write_all(outputs)
-    except BaseException:
+    except BaseException as exc:
         for folder in reversed(created):
             try:
                 folder.rmdir()
             except OSError:
                 pass
+        if isinstance(exc, OSError):
+            if exc.filename is not None and exc.strerror:
+                raise _WriteError(f"could not write '{exc.filename}': {exc.strerror}") from exc
+            raise _WriteError(str(exc)) from exc
         raise
 
 
@@ -890,23 +1022,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns
     -------
     code : int
-        0 on success, 2 on bad usage or input, 1 on an unexpected failure, 130 when
-        interrupted. ``--help``, ``--version`` and argparse usage errors raise
-        ``SystemExit`` (codes 0 and 2) as argparse does.
+        0 on success, 2 on bad usage or input, 1 when an output cannot be written or on an
+        unexpected failure, 130 when interrupted. ``--help``, ``--version`` and argparse
+        usage errors raise ``SystemExit`` (codes 0 and 2) as argparse does.
     """
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
     restore = _configure_logging(args.verbose)
     try:
         return int(args.func(args))
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+    except _WriteError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        print(f"{PROG}: error: {strip_ansi(str(exc))}", file=sys.stderr)
         return 2
     except (ValueError, TypeError) as exc:  # UnsupportedLayerError is a TypeError
         if not _raised_in_chanprune(exc):
             traceback.print_exc()
             return 1
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {strip_ansi(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -11,8 +11,9 @@ wherever a plain PyTorch install does.
 - :class:`CIFAR10Batches`: the CIFAR-10 "python version" pickles, read with a restricted
   unpickler that cannot run arbitrary code.
 - :func:`load_digits_dataset`: scikit-learn's bundled 8x8 digits, for offline demos.
-- :func:`calibration_subset`, :func:`make_loader`, :func:`iter_batches`: deterministic
-  sampling and batching of calibration images.
+- :func:`calibration_subset`, :func:`make_loader`, :func:`iter_batches`,
+  :func:`collate_images`, :func:`check_same_shapes`: deterministic sampling and batching
+  of calibration images.
 - :func:`evaluate_accuracy`: top-1 accuracy of a classifier over a dataset.
 """
 
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
 from ._validation import check_choice, check_int_in_range, check_real_in_range
@@ -50,6 +51,8 @@ __all__ = [
     "CIFAR10Batches",
     "load_digits_dataset",
     "calibration_subset",
+    "collate_images",
+    "check_same_shapes",
     "make_loader",
     "iter_batches",
     "evaluate_accuracy",
@@ -307,11 +310,41 @@ def _check_extensions(extensions: Any) -> tuple[str, ...]:
     return tuple(e.lower() for e in exts)
 
 
-def _list_images(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
-    """Image files under ``folder`` (recursively), hidden entries skipped, sorted."""
+def _raise_unreadable(error: OSError) -> None:
+    """``os.walk``'s ``onerror``: by default it skips a folder it cannot list, which would
+    make a folder without read permission look empty."""
+    reason = error.strerror or str(error)
+    raise type(error)(f"Cannot read folder {error.filename!r}: {reason}.") from error
+
+
+def _list_images(folder: Path, extensions: tuple[str, ...], visited: set[str]) -> list[Path]:
+    """Image files under ``folder`` (recursively), hidden entries skipped, sorted.
+
+    Symbolic links to folders are followed (datasets are often linked in), but no real
+    folder already in ``visited`` is entered (``visited`` is updated): a link back to an
+    ancestor would otherwise list the same images again and again, or those of another
+    class under this one's label.
+    """
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    walk = os.walk(folder, onerror=_raise_unreadable, followlinks=True)
+    for dirpath, dirnames, filenames in walk:
+        kept = []
+        for name in sorted(dirnames):  # sorted: which of two links to one folder is kept
+            if name.startswith("."):
+                continue
+            path = os.path.join(dirpath, name)
+            real = os.path.realpath(path)
+            if real in visited:
+                logger.warning(
+                    "ImageFolder: skipping %r: it leads to %r, the root, a class folder or "
+                    "a folder already listed (a link loop, or two links to one folder).",
+                    path,
+                    real,
+                )
+                continue
+            visited.add(real)
+            kept.append(name)
+        dirnames[:] = kept
         for name in filenames:
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
                 found.append(Path(dirpath) / name)
@@ -339,6 +372,10 @@ class ImageFolder(Dataset):
     classes : sequence of str or None, default=None
         Class folder names in label order. ``None``: all sub-folders, sorted. When given,
         every listed folder must exist; other sub-folders are ignored.
+    same_size : bool, default=False
+        Require every image to preprocess to the shape of the first one read: one that
+        does not raises a ``ValueError`` in ``__getitem__`` that names it. For images that
+        will be stacked into batches, where ``torch.stack`` would fail naming no file.
 
     Attributes
     ----------
@@ -355,9 +392,20 @@ class ImageFolder(Dataset):
     ------
     FileNotFoundError
         If ``root`` (or a listed class folder) does not exist.
+    NotADirectoryError
+        If ``root`` is not a directory.
+    PermissionError
+        If a folder under ``root`` cannot be read; the message names it.
     ValueError
         If ``root`` holds no image with an accepted suffix, or a class folder holds none.
-        Reading a corrupt image in ``__getitem__`` raises ``ValueError`` naming the file.
+        In ``__getitem__``, reading a corrupt image raises ``ValueError`` naming the file,
+        and so does, with ``same_size=True``, an image whose preprocessed shape differs
+        from that of the first image read.
+
+    Notes
+    -----
+    Symbolic links are followed, but no real folder is listed twice, nor the root or a
+    class folder from inside another class: a link loop is skipped with a warning.
 
     Examples
     --------
@@ -374,19 +422,31 @@ class ImageFolder(Dataset):
         extensions: Sequence[str] = (".jpg", ".jpeg", ".png"),
         *,
         classes: Sequence[str] | None = None,
+        same_size: bool = False,
     ) -> None:
         self.root = Path(root)
+        if not isinstance(same_size, (bool, np.bool_)):
+            raise TypeError(f"The 'same_size' parameter must be a bool; got {same_size!r}.")
+        self.same_size = bool(same_size)
         self.preprocess = _resolve_preprocess(preprocess)
         self.extensions = _check_extensions(extensions)
-        if not self.root.is_dir():
+        if not self.root.exists():
             raise FileNotFoundError(f"Image folder root {str(self.root)!r} does not exist.")
+        if not self.root.is_dir():
+            raise NotADirectoryError(
+                f"Image folder root {str(self.root)!r} is not a directory (expected "
+                "root/<class>/<file>)."
+            )
         self.classes = self._find_classes(classes)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
         samples: list[tuple[str, int]] = []
         empty = []
+        # The root and every class folder count as visited from the start, so that no
+        # link inside a class leads back into them.
+        visited = {os.path.realpath(self.root / name) for name in ["", *self.classes]}
         for label, name in enumerate(self.classes):
-            files = _list_images(self.root / name, self.extensions)
+            files = _list_images(self.root / name, self.extensions, visited)
             if not files:
                 empty.append(name)
             samples.extend((str(path), label) for path in files)
@@ -403,6 +463,7 @@ class ImageFolder(Dataset):
         self.samples = samples
         self.targets = [label for _, label in samples]
         self._mode = getattr(self.preprocess, "mode", "RGB")
+        self._first_shape: tuple[tuple[int, ...], str] | None = None
         logger.debug(
             "ImageFolder %s: %d images in %d classes", self.root, len(samples), len(self.classes)
         )
@@ -442,7 +503,26 @@ class ImageFolder(Dataset):
         """Return ``(image, label)``: the preprocessed image (for the presets a float32
         tensor of shape ``(C, H, W)``) and its class index."""
         path, label = self.samples[index]
-        return self.preprocess(_open_image(path, self._mode)), label
+        image = self.preprocess(_open_image(path, self._mode))
+        if self.same_size:
+            self._check_shape(image, path)
+        return image, label
+
+    def _check_shape(self, image: Any, path: str) -> None:
+        """Compare the shape of ``image`` with that of the first image read."""
+        shape = getattr(image, "shape", None)
+        if shape is None:
+            return
+        shape = tuple(shape)
+        if self._first_shape is None:
+            self._first_shape = (shape, path)
+            return
+        first, first_path = self._first_shape
+        if shape != first:
+            raise ValueError(
+                f"{_DIFFERENT_SIZES} {path!r} gives shape {shape} but {first_path!r} gave "
+                f"{first}. {_RESIZE_HINT}"
+            )
 
     def __repr__(self) -> str:
         return (
@@ -796,6 +876,45 @@ def calibration_subset(
     return Subset(dataset, np.sort(indices).astype(np.int64).tolist())
 
 
+_DIFFERENT_SIZES = "The images have different sizes, so they cannot be stacked into a batch:"
+_RESIZE_HINT = (
+    "Resize them to one size, or use a preprocessing that does (e.g. the 'imagenet' preset, "
+    "--preset imagenet on the command line, which resizes and centre-crops to 224x224)."
+)
+
+
+def collate_images(batch: Sequence[Any]) -> Any:
+    """``torch.utils.data.default_collate``, but images of different shapes raise a
+    ``ValueError`` that lists the shapes instead of ``torch.stack``'s bare error.
+
+    Parameters
+    ----------
+    batch : sequence
+        Dataset items: ``(image, label, ...)`` tuples or bare images.
+
+    Returns
+    -------
+    batch
+        What ``default_collate`` returns, e.g. ``(images (B, C, H, W), labels (B,))``.
+
+    Raises
+    ------
+    ValueError
+        If the images (the first element of each item) are tensors of different shapes.
+    """
+    check_same_shapes([item[0] if isinstance(item, (tuple, list)) else item for item in batch])
+    return default_collate(batch)
+
+
+def check_same_shapes(images: Sequence[Any]) -> None:
+    """Raise a ``ValueError`` listing the shapes if the tensors among ``images`` differ in
+    shape (they are to be stacked into one batch)."""
+    shapes = {tuple(x.shape): None for x in images if isinstance(x, torch.Tensor)}
+    if len(shapes) > 1:
+        found = ", ".join(str(shape) for shape in shapes)
+        raise ValueError(f"{_DIFFERENT_SIZES} found shapes {found}. {_RESIZE_HINT}")
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -818,6 +937,8 @@ def make_loader(
     Returns
     -------
     loader : torch.utils.data.DataLoader
+        Batches are made by :func:`collate_images`, so images of different sizes raise a
+        ``ValueError`` that says so.
     """
     batch_size = check_int_in_range(batch_size, "batch_size", 1)
     num_workers = check_int_in_range(num_workers, "num_workers", 0)
@@ -829,6 +950,7 @@ def make_loader(
         drop_last=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        collate_fn=collate_images,
     )
 
 

@@ -25,12 +25,13 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from .models import load_model, save_model
+from .models._checkpoint import first_line
 from .models.vgg import vgg_config_of
 
 __all__ = ["save", "load", "atomic_write", "atomic_write_all"]
@@ -57,6 +58,28 @@ def _check_destination(path: Path) -> None:
         raise FileNotFoundError(f"Cannot write to '{path}': the folder '{parent}' does not exist.")
 
 
+def _os_error_in(exc: BaseException) -> Optional[OSError]:
+    """``exc`` if it is an ``OSError``, else the ``OSError`` it was raised from or while
+    handling, if any: torch's zip writer reports a full disk as a ``RuntimeError`` raised
+    while handling the ``OSError`` of the failed write."""
+    seen: set[int] = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _write_error(error: OSError, path: Path) -> OSError:
+    """``error`` restated for the destination ``path``: the temporary file it may name means
+    nothing to the caller. The errno, hence the ``OSError`` subclass, is kept."""
+    if error.errno is None:
+        return OSError(f"could not write '{path}': {error}")
+    return OSError(error.errno, error.strerror or os.strerror(error.errno), str(path))
+
+
 def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
     """Create or replace ``path`` atomically with what ``write`` writes.
 
@@ -79,6 +102,10 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
         If ``path`` is a directory.
     FileNotFoundError
         If the folder of ``path`` does not exist.
+    OSError
+        If writing or renaming fails (a full disk, an I/O error), also when ``write``
+        raised another exception while handling an ``OSError``: the error names ``path``
+        (``filename``), not the temporary file, and keeps the ``errno``.
     """
     atomic_write_all([(path, write)])
 
@@ -105,6 +132,9 @@ def atomic_write_all(outputs: Sequence[tuple[PathLike, Callable[[Path], None]]])
         If the folder of a destination does not exist.
     ValueError
         If two outputs name the same file.
+    OSError
+        If writing or renaming fails, as in :func:`atomic_write`; it names the destination
+        that failed.
     """
     items = [(_as_path(path), write) for path, write in outputs]
     resolved = [p.resolve() for p, _ in items]
@@ -115,18 +145,24 @@ def atomic_write_all(outputs: Sequence[tuple[PathLike, Callable[[Path], None]]])
     umask = os.umask(0)  # mkstemp creates 0600 files; give them ordinary permissions
     os.umask(umask)
     staged: list[tuple[Path, Path]] = []
+    target: Optional[Path] = None  # the destination being written when something fails
     try:
         for p, write in items:
+            target = p
             fd, tmp_name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
             os.close(fd)
             staged.append((Path(tmp_name), p))
             write(Path(tmp_name))
             os.chmod(tmp_name, 0o666 & ~umask)
         for tmp, p in staged:
+            target = p
             os.replace(tmp, p)
-    except BaseException:
+    except BaseException as exc:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
+        error = _os_error_in(exc) if isinstance(exc, Exception) else None
+        if error is not None and target is not None:
+            raise _write_error(error, target) from exc
         raise
 
 
@@ -155,6 +191,9 @@ def save(model: nn.Module, path: PathLike) -> None:
         If ``path`` is a directory.
     FileNotFoundError
         If the folder of ``path`` does not exist.
+    OSError
+        If writing fails (a full disk, an I/O error); the error names ``path``, as in
+        :func:`atomic_write`.
 
     Examples
     --------
@@ -203,8 +242,11 @@ def load(path: PathLike, *, map_location: str | torch.device = "cpu") -> nn.Modu
         If ``path`` does not exist (the message names it).
     ValueError
         If the file is corrupt, is not a chanprune model file (for example a bare
-        state_dict: use ``chanprune.models.get_model(name, weights=path)``), or its weights
-        do not match its architecture; the message names the file.
+        state_dict: use ``chanprune.models.get_model(name, weights=path)``; or pickled
+        Python objects, such as a model saved whole with ``torch.save(model, path)``), or
+        its weights do not match its architecture; the message names the file. Also if
+        ``map_location`` is not a device, or one not available here (such as ``"cuda"``
+        with a torch built without CUDA).
 
     Examples
     --------
@@ -219,6 +261,15 @@ def load(path: PathLike, *, map_location: str | torch.device = "cpu") -> nn.Modu
         raise ValueError(
             f"The 'map_location' parameter must be a device such as 'cpu' or 'cuda:0'; "
             f"got {map_location!r}."
+        ) from exc
+    try:
+        # Before reading the file: a torch built without CUDA says so with a bare
+        # AssertionError, and a missing device index only once the model is moved.
+        torch.empty(0, device=device)
+    except (AssertionError, RuntimeError) as exc:
+        raise ValueError(
+            f"The 'map_location' parameter names device {str(device)!r}, which is not "
+            f"available here: {first_line(exc)}"
         ) from exc
     try:
         model = load_model(p)

@@ -511,7 +511,7 @@ def load_calibration_images(
     ``(image, label)``; ``n_images`` images are drawn with a seeded generator (all when
     None).
     """
-    from .data import calibration_subset
+    from .data import calibration_subset, check_same_shapes, collate_images
 
     if isinstance(calib, torch.Tensor):
         if calib.dim() != 4:
@@ -529,10 +529,13 @@ def load_calibration_images(
         if len(calib) == 0:
             raise ValueError("the calibration dataset holds no images.")
         subset = calibration_subset(calib, n_images, seed=seed)
-        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False)
+        loader = torch.utils.data.DataLoader(
+            subset, batch_size=batch_size, shuffle=False, collate_fn=collate_images
+        )  # images of different sizes: a ValueError that says so, per batch...
         chunks = []
         for batch in tqdm(loader, desc="calibration images", disable=not progress, leave=False):
             chunks.append(batch[0] if isinstance(batch, (list, tuple)) else batch)
+        check_same_shapes([chunk[0] for chunk in chunks])  # ...and across batches
         images = torch.cat(chunks).float()
     else:
         raise TypeError(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -104,6 +106,13 @@ def test_help_exits_0_and_explains_every_option(command, capsys):
     assert all(a.help and a.help != argparse.SUPPRESS for a in options)
     long_names = {s for a in options for s in a.option_strings if s.startswith("--")}
     assert long_names == set(OPTIONS[command])  # the list above is complete
+
+
+def test_help_lists_every_exit_code(capsys):
+    _, out, _ = run(["--help"], capsys)
+    flat = " ".join(out.split())
+    for text in ("0 success", "2 bad usage", "1 an output could not be written", "130 interrupted"):
+        assert text in flat
 
 
 def test_help_states_defaults(capsys):
@@ -281,6 +290,10 @@ def _bad_prune_cases():
         ], "directory"),
         ("out-equals-report", lambda t, d: _prune_argv(
             t, d, "--speedup", 1.5, "--report", d / "out.pt"), "same file"),
+        ("widths-is-a-directory", lambda t, d: _prune_argv(
+            t, d, "--widths", (d / "wj").mkdir() or d / "wj"), "wj' is a directory"),
+        ("seed-too-big", lambda t, d: _prune_argv(t, d, "--speedup", 1.5, "--seed", 2**64),
+         "--seed must be an integer >= 0 and < 2**63"),
     ]  # fmt: skip
 
 
@@ -296,6 +309,150 @@ def test_prune_bad_input_exits_2_and_writes_nothing(tiny, tmp_path, capsys, buil
     assert "Traceback" not in err
     assert not (tmp_path / "out.pt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nor any temporary file
+
+
+def _same_file_argv(tiny: Path, d: Path, case: str) -> list:
+    model, weights, widths = d / "m.pt", d / "w.pt", d / "widths.json"
+    by_name = ["prune", "--model", "vgg_digits", "--weights", weights, "--calib", tiny / "calib"]
+    by_file = ["prune", "--model", model, "--calib", tiny / "calib", "--preset", "digits"]
+    return {
+        "out-is-weights": [*by_name, "--speedup", 1.5, "--out", weights],
+        "out-is-weights-through-dotdot": [
+            *by_name, "--speedup", 1.5, "--out", d / ".." / d.name / "w.pt",
+        ],
+        "out-is-weights-through-symlink": [*by_name, "--speedup", 1.5, "--out", d / "link.pt"],
+        "out-is-weights-through-hard-link": [*by_name, "--speedup", 1.5, "--out", d / "hard.pt"],
+        "report-is-model": [*by_file, "--speedup", 1.5, "--out", d / "o.pt", "--report", model],
+        "out-is-widths": [*by_file, "--widths", widths, "--out", widths],
+        "json-is-model": [
+            "eval", "--model", model, "--data", tiny / "calib", "--preset", "digits",
+            "--json", model,
+        ],
+        "json-is-weights": [
+            "eval", "--model", "vgg_digits", "--weights", weights, "--data", tiny / "calib",
+            "--json", d / "link.pt",
+        ],
+    }[case]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "out-is-weights",
+        "out-is-weights-through-dotdot",
+        "out-is-weights-through-symlink",
+        "out-is-weights-through-hard-link",
+        "report-is-model",
+        "out-is-widths",
+        "json-is-model",
+        "json-is-weights",
+    ],
+)
+def test_output_naming_an_input_is_refused_before_any_work(
+    tiny, tmp_path, capsys, monkeypatch, case
+):
+    saved = (tiny / "saved.pt").read_bytes()  # a model file; its state_dict loads as weights
+    (tmp_path / "m.pt").write_bytes(saved)
+    (tmp_path / "w.pt").write_bytes(saved)
+    (tmp_path / "widths.json").write_text(json.dumps({"features.3": 8}))
+    (tmp_path / "link.pt").symlink_to(tmp_path / "w.pt")
+    os.link(tmp_path / "w.pt", tmp_path / "hard.pt")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the model was loaded: the check came too late")
+
+    monkeypatch.setattr(cli, "_resolve_model", too_late)
+    code, _, err = run([*_same_file_argv(tiny, tmp_path, case), "--quiet"], capsys)
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "names the same file as the input" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_images_of_different_sizes_exit_2_naming_the_file(tiny, tmp_path, capsys):
+    calib = tmp_path / "calib"
+    for folder in (tiny / "calib").iterdir():
+        (calib / folder.name).mkdir(parents=True)
+        for image in folder.iterdir():
+            (calib / folder.name / image.name).write_bytes(image.read_bytes())
+    Image.new("L", (12, 10)).save(calib / "3" / "odd.png")
+    argv = ["prune", "--model", tiny / "saved.pt", "--calib", calib, "--preset", "digits"]
+    for command in (
+        [*argv, "--speedup", 1.5, "--out", tmp_path / "o.pt"],
+        ["eval", "--model", tiny / "saved.pt", "--data", calib, "--preset", "digits"],
+    ):
+        code, _, err = run([*command, "--quiet"], capsys)
+        assert code == 2, err
+        assert "Traceback" not in err
+        assert "different sizes" in err and "(1, 10, 12)" in err and "(1, 8, 8)" in err
+        assert "odd.png" in err and "--preset imagenet" in err
+    assert not (tmp_path / "o.pt").exists()
+
+
+@pytest.mark.parametrize("classes", [["apple", "zebra"], ["3"], [*map(str, range(10)), "x"]])
+def test_eval_class_folders_must_match_the_model_outputs(tiny, tmp_path, capsys, classes):
+    image = next((tiny / "calib" / "0").iterdir()).read_bytes()
+    for name in classes:
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "0.png").write_bytes(image)
+    argv = ["eval", "--model", tiny / "saved.pt", "--data", tmp_path / "data", "--preset", "digits"]
+    code, out, err = run([*argv, "--quiet"], capsys)
+    assert code == 2, err
+    assert "accuracy" not in out and "Traceback" not in err
+    assert f"has {len(classes)} class folder(s)" in err and "has 10 outputs" in err
+    assert "sorted folder names" in err
+
+
+def test_eval_refuses_inputs_the_model_does_not_accept(tiny, capsys):
+    argv = ["eval", "--model", "resnet20_cifar10", "--data", tiny / "calib", "--preset", "digits"]
+    code, _, err = run([*argv, "--quiet"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "the model does not accept inputs of shape (1, 8, 8)" in err
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 18446744073709551616])
+@pytest.mark.parametrize("command", ["prune", "eval", "demo"])
+def test_seed_out_of_range_exits_2_naming_the_option(tiny, tmp_path, capsys, command, seed):
+    argv = {
+        "prune": _prune_argv(tiny, tmp_path, "--speedup", 1.5),
+        "eval": ["eval", "--model", tiny / "saved.pt", "--data", tiny / "calib"],
+        "demo": ["demo", "--out-dir", tmp_path / "demo", "--cache-dir", tmp_path / "cache"],
+    }[command]
+    code, _, err = run([*argv, "--seed", seed, "--quiet"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "--seed must be an integer >= 0 and < 2**63" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_largest_seed_is_accepted(tiny, capsys):
+    argv = ["eval", "--model", tiny / "saved.pt", "--data", tiny / "calib", "--n-images", 20]
+    code, out, err = run([*argv, "--seed", 2**63 - 1, "--quiet"], capsys)
+    assert code == 0, err
+    assert "/20 images" in out
+
+
+@pytest.mark.parametrize("option", ["--out-dir", "--cache-dir"])
+def test_demo_folder_that_is_a_file_exits_2(tmp_path, capsys, option):
+    (tmp_path / "text.txt").write_text("not a folder")
+    for folder in (tmp_path / "text.txt", tmp_path / "text.txt" / "sub"):
+        argv = ["demo", "--out-dir", tmp_path / "demo", option, folder, "--quiet"]
+        code, _, err = run(argv, capsys)
+        assert code == 2 and "Traceback" not in err
+        assert option in err and "not a directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
+
+
+def test_model_file_of_pickled_objects_is_refused_in_one_clean_line(tiny, tmp_path, capsys):
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pt")
+    code, _, err = run(["info", "--model", tmp_path / "whole.pt"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "holds pickled Python objects" in err and "Linear" in err
+    assert "\x1b" not in err
+    argv = ["prune", "--model", "vgg_digits", "--weights", tmp_path / "whole.pt"]
+    argv += ["--calib", tiny / "calib", "--speedup", 1.5, "--out", tmp_path / "o.pt"]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "whole.pt" in err and "\x1b" not in err
 
 
 def test_prune_resnet_with_channel_sampler(tmp_path, capsys):
@@ -354,10 +511,42 @@ def test_failure_while_writing_outputs_leaves_nothing(tiny, tmp_path, capsys, mo
     monkeypatch.setattr(cli, "save", broken_save)
     argv = _prune_argv(tiny, tmp_path, "--speedup", 1.5, "--report", tmp_path / "sub" / "r.json")
     code, _, err = run([*argv, "--quiet"], capsys)
-    assert code == 1  # not a usage error: unexpected, with the traceback
-    assert "Traceback" in err and "no space left" in err
+    assert code == 1  # not a usage error: a failure of the run, in one line
+    last = err.strip().splitlines()[-1]
+    assert (
+        last
+        == f"chanprune: error: could not write '{tmp_path / 'out.pt'}': no space left on device"
+    )
+    assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]  # no report, no temp, no sub/
     assert (tmp_path / "out.pt").read_bytes() == old
+
+
+def _full_disk(*args, **kwargs):
+    """What torch.save does on a full disk: a RuntimeError raised while handling the OSError."""
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")  # noqa: B904
+
+
+def test_full_disk_is_one_line_naming_the_output_exit_1(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch, "save", _full_disk)
+    code, _, err = run(_prune_argv(tiny, tmp_path, "--speedup", 1.5, "--quiet"), capsys)
+    assert code == 1 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert (
+        last
+        == f"chanprune: error: could not write '{tmp_path / 'out.pt'}': No space left on device"
+    )
+    assert list(tmp_path.iterdir()) == []  # the temporary files are gone
+
+    monkeypatch.setattr(Path, "write_text", _full_disk)
+    argv = ["eval", "--model", tiny / "saved.pt", "--data", tiny / "calib", "--preset", "digits"]
+    code, _, err = run([*argv, "--json", tmp_path / "acc.json", "--quiet"], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert f"could not write '{tmp_path / 'acc.json'}': No space left on device" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unexpected_error_exits_1_with_traceback(tiny, tmp_path, capsys, monkeypatch):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import operator
+import os
 import pickle
 import struct
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from chanprune.data import (
     ImageFolder,
     Preprocess,
     calibration_subset,
+    collate_images,
     evaluate_accuracy,
     get_preset,
     iter_batches,
@@ -250,6 +254,66 @@ def test_image_folder_errors(tmp_path, image_tree):
         ImageFolder(image_tree, preprocess="nope")
     with pytest.raises(TypeError, match="'preprocess'"):
         ImageFolder(image_tree, preprocess=3)
+
+
+def test_image_folder_root_that_is_a_file(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"file\.txt' is not a directory"):
+        ImageFolder(tmp_path / "file.txt")
+
+
+def test_image_folder_unreadable_class_folder_says_so(image_tree, monkeypatch):
+    # chmod cannot lock out root, which runs some test machines: refuse the listing instead.
+    real_scandir = os.scandir
+    locked = str(image_tree / "b_cls")
+
+    def scandir(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PermissionError, match=r"Cannot read folder '.*b_cls': Permission denied"):
+        ImageFolder(image_tree)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symbolic links")
+def test_image_folder_follows_links_but_never_a_folder_twice(image_tree, tmp_path, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (4, 4)).save(elsewhere / "linked.png")
+    before = ImageFolder(image_tree).samples
+    (image_tree / "b_cls" / "up").symlink_to("..")  # a loop through the root
+    (image_tree / "b_cls" / "a").symlink_to("../a_cls")  # another class's folder
+    (image_tree / "a_cls" / "nested" / "loop").symlink_to("..")  # a loop inside a class
+    (image_tree / "a_cls" / "data").symlink_to(elsewhere)  # a linked-in dataset: followed
+    with caplog.at_level("WARNING", logger="chanprune.data"):
+        ds = ImageFolder(image_tree)
+    linked = (str(image_tree / "a_cls" / "data" / "linked.png"), 0)
+    assert sorted(ds.samples) == sorted([*before, linked])
+    assert sum("skipping" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_image_folder_same_size_names_the_odd_image(image_tree):
+    loose = ImageFolder(image_tree, classes=["a_cls"])
+    assert [tuple(loose[i][0].shape) for i in range(3)] == [(3, 4, 6)] * 3
+    Image.new("RGB", (7, 7)).save(image_tree / "a_cls" / "nested" / "1.png")
+    strict = ImageFolder(image_tree, classes=["a_cls"], same_size=True)
+    strict[0], strict[1], strict[2]
+    with pytest.raises(ValueError, match=r"different sizes.*nested/1\.png.*\(3, 7, 7\).*"
+                       r"10\.PNG.*\(3, 4, 6\).*imagenet"):  # fmt: skip
+        strict[3]
+    with pytest.raises(TypeError, match="'same_size'"):
+        ImageFolder(image_tree, same_size="yes")
+
+
+def test_loader_of_images_of_different_sizes_lists_the_shapes(image_tree):
+    ds = ImageFolder(image_tree)  # 6x4, 5x5 and 8x8 images
+    with pytest.raises(ValueError, match=r"different sizes.*\(3, 4, 6\), \(3, 5, 5\).*imagenet"):
+        list(make_loader(ds, 8))
+    with pytest.raises(ValueError, match="different sizes"):
+        evaluate_accuracy(nn.Flatten(), ds, progress=False)
+    assert collate_images([(torch.zeros(2), 0), (torch.ones(2), 1)])[1].tolist() == [0, 1]
 
 
 def test_image_folder_class_without_images(image_tree):

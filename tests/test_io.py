@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -204,6 +205,68 @@ def test_atomic_write_all_writes_nothing_when_one_output_fails(tmp_path):
     assert first.read_text() == "new"
     with pytest.raises(ValueError, match="same file"):
         cio.atomic_write_all([(first, str), (tmp_path / "." / "a.txt", str)])
+
+
+def _enospc(*args, **kwargs):
+    """What torch.save does on a full disk: a RuntimeError raised while handling the OSError."""
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")  # noqa: B904
+
+
+def test_full_disk_during_save_is_an_os_error_naming_the_destination(pruned, tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"previous")
+    monkeypatch.setattr(torch, "save", _enospc)
+    with pytest.raises(OSError) as info:
+        cio.save(pruned, path)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert str(info.value) == f"[Errno {errno.ENOSPC}] No space left on device: '{path}'"
+    assert _listing(tmp_path) == ["m.pt"] and path.read_bytes() == b"previous"
+
+
+@pytest.mark.parametrize(
+    "error,kind",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), OSError),
+        (PermissionError(errno.EACCES, "Permission denied"), PermissionError),
+    ],
+)
+def test_write_errors_name_the_destination_not_the_temporary_file(tmp_path, error, kind):
+    def fail(tmp):
+        tmp.write_text("partial")
+        error.filename = str(tmp)
+        raise error
+
+    path = tmp_path / "out.json"
+    with pytest.raises(kind) as info:
+        cio.atomic_write(path, fail)
+    assert info.value.errno == error.errno and info.value.filename == str(path)
+    assert ".tmp" not in str(info.value)
+    assert _listing(tmp_path) == []
+    with pytest.raises(OSError, match=r"could not write '.*out.json': quota exceeded"):
+        cio.atomic_write(path, lambda tmp: (_ for _ in ()).throw(OSError("quota exceeded")))
+
+
+def test_load_pickled_objects_says_so_without_terminal_escapes(tmp_path):
+    path = tmp_path / "whole.pt"
+    torch.save(nn.Linear(2, 2), path)  # a whole model, pickled: refused by weights_only
+    with pytest.raises(ValueError) as info:
+        cio.load(path)
+    message = str(info.value)
+    assert "whole.pt" in message and "holds pickled Python objects" in message
+    assert "torch.nn.modules.linear.Linear" in message
+    assert "\x1b" not in message and "\n" not in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch without CUDA")
+def test_load_to_cuda_without_cuda_is_a_value_error(pruned, tmp_path):
+    cio.save(pruned, tmp_path / "m.pt")
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=rf"map_location.*'{device}'.*not available"):
+            cio.load(tmp_path / "m.pt", map_location=device)
+    assert cio.load(tmp_path / "m.pt", map_location="meta").features[0].weight.is_meta
 
 
 class _ForeignVGG(nn.Module):

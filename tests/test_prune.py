@@ -457,3 +457,23 @@ def test_a_speedup_too_fine_for_narrow_layers_warns(schedule):
     ):
         _, report = prune_model(narrow, _images(), speedup=1.1, schedule=schedule, **QUIET)
     assert abs(report.speedup / 1.1 - 1) > 0.02  # reported as achieved, not hidden
+
+
+@pytest.mark.parametrize("batch_size", [256, 2])
+def test_calibration_images_of_different_sizes_are_refused_clearly(tmp_path, batch_size):
+    from PIL import Image
+
+    from chanprune.data import ImageFolder
+    from chanprune.prune import load_calibration_images
+
+    for cls, sizes in (("a", [16, 16, 16, 16]), ("b", [12])):
+        (tmp_path / cls).mkdir()
+        for i, size in enumerate(sizes):
+            Image.new("RGB", (size, size), (i * 40, 90, 200)).save(tmp_path / cls / f"{i}.png")
+    folder = ImageFolder(tmp_path, preprocess="cifar")
+    # With batch_size=2 the odd image is alone in the last batch: only the check across
+    # batches sees it.
+    with pytest.raises(ValueError, match=r"different sizes.*\(3, 16, 16\), \(3, 12, 12\)"):
+        load_calibration_images(folder, batch_size=batch_size, progress=False)
+    with pytest.raises(ValueError, match=r"different sizes"):
+        prune_model(_tiny_vgg(), folder, speedup=1.5, **QUIET)

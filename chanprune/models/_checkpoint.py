@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +36,31 @@ def _check_path(path: Any, name: str = "path") -> Path:
             f"The {name!r} parameter must be a str or os.PathLike; got {type(path).__name__}."
         )
     return Path(path)
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal escape codes (torch's messages embolden some words)."""
+    return _ANSI_ESCAPE.sub("", text)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s message, terminal escape codes removed."""
+    lines = [line.strip() for line in strip_ansi(str(exc)).splitlines()]
+    return next((line for line in lines if line), type(exc).__name__)
+
+
+def _refused_global(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused, from its multi-paragraph message: the
+    sentence after "WeightsUnpickler error:", else the first line."""
+    marker = "WeightsUnpickler error:"
+    for line in strip_ansi(str(exc)).splitlines():
+        line = line.strip()
+        if line.startswith(marker):
+            return line[len(marker) :].strip().split(". ")[0].rstrip(".")
+    return first_line(exc)
 
 
 def read_checkpoint(path: PathLike) -> Any:
@@ -67,10 +94,17 @@ def read_checkpoint(path: PathLike) -> Any:
     except OSError:
         # Permission and I/O errors are already explicit and name the file.
         raise
-    except Exception as exc:  # torch.load raises many types on corrupt input
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+    except pickle.UnpicklingError as exc:
         raise ValueError(
-            f"Could not read checkpoint '{p}': {type(exc).__name__}: {detail[:300]}"
+            f"Could not read checkpoint '{p}': it holds pickled Python objects "
+            f"({_refused_global(exc)}), which chanprune does not unpickle since that could "
+            "run code. For a model saved whole with torch.save(model, path), from a source "
+            "you trust: torch.load(path, weights_only=False), then save its state_dict() "
+            "(or chanprune.save(model, new_path) for a chanprune model)."
+        ) from exc
+    except Exception as exc:  # torch.load raises many types on corrupt input
+        raise ValueError(
+            f"Could not read checkpoint '{p}': {type(exc).__name__}: {first_line(exc)}"
         ) from exc
 
 

@@ -123,8 +123,12 @@ def test_corrupt_file(tmp_path, file_hash, kind, digits_state):
 def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "module.pth"
     torch.save(torch.nn.Linear(2, 2), path)  # a whole pickled module, not a state_dict
-    with pytest.raises(ValueError, match="Could not read checkpoint"):
+    with pytest.raises(ValueError, match="Could not read checkpoint") as info:
         load_state_dict_file(path)
+    # One clean sentence: what was refused and what to do, without terminal escape codes.
+    message = str(info.value)
+    assert "holds pickled Python objects" in message and "torch.nn.modules.linear.Linear" in message
+    assert "weights_only=False" in message and "\x1b" not in message
 
 
 @pytest.mark.parametrize(
