@@ -314,13 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         required=True,
         metavar="OUT.pt",
-        help="where to write the pruned model (overwritten if present)",
+        help=(
+            "where to write the pruned model (overwritten if present; missing folders are created)"
+        ),
     )
     p.add_argument(
         "--report",
         default=None,
         metavar="REPORT.json",
-        help="also write the pruning report as JSON here (default: none)",
+        help=(
+            "also write the pruning report as JSON here (missing folders are created; "
+            "default: none)"
+        ),
     )
     _add_output_options(p, quiet_help="no progress bars and no per-layer table")
     p.set_defaults(func=_cmd_prune)
@@ -358,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         default=None,
         metavar="PATH",
-        help="also write the result as JSON here (default: none)",
+        help="also write the result as JSON here (missing folders are created; default: none)",
     )
     _add_output_options(p, quiet_help="no progress bar")
     p.set_defaults(func=_cmd_eval)
