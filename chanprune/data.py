@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import pickle
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -611,11 +612,19 @@ def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"(N, 3072); got dtype {data.dtype}, shape {data.shape}."
         )
     try:
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        raw = np.asarray(labels).reshape(-1)
+        labels = raw.astype(np.int64)
+        # Float labels such as 0.5 would be truncated to a wrong class without a word.
+        exact = raw.dtype.kind in "iub" or bool(np.all(labels == raw))
     except (TypeError, ValueError) as exc:
         raise ValueError(
             f"CIFAR-10 batch file {str(path)!r}: b'labels' must be a list of ints."
         ) from exc
+    if not exact:
+        raise ValueError(
+            f"CIFAR-10 batch file {str(path)!r}: b'labels' must be a list of ints; got "
+            f"non-integer values of dtype {raw.dtype}."
+        )
     if labels.shape[0] != data.shape[0]:
         raise ValueError(
             f"CIFAR-10 batch file {str(path)!r}: {data.shape[0]} images but "
@@ -1031,6 +1040,12 @@ def evaluate_accuracy(
     ------
     ValueError
         If ``dataset`` is empty or the model's output is not of shape ``(B, n_classes)``.
+
+    Warns
+    -----
+    RuntimeWarning
+        If the model gives NaN or Inf scores for any image (the accuracy is then not
+        meaningful).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -1049,6 +1064,7 @@ def evaluate_accuracy(
     modes = [(module, module.training) for module in model.modules()]
     correct = 0
     seen = 0
+    non_finite = 0
     try:
         model.eval()
         batches = iter_batches(dataset, batch_size, num_workers=num_workers, device=device)
@@ -1071,9 +1087,18 @@ def evaluate_accuracy(
                     )
                 correct += int((scores.argmax(dim=1) == labels.view(-1)).sum())
                 seen += int(labels.shape[0])
+                non_finite += int((~torch.isfinite(scores)).any(dim=1).sum())
     finally:
         for module, training in modes:
             module.training = training
+    if non_finite:
+        # argmax of NaN scores still picks a class: say the accuracy is not a real one.
+        warnings.warn(
+            f"the model gave NaN or Inf scores for {non_finite} of {seen} images (broken "
+            "weights?); their predictions, and the accuracy, are meaningless.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     accuracy = correct / seen
     logger.info("accuracy %.4f (%d/%d)", accuracy, correct, seen)
     return accuracy

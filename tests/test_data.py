@@ -496,6 +496,14 @@ def test_cifar_batches_missing_and_bad_files(tmp_path):
     test_batch.write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [10]}))
     with pytest.raises(ValueError, match=r"\[0, 9\]"):
         CIFAR10Batches(tmp_path)
+    for labels in ([0.5, 1.0], np.array([0.0, 2.5])):  # would truncate to a wrong class
+        batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}
+        test_batch.write_bytes(pickle.dumps(batch))
+        with pytest.raises(ValueError, match="must be a list of ints; got non-integer"):
+            CIFAR10Batches(tmp_path)
+    batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1.0, 2.0]}  # whole floats
+    test_batch.write_bytes(pickle.dumps(batch))
+    assert [label for _, label in CIFAR10Batches(tmp_path, split="test")] == [1, 2]
     test_batch.write_bytes(pickle.dumps([1, 2, 3]))
     with pytest.raises(ValueError, match="dict"):
         CIFAR10Batches(tmp_path)
@@ -690,6 +698,14 @@ def test_evaluate_accuracy_known_answer_and_modes():
     model.eval()
     assert evaluate_accuracy(model, _answer_dataset(6, 6), progress=False) == 0.0
     assert model.training is False
+
+
+def test_evaluate_accuracy_warns_about_non_finite_scores():
+    model = _ReadsAnswer()
+    with torch.no_grad():
+        model.scale.fill_(float("nan"))  # broken weights: every score NaN
+    with pytest.warns(RuntimeWarning, match=r"NaN or Inf scores for 10 of 10 images"):
+        evaluate_accuracy(model, _answer_dataset(10, 0), batch_size=4, progress=False)
 
 
 def test_evaluate_accuracy_on_image_folder(tmp_path):
