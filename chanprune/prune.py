@@ -504,12 +504,13 @@ def load_calibration_images(
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Calibration images as one float tensor (n_images, C, H, W).
+    """Calibration images as one ``dtype`` tensor (n_images, C, H, W).
 
     ``calib`` is a tensor of preprocessed images or a dataset yielding ``image`` or
     ``(image, label)``; ``n_images`` images are drawn with a seeded generator (all when
-    None).
+    None). ``dtype`` is the model's (float64 images stay exact for a float64 model).
     """
     from .data import calibration_subset, check_same_shapes, collate_images
 
@@ -524,7 +525,7 @@ def load_calibration_images(
             rng = np.random.default_rng(seed)
             idx = np.sort(rng.choice(calib.shape[0], size=n_images, replace=False))
             calib = calib[torch.from_numpy(idx)]
-        images = calib.detach().float()
+        images = calib.detach().to(dtype)
     elif isinstance(calib, Dataset):
         if len(calib) == 0:
             raise ValueError("the calibration dataset holds no images.")
@@ -536,7 +537,7 @@ def load_calibration_images(
         for batch in tqdm(loader, desc="calibration images", disable=not progress, leave=False):
             chunks.append(batch[0] if isinstance(batch, (list, tuple)) else batch)
         check_same_shapes([chunk[0] for chunk in chunks])  # ...and across batches
-        images = torch.cat(chunks).float()
+        images = torch.cat(chunks).to(dtype)
     else:
         raise TypeError(
             f"calib must be a torch Dataset or a tensor of images; got {type(calib).__name__}."
@@ -884,8 +885,8 @@ def prune_model(
                 f"producers of {missing} have none."
             )
 
-    images = load_calibration_images(calib, n_images, seed=seed, progress=progress)
-    images = images.to(dtype)  # a float64 model runs (and is refit) in float64
+    # A float64 model runs (and is refit) in float64, on images never rounded to float32.
+    images = load_calibration_images(calib, n_images, seed=seed, progress=progress, dtype=dtype)
     calib_device = images.device
     if device.type == "cuda" and images.device != device:
         # Every pass that starts from the images then reads them without a host copy.
@@ -1156,15 +1157,14 @@ class _Sweep:
             prune_conv_out_channels(self.pruned.get_submodule(consumer.producer), kept)
             if consumer.producer_bn:
                 prune_batchnorm(self.pruned.get_submodule(consumer.producer_bn), kept)
+        if bn is not None:
+            set_batchnorm_identity(bn)
         if bn is not None and bn.affine:
             set_conv_params(conv, result.weight)
             if conv.bias is not None:
                 conv.bias.zero_()
-            set_batchnorm_identity(bn)
             bn.bias.copy_(torch.as_tensor(result.bias, dtype=bn.bias.dtype))
         else:  # no BN, or one without parameters: the conv has a bias (_check_consumers)
-            if bn is not None:
-                set_batchnorm_identity(bn)
             set_conv_params(conv, result.weight, result.bias)
         self.reports.append(
             LayerReport(

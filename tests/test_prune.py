@@ -362,6 +362,10 @@ def test_float64_models_are_pruned_in_float64():
     # The reported error of the last layer is the one its pruned output really has.
     measured = _last_layer_rel_error(model, pruned, images, "features.15")
     assert report.layers[-1].rel_error == pytest.approx(measured, rel=1e-6, abs=1e-12)
+    # float64 images are never rounded through float32 on the way in.
+    from chanprune.prune import load_calibration_images
+
+    assert torch.equal(load_calibration_images(images, dtype=torch.float64, progress=False), images)
     # float32 images are converted to the model's dtype; the model itself is unchanged.
     pruned32, _ = prune_model(model, _images(), speedup=1.5, **EXACT)
     assert {p.dtype for p in pruned32.parameters()} == {torch.float64}
