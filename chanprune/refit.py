@@ -125,24 +125,29 @@ def least_squares_refit(
 
 
 def refit_with_error(
-    moments: Moments, kept: np.ndarray, *, ridge: float = 0.0
+    moments: Moments, kept: np.ndarray, *, ridge: float = 0.0, fit_intercept: bool = True
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """:func:`least_squares_refit` plus its squared error, without a ``d^2 n`` product.
 
     The solution satisfies ``(A + R) sol = B`` (``R`` the ridge), so
     ``||Y - X sol||^2 = y2 - 2 tr(sol^T B) + tr(sol^T A sol) = y2 - tr(sol^T B) -
     tr(sol^T R sol)``; exact up to the accuracy of the solve. (The min-norm fallback for a
-    singular system also satisfies it.)
+    singular system also satisfies it.) With ``fit_intercept=False`` the bias is zero and
+    not fitted: for a layer with neither a bias nor a BatchNorm to hold one.
     """
     cols = moments.block_columns(kept)
     gram = regularized_gram(moments, cols, ridge)
+    if not fit_intercept:  # drop the ones column (the ridge never touched it)
+        cols, gram = cols[:-1], gram[:-1, :-1]
     rhs = moments.xty[cols]
     sol = _solve_psd(gram, rhs)
     error = moments.yty - float(np.sum(sol * rhs))
+    n_w = len(cols) - 1 if fit_intercept else len(cols)
     if ridge > 0:
-        added = np.diag(gram)[:-1] - np.diag(moments.xtx)[cols[:-1]]
-        error -= float(np.sum(added[:, None] * sol[:-1] ** 2))
-    return sol[:-1].T.copy(), sol[-1].copy(), max(error, 0.0)
+        added = np.diag(gram)[:n_w] - np.diag(moments.xtx)[cols[:n_w]]
+        error -= float(np.sum(added[:, None] * sol[:n_w] ** 2))
+    bias = sol[-1].copy() if fit_intercept else np.zeros(sol.shape[1])
+    return sol[:n_w].T.copy(), bias, max(error, 0.0)
 
 
 def reconstruction_error(

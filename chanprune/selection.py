@@ -38,6 +38,8 @@ __all__ = [
     "SELECTORS",
     "channel_gram",
     "select_lasso",
+    "select_lasso_gram",
+    "select_greedy_gram",
     "select_greedy_ls",
     "select_thinet",
     "select_max_response",
@@ -190,20 +192,68 @@ def select_lasso(
     to the lower index, and ``exact`` is False.
     """
     n, c, _ = weight.shape
-    coef_all = np.ones(c)
     if keep >= c:
-        return Selection(kept=np.arange(c, dtype=np.int64), coef=coef_all, alpha=0.0)
-    gram_raw, linear_raw, t2 = channel_gram(moments, weight, bias)
-    gram, linear = gram_raw, linear_raw
+        return Selection(kept=np.arange(c, dtype=np.int64), coef=np.ones(c), alpha=0.0)
+    gram, linear, t2 = channel_gram(moments, weight, bias)
+    w_norm = np.linalg.norm(weight, axis=(0, 2)) if normalize else None
+    return select_lasso_gram(
+        gram, linear, t2, keep, w_norm=w_norm, n_rows=moments.n_samples * n,
+        max_iter=max_iter, tol=tol, max_bisect=max_bisect,
+    )  # fmt: skip
+
+
+def select_lasso_gram(
+    gram: np.ndarray,
+    linear: np.ndarray,
+    t2: float,
+    keep: int,
+    *,
+    w_norm: Optional[np.ndarray] = None,
+    n_rows: int = 1,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    max_bisect: int = 60,
+) -> Selection:
+    """:func:`select_lasso` on the reduced problem ``(G, g, ||T||^2)`` itself.
+
+    The objective is ``||T - Z beta||^2 = t2 - 2 beta.g + beta^T G beta``: one layer's
+    channel Gram (:func:`channel_gram`), or a sum of several layers' over a channel group
+    that they all read (the group's channels then share one ``beta``).
+
+    Parameters
+    ----------
+    gram : ndarray of shape (c, c)
+        ``G``, symmetric positive semi-definite.
+    linear : ndarray of shape (c,)
+        ``g``.
+    t2 : float
+        ``||T||^2``.
+    keep : int
+        Channels to keep, in ``[1, c]``.
+    w_norm : ndarray of shape (c,), optional
+        Scale of each channel's weights: the LASSO runs on ``Z_i / w_norm_i`` (the paper's
+        unit-norm weights); None runs on ``Z_i`` as they are.
+    n_rows : int, default=1
+        Rows of the raw problem (samples times outputs): only the units of the reported
+        ``alpha``.
+    max_iter, tol, max_bisect
+        As in :func:`select_lasso`.
+
+    Returns
+    -------
+    Selection
+    """
+    c = gram.shape[0]
+    if keep >= c:
+        return Selection(kept=np.arange(c, dtype=np.int64), coef=np.ones(c), alpha=0.0)
+    gram_raw, linear_raw = gram, linear
     scale = np.sqrt(np.clip(np.diag(gram), 0.0, None))  # ||Z_i||; zero for dead channels
-    if normalize:
-        w_norm = np.linalg.norm(weight, axis=(0, 2))
+    if w_norm is not None:
         w_norm = np.where(w_norm > 0, w_norm, 1.0)
         gram = gram / np.outer(w_norm, w_norm)
         linear = linear / w_norm
     else:
         w_norm = np.ones(c)
-    n_rows = moments.n_samples * n
     # A tiny jitter keeps the Cholesky factor defined for rank-deficient G (dead channels,
     # fewer samples than channels); it perturbs the objective by ~1e-12 relative.
     jitter = 1e-12 * max(float(np.trace(gram)) / c, np.finfo(float).tiny)
@@ -290,6 +340,51 @@ def select_lasso(
     error = t2 - 2.0 * float(coef @ linear_raw) + float(coef @ gram_raw @ coef)
     return Selection(
         kept=kept, coef=coef, alpha=best_alpha, n_iter=n_iter, exact=exact, error=max(error, 0.0)
+    )
+
+
+def select_greedy_gram(gram: np.ndarray, linear: np.ndarray, keep: int) -> Selection:
+    """Backward elimination on the reduced problem ``min_beta t2 - 2 beta.g + beta^T G beta``.
+
+    The channel-level analogue of :func:`select_greedy_ls`: each channel's original
+    weights are scaled by one ``beta_i``, refit by least squares over the kept channels;
+    the channel whose removal raises that optimum least goes, ``beta_i^2 / [G_KK^-1]_ii``,
+    with a rank-one downdate of the inverse. It works on any ``(G, g)``, so on a channel
+    group read by several layers (their reduced problems summed).
+
+    Parameters
+    ----------
+    gram : ndarray of shape (c, c)
+    linear : ndarray of shape (c,)
+    keep : int
+
+    Returns
+    -------
+    Selection
+        ``info["removed"]`` lists the channels in removal order.
+    """
+    c = gram.shape[0]
+    if keep >= c:
+        return Selection(kept=np.arange(c, dtype=np.int64))
+    # A relative jitter keeps the inverse defined for dead or duplicate channels.
+    jitter = 1e-10 * max(float(np.trace(gram)) / c, np.finfo(float).tiny)
+    H = np.linalg.inv(gram + jitter * np.eye(c))
+    beta = H @ linear
+    alive = np.ones(c, dtype=bool)
+    removed = []
+    for _ in range(c - keep):
+        live = np.flatnonzero(alive)
+        cost = beta[live] ** 2 / np.diag(H)[live]
+        i = int(live[np.argmin(cost)])
+        h = H[:, i].copy()
+        beta -= h * (beta[i] / h[i])
+        H -= np.outer(h, h) / h[i]
+        alive[i] = False
+        H[i, :] = H[:, i] = 0.0
+        beta[i] = 0.0
+        removed.append(i)
+    return Selection(
+        kept=np.flatnonzero(alive).astype(np.int64), n_iter=c - keep, info={"removed": removed}
     )
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+from collections.abc import Mapping
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -61,6 +62,9 @@ __all__ = [
     "prune_conv_out_channels",
     "prune_batchnorm",
     "set_batchnorm_identity",
+    "prune_grouped_conv",
+    "module_shapes",
+    "apply_shapes",
     "prune_linear_in_features",
     "prune_linear_out_features",
     "prune_conv_bn_conv",
@@ -211,8 +215,8 @@ def fold_batchnorm(
     Parameters
     ----------
     conv : nn.Conv2d or nn.Linear
-        Weight of shape (n, c, kh, kw) or (n, c); bias of shape (n,) or None. A Conv2d must
-        have ``groups=1``.
+        Weight of shape (n, c / groups, kh, kw) or (n, c); bias of shape (n,) or None. Any
+        ``groups`` (grouped and depthwise convs fold filter by filter too).
     bn : nn.BatchNorm2d (after a Conv2d) or nn.BatchNorm1d (after a Linear)
         With ``num_features == n`` and running statistics (``track_running_stats=True``).
         Its running statistics are used whatever its train/eval mode.
@@ -227,7 +231,7 @@ def fold_batchnorm(
     Raises
     ------
     UnsupportedLayerError
-        Wrong module types, or a grouped/depthwise convolution.
+        Wrong module types.
     ValueError
         ``conv``'s output width differs from ``bn.num_features``, or ``bn`` keeps no
         running statistics.
@@ -242,7 +246,7 @@ def fold_batchnorm(
     computed in float64, then cast to the layer's dtype.
     """
     if isinstance(conv, nn.Conv2d):
-        _check_conv(conv, "conv")
+        _check_initialized(conv, "conv")  # grouped convs fold the same way, per filter
         expected_bn: tuple = (nn.BatchNorm2d,)
         n_out = conv.out_channels
     elif isinstance(conv, nn.Linear):
@@ -313,6 +317,84 @@ def fold_batchnorm(
     folded.bias = nn.Parameter(new_b.to(dtype).contiguous(), requires_grad=requires_grad)
     folded.train(conv.training)
     return folded
+
+
+# --------------------------------------------------------------------------------------
+# shapes of a pruned network, to shrink a fresh instance of its class
+# --------------------------------------------------------------------------------------
+def module_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The channel counts of every Conv2d, BatchNorm, Linear and per-channel PReLU of
+    ``model``, by ``named_modules()`` path: what :func:`apply_shapes` needs to give a fresh
+    instance of the same class the shapes of a pruned one."""
+    shapes: dict[str, dict[str, int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            shapes[name] = {
+                "in_channels": module.in_channels, "out_channels": module.out_channels,
+                "groups": module.groups,
+            }  # fmt: skip
+        elif isinstance(module, _BatchNorm):
+            shapes[name] = {"num_features": module.num_features}
+        elif isinstance(module, nn.Linear):
+            shapes[name] = {"in_features": module.in_features, "out_features": module.out_features}
+        elif isinstance(module, nn.PReLU):
+            shapes[name] = {"num_parameters": module.num_parameters}
+    return shapes
+
+
+def apply_shapes(model: nn.Module, shapes: Mapping[str, Mapping[str, int]]) -> nn.Module:
+    """Resize the layers of ``model``, in place, to ``shapes`` (from :func:`module_shapes`).
+
+    Parameters and buffers of a resized layer get the new shapes with unspecified values:
+    load the pruned ``state_dict`` afterwards.
+
+    Raises
+    ------
+    ValueError
+        ``shapes`` names a layer ``model`` lacks, or one of another kind: the file was not
+        saved from this class.
+    """
+    modules = dict(model.named_modules())
+    for name, shape in shapes.items():
+        module = modules.get(name)
+        keys = set(module_shapes(module)[""]) if module is not None and isinstance(
+            module, (nn.Conv2d, _BatchNorm, nn.Linear, nn.PReLU)
+        ) else None  # fmt: skip
+        if keys is None or keys != set(shape):
+            found = "missing" if module is None else type(module).__name__
+            raise ValueError(
+                f"the saved shapes name layer {name!r} ({', '.join(sorted(shape))}), which "
+                f"this model does not have as such ({found}): it was saved from another class."
+            )
+
+        def resize(attr: str, size: tuple, module: nn.Module = module) -> None:
+            old = getattr(module, attr)
+            if old is None or tuple(old.shape) == size:
+                return
+            new = torch.empty(size, dtype=old.dtype, device=old.device)
+            if isinstance(old, nn.Parameter):
+                setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+            else:
+                setattr(module, attr, new)
+
+        if isinstance(module, nn.Conv2d):
+            c, n, g = shape["in_channels"], shape["out_channels"], shape["groups"]
+            resize("weight", (n, c // g, *module.kernel_size))
+            resize("bias", (n,))
+            module.in_channels, module.out_channels, module.groups = c, n, g
+        elif isinstance(module, _BatchNorm):
+            k = shape["num_features"]
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                resize(attr, (k,))
+            module.num_features = k
+        elif isinstance(module, nn.Linear):
+            resize("weight", (shape["out_features"], shape["in_features"]))
+            resize("bias", (shape["out_features"],))
+            module.in_features, module.out_features = shape["in_features"], shape["out_features"]
+        else:
+            resize("weight", (shape["num_parameters"],))
+            module.num_parameters = shape["num_parameters"]
+    return model
 
 
 # --------------------------------------------------------------------------------------
@@ -448,6 +530,81 @@ def prune_conv_out_channels(conv: nn.Conv2d, kept: IndexLike) -> nn.Conv2d:
     _check_conv(conv, "conv")
     kept_t = _check_kept(kept, "kept", conv.out_channels)
     _prune_conv_out_unchecked(conv, kept_t)
+    return conv
+
+
+def prune_grouped_conv(
+    conv: nn.Conv2d,
+    *,
+    in_kept: Optional[IndexLike] = None,
+    out_kept: Optional[IndexLike] = None,
+    weight: Optional[ArrayLike] = None,
+) -> nn.Conv2d:
+    """Keep input channels ``in_kept`` and filters ``out_kept`` of a conv with any
+    ``groups``, in place, so that it stays a valid grouped conv.
+
+    Parameters
+    ----------
+    conv : nn.Conv2d
+        Weight of shape (n, c / g, kh, kw) with ``g = conv.groups`` (1, grouped or
+        depthwise).
+    in_kept, out_kept : sequence, ndarray or Tensor of int, optional
+        Distinct indices of the input channels and filters to keep (None: all). A conv
+        group that keeps neither input channels nor filters is removed (a depthwise conv
+        loses its dropped channels so); every remaining group must keep the same number
+        of input channels, and the same number of filters.
+    weight : ndarray or Tensor of shape (n', c' / g', kh, kw), optional
+        Installed instead of the sliced weight (e.g. a block-diagonal refit). The bias is
+        sliced to ``out_kept``.
+
+    Returns
+    -------
+    conv : nn.Conv2d
+        The same module with ``in_channels``, ``out_channels`` and ``groups`` updated.
+
+    Raises
+    ------
+    ValueError
+        Unequal counts per group, or a group that keeps input channels but no filters
+        (or the reverse).
+    """
+    if not isinstance(conv, nn.Conv2d):
+        raise UnsupportedLayerError(f"conv must be an nn.Conv2d; got {type(conv).__name__}.")
+    _check_initialized(conv, "conv")
+    g, c, n = conv.groups, conv.in_channels, conv.out_channels
+    in_t = torch.arange(c) if in_kept is None else _check_kept(in_kept, "in_kept", c)
+    out_t = torch.arange(n) if out_kept is None else _check_kept(out_kept, "out_kept", n)
+    c_g, n_g = c // g, n // g
+    in_count = torch.bincount(in_t // c_g, minlength=g)
+    out_count = torch.bincount(out_t // n_g, minlength=g)
+    live = (in_count > 0) | (out_count > 0)
+    if bool(((in_count > 0) != (out_count > 0)).any()):
+        raise ValueError(
+            "each conv group must keep both input channels and filters, or neither; got "
+            f"input counts {in_count.tolist()} and filter counts {out_count.tolist()}."
+        )
+    if len(set(in_count[live].tolist())) != 1 or len(set(out_count[live].tolist())) != 1:
+        raise ValueError(
+            "every kept conv group must keep the same number of input channels and of "
+            f"filters; got input counts {in_count[live].tolist()} and filter counts "
+            f"{out_count[live].tolist()}."
+        )
+    new_groups = int(live.sum())
+    if weight is None:
+        local_in = in_t % c_g
+        rows = []
+        for j in torch.nonzero(live).flatten().tolist():
+            cols = local_in[(in_t // c_g) == j]
+            filters = out_t[(out_t // n_g) == j]
+            rows.append(conv.weight.detach()[filters][:, cols])
+        new_w = torch.cat(rows).clone()
+    else:
+        shape = (len(out_t), len(in_t) // new_groups, *conv.kernel_size)
+        new_w = _as_tensor_like(weight, "weight", conv.weight, shape)
+    _replace_param(conv, "weight", new_w)
+    if conv.bias is not None:
+        _replace_param(conv, "bias", _index(conv.bias, 0, out_t))
+    conv.in_channels, conv.out_channels, conv.groups = len(in_t), len(out_t), new_groups
     return conv
 
 

@@ -311,3 +311,53 @@ def test_selectors_against_exhaustive_search_on_tiny_layers():
     assert optimal["lasso"] >= 0.5 and mean["lasso"] < 1.15
     assert mean["thinet"] < 1.15
     assert mean["random"] > 1.5  # the problems are hard enough to separate the selectors
+
+
+# ---------------------------------------------------------------------------- reduced problems
+def _reduced_objective(G, g, t2, kept):
+    """min over beta of t2 - 2 beta.g + beta^T G beta on ``kept``, by a dense solve."""
+    kept = list(kept)
+    if not kept:
+        return t2
+    beta = np.linalg.solve(G[np.ix_(kept, kept)], g[kept])
+    return t2 - float(g[kept] @ beta)
+
+
+def test_greedy_gram_removes_the_cheapest_channel_at_every_step():
+    """Against an independent brute force: at each step, the removed channel is the one
+    whose removal raises the dense-solved optimum least."""
+    from chanprune.selection import select_greedy_gram
+
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(40, 7))
+    G, g, t2 = A.T @ A, A.T @ rng.normal(size=40), 50.0
+    sel = select_greedy_gram(G, g, 2)
+    alive = list(range(7))
+    for removed in sel.info["removed"]:
+        costs = {i: _reduced_objective(G, g, t2, [j for j in alive if j != i]) for i in alive}
+        assert removed == min(costs, key=costs.get)
+        alive.remove(removed)
+    assert sel.kept.tolist() == sorted(alive)
+
+
+def test_reduced_selectors_find_the_planted_channels_of_a_group_read_twice():
+    """Two layers read the same channels; only channels {1, 4, 5, 8} matter to either. The
+    sum of their reduced problems (each scaled by 1 / ||Y||^2) keeps exactly those."""
+    from chanprune.selection import channel_gram, select_greedy_gram, select_lasso_gram
+
+    G = np.zeros((10, 10))
+    g = np.zeros(10)
+    t2 = 0.0
+    for seed in (0, 1):
+        X, Y, W, b, support = planted_conv(seed, n=4 + seed, noise=0.01)
+        # The layer's own weights on the planted channels, noise elsewhere: the LASSO
+        # scales each channel's contribution, so irrelevant channels must look useless.
+        W = W.copy()
+        mask = np.ones(10, dtype=bool)
+        mask[support] = False
+        W[:, mask] *= 0.05
+        moments = LayerStats.from_samples(X, Y).moments()
+        gk, lk, tk = channel_gram(moments, W.reshape(W.shape[0], 10, -1), None)
+        G, g, t2 = G + gk / tk, g + lk / tk, t2 + 1.0
+    assert select_lasso_gram(G, g, t2, 4).kept.tolist() == support.tolist()
+    assert select_greedy_gram(G, g, 4).kept.tolist() == support.tolist()

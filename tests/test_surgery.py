@@ -132,11 +132,19 @@ def test_fold_batchnorm_linear_bn1d():
         torch.testing.assert_close(folded(x), bn(lin(x)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [2, 4])  # grouped, depthwise
+def test_fold_batchnorm_grouped_matches_bn_of_conv(groups):
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=groups)
+    bn = nn.BatchNorm2d(4).eval()
+    _randomize_bn(bn, torch.Generator().manual_seed(5))
+    x = torch.randn(3, 4, 6, 6)
+    folded = fold_batchnorm(conv, bn)
+    assert folded.groups == groups
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
 def test_fold_batchnorm_errors():
-    with pytest.raises(UnsupportedLayerError, match="groups=2"):
-        fold_batchnorm(nn.Conv2d(4, 4, 3, groups=2), nn.BatchNorm2d(4))
-    with pytest.raises(UnsupportedLayerError, match="groups=4"):  # depthwise
-        fold_batchnorm(nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4))
     with pytest.raises(UnsupportedLayerError, match="Conv2d"):
         fold_batchnorm(nn.Conv1d(4, 4, 3), nn.BatchNorm1d(4))
     with pytest.raises(UnsupportedLayerError, match="BatchNorm2d"):
