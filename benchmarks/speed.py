@@ -145,8 +145,8 @@ def run_raw_layer(config: dict) -> dict:
     import torch
 
     from chanprune import LayerStats, prune_layer_from_stats
-    from chanprune.prune import _folded
     from chanprune.sampling import extract_patches, gather_outputs, sample_positions
+    from chanprune.sweep import folded_params as _folded
 
     images, _ = _images(config)
     model = _model(config)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -41,14 +42,12 @@ from tqdm.auto import tqdm
 from ._validation import check_choice, check_int_in_range, check_real_in_range
 from .exceptions import UnsupportedLayerError
 from .flops import conv_output_sizes, count_macs, count_params
+from .graph import PlanWarning, explicit_widths, trace_plan, uniform_widths
 from .layer import prune_layer_from_stats
 from .report import LayerReport, PruneReport
 from .sampling import (
     channel_spectra,
-    extract_patches,
-    gather_outputs,
     record_activations,
-    sample_positions,
 )
 from .schedule import (
     SCHEDULES,
@@ -70,6 +69,15 @@ from .surgery import (
     set_batchnorm_identity,
     set_conv_params,
 )
+from .sweep import (
+    GRAPH_METHODS,
+    HeldOut,
+    SweepOptions,
+    accumulate_samples,
+    channels_last,
+    folded_params,
+    sweep_graph,
+)
 
 __all__ = [
     "prune_model",
@@ -83,6 +91,10 @@ logger = logging.getLogger(__name__)
 
 #: Criteria that need the activations or BatchNorm of the model, on top of SELECTORS.
 ACTIVATION_METHODS = ("apoz", "entropy", "bn_scale")
+#: ``planner=`` of :func:`prune_model`: ``names`` recognises VGG and ResNet layouts by
+#: their attribute names, ``graph`` derives the channel groups of any network from its
+#: traced graph, ``auto`` uses the names where the traced graph confirms them.
+PLANNERS = ("auto", "graph", "names")
 #: Every ``method=`` accepted by :func:`prune_model`.
 MODEL_METHODS = tuple(m for m in SELECTORS if m != "by_score") + ACTIVATION_METHODS
 
@@ -422,6 +434,7 @@ def plan_widths(
     schedule: Union[str, Mapping[str, Union[int, float]]] = "uniform",
     channel_sampler: bool = False,
     spectra: Optional[Mapping[str, np.ndarray]] = None,
+    planner: str = "auto",
 ) -> tuple[dict[str, int], float]:
     """Per-layer widths for a target speed-up, without pruning (and, but for the
     ``energy`` schedule, without data).
@@ -438,11 +451,15 @@ def plan_widths(
         Needed by ``schedule="energy"`` only: the eigenvalues of the covariance of each
         prunable layer's input channels, as :func:`chanprune.sampling.channel_spectra`
         returns them (:func:`prune_model` computes them from its calibration images).
+    planner : {"auto", "graph", "names"}, default="auto"
+        As in :func:`prune_model`.
 
     Returns
     -------
     widths : dict of layer -> int
-        Input channels kept by each prunable layer (:func:`prunable_layers` keys).
+        Input channels kept by each prunable layer (:func:`prunable_layers` keys); with
+        the graph planner, channels kept by each channel group (named after its first
+        producer, :class:`chanprune.graph.Plan`).
     speedup : float
         The MAC speed-up those widths achieve.
 
@@ -452,8 +469,16 @@ def plan_widths(
         An unsupported model, an input shape the model does not accept, an unreachable or
         invalid target.
     """
-    plan = _plan(model, channel_sampler)
+    planner = check_choice(planner, "planner", PLANNERS)
     explicit = _check_target(speedup, schedule)
+    plan = None if planner == "graph" else _names_plan(model, channel_sampler, planner)
+    if plan is not None and planner == "auto":
+        plan = plan if _names_confirmed(model, plan, tuple(input_shape)) else None
+    if plan is None:
+        _check_graph_options("lasso", schedule, channel_sampler)
+        graph = trace_plan(model, tuple(input_shape))
+        widths = explicit_widths(graph, schedule) if explicit else uniform_widths(graph, speedup)
+        return widths, graph.macs() / graph.macs(widths)
     if explicit and not channel_sampler:
         _check_no_stream_layers(model, plan, schedule)
     try:
@@ -548,11 +573,6 @@ def load_calibration_images(
 
 
 # ---------------------------------------------------------------------------- helpers
-def _nhwc(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in channels-last layout: oneDNN convolutions run ~1.5x faster on it on a CPU."""
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-
 class _Maps:
     """The activations of every calibration image at one point of a network.
 
@@ -587,24 +607,6 @@ class _Maps:
         return _Maps(self.chunks, kept)
 
 
-def _whole_maps_cheaper(
-    conv: nn.Conv2d, in_size: tuple[int, int], out_size: tuple[int, int], per_image
-) -> bool:
-    """Whether every position of whole maps (:meth:`LayerStats.update_maps`) costs fewer
-    multiply-adds than ``per_image`` sampled patches: true on small deep maps (CIFAR's
-    4x4 and 2x2), where it also uses more samples. Capped at c H W <= 8192 for memory."""
-    if isinstance(conv.padding, str) or conv.groups != 1:
-        return False
-    kh, kw = conv.kernel_size
-    c, n = conv.in_channels, conv.out_channels
-    width, d = c * in_size[0] * in_size[1], c * kh * kw
-    n_out = out_size[0] * out_size[1]
-    sampled = min(per_image or n_out, n_out)
-    cost_sampled = sampled * (d * d / 2 + d * n)
-    cost_maps = width * width / 2 + n_out * d * n
-    return width <= 8192 and cost_maps < cost_sampled
-
-
 def _keep_channels(maps: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """``maps[:, kept]`` in channels-last layout, in one copy."""
     if maps.dim() != 4:
@@ -612,7 +614,7 @@ def _keep_channels(maps: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     # Selecting columns of the (pixels, channels) matrix of the NHWC view writes an
     # NHWC-contiguous result (the fastest of the ways tried).
     n, c, h, w = maps.shape
-    rows = _nhwc(maps).permute(0, 2, 3, 1).reshape(n * h * w, c)
+    rows = channels_last(maps).permute(0, 2, 3, 1).reshape(n * h * w, c)
     return torch.index_select(rows, 1, kept).view(n, h, w, len(kept)).permute(0, 3, 1, 2)
 
 
@@ -643,7 +645,7 @@ def _chain_map_bytes(features: nn.Sequential, image: torch.Tensor) -> list[int]:
 
 
 def _run(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    x = _nhwc(x)
+    x = channels_last(x)
     for module in modules:
         x = module(x)
     return x
@@ -668,14 +670,6 @@ def _fused(modules: list[nn.Module]) -> list[nn.Module]:
         else:
             out.append(module)
     return out
-
-
-def _folded(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``bn(conv(x))`` (eval mode) as one conv."""
-    if bn is not None:
-        conv = fold_batchnorm(conv, bn)
-    bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
-    return conv.weight.detach(), bias.detach()
 
 
 def _fold_reference(reference: nn.Module, plan: list[_Consumer]) -> None:
@@ -723,6 +717,7 @@ def prune_model(
     correct_unpruned: bool = True,
     residual_correction: bool = True,
     channel_sampler: bool = False,
+    planner: str = "auto",
     batch_size: int = 100,
     max_cache_mb: Optional[float] = None,
     stats_dtype: Optional[torch.dtype] = None,
@@ -733,12 +728,13 @@ def prune_model(
     max_iter: int = 1000,
     tol: float = 1e-6,
 ) -> tuple[nn.Module, PruneReport]:
-    """Prune the channels of a VGG-style network, layer by layer, without retraining.
+    """Prune the channels of a network, layer by layer, without retraining.
 
     Parameters
     ----------
     model : nn.Module
-        A VGG-style network (``features`` Sequential of conv/BN/ReLU/pool, then a head),
+        Any CNN that :mod:`torch.fx` can trace (see ``planner``). Its layouts known by name:
+        a VGG-style network (``features`` Sequential of conv/BN/ReLU/pool, then a head),
         e.g. :func:`chanprune.models.vgg16_bn_cifar10` or a torchvision VGG; or a ResNet
         (``layer1``... of BasicBlock/Bottleneck), e.g.
         :func:`chanprune.models.resnet56_cifar10` or a torchvision ResNet, of which the
@@ -804,6 +800,16 @@ def prune_model(
         channels, while the stream itself and the shortcut keep every channel. Its input
         is the pruned network's stream, its target the original ``bn1`` output. Refused
         for VGG-style models, which have no residual stream.
+    planner : {"auto", "graph", "names"}, default="auto"
+        How the channels to prune are found. ``graph`` traces the model with
+        :mod:`torch.fx` and derives its channel groups (:func:`chanprune.graph.trace_plan`):
+        any CNN as its author wrote it, its residual streams kept whole; explicit schedule
+        keys are then group names (the first producing conv's path), the MAC target counts
+        every conv and linear, and the selectors are those of
+        :data:`chanprune.sweep.GRAPH_METHODS` with the ``uniform`` schedule or explicit
+        widths. ``names`` recognises the VGG and ResNet layouts above by their attribute
+        names. ``auto`` uses the names where the traced graph confirms them (so the
+        results recorded for those layouts stand), else the graph.
     batch_size : int, default=100
         Images per forward chunk (memory).
     max_cache_mb : float, optional
@@ -865,15 +871,19 @@ def prune_model(
     if stats_dtype is None:
         cpu32 = device.type == "cpu" and dtype == torch.float32
         stats_dtype = torch.float32 if cpu32 else torch.float64
-    plan = _plan(model, channel_sampler)
-    _check_consumers(model, plan)
-    if method == "bn_scale" and channel_sampler:
+    planner = check_choice(planner, "planner", PLANNERS)
+    plan = None if planner == "graph" else _names_plan(model, channel_sampler, planner)
+    if plan is None:
+        _check_graph_options(method, schedule, channel_sampler)
+    else:
+        _check_consumers(model, plan)
+    if plan is not None and method == "bn_scale" and channel_sampler:
         raise ValueError(
             "method='bn_scale' ranks channels by the |gamma| of the BatchNorm that produces "
             "them; the residual stream that a channel sampler selects from is a sum of branch "
             "and shortcut, with no such BatchNorm: use another method or channel_sampler=False."
         )
-    if method == "bn_scale":
+    if plan is not None and method == "bn_scale":
         missing = [
             c.name
             for c in plan
@@ -903,6 +913,23 @@ def prune_model(
     fit_idx, held_idx = np.sort(order[n_held:]), np.sort(order[:n_held])
     images = images[torch.from_numpy(np.concatenate([fit_idx, held_idx])).to(images.device)]
     input_shape = tuple(images.shape[1:])
+    if plan is not None and planner == "auto" and not _names_confirmed(model, plan, input_shape):
+        # The attribute names look like a known architecture but the traced graph says
+        # otherwise (e.g. a pre-activation ResNet): the graph planner is right.
+        logger.info("the traced graph does not match the names; using the graph planner")
+        _check_graph_options(method, schedule, channel_sampler)
+        plan = None
+    if plan is None:
+        options = SweepOptions(
+            method=method, refit=refit, ridge=ridge, normalize=normalize, alternate=alternate,
+            correct_unpruned=correct_unpruned, residual_correction=residual_correction,
+            positions_per_image=positions_per_image, stats_dtype=stats_dtype, device=device,
+            seed=seed, max_iter=max_iter, tol=tol,
+        )  # fmt: skip
+        return _prune_graph(
+            model, images, n_total - n_held, options, speedup=speedup, schedule=schedule,
+            batch_size=batch_size, progress=progress, inplace=inplace, start=start,
+        )  # fmt: skip
 
     reference = copy.deepcopy(model).to(device).eval()
     if inplace:
@@ -969,7 +996,126 @@ def prune_model(
             positions_per_image=positions_per_image, ridge=ridge, refit=refit,
             normalize=normalize, alternate=alternate, correct_unpruned=correct_unpruned,
             residual_correction=residual_correction, channel_sampler=channel_sampler,
-            seed=seed, widths=widths, max_cache_mb=max_cache_mb,
+            seed=seed, widths=widths, max_cache_mb=max_cache_mb, planner="names",
+        ),
+    )  # fmt: skip
+    return pruned.eval(), report
+
+
+def _names_plan(model: nn.Module, channel_sampler: bool, planner: str) -> Optional[list]:
+    """The name-based plan, or None where the names do not fit and the graph planner may
+    take over (``planner="auto"``)."""
+    try:
+        return _plan(model, channel_sampler)
+    except UnsupportedLayerError:
+        if planner == "names":
+            raise
+        return None
+
+
+def _check_graph_options(method: str, schedule, channel_sampler: bool) -> None:
+    """Refuse, up front, what the graph planner does not offer yet."""
+    if method not in GRAPH_METHODS:
+        raise ValueError(
+            f"method={method!r} is available for the VGG and ResNet layouts chanprune "
+            f"recognises; with the graph planner (any other network) use one of "
+            f"{', '.join(GRAPH_METHODS)}."
+        )
+    if not isinstance(schedule, Mapping) and schedule != "uniform":
+        raise ValueError(
+            f"schedule={schedule!r} is available for the VGG and ResNet layouts chanprune "
+            "recognises; with the graph planner use 'uniform' or explicit widths "
+            "{group: keep}."
+        )
+    if channel_sampler:
+        raise ValueError(
+            "channel_sampler=True applies to the ResNet layouts chanprune recognises; the "
+            "graph planner keeps residual streams whole."
+        )
+
+
+def _names_confirmed(model: nn.Module, plan: list[_Consumer], input_shape) -> bool:
+    """Whether the traced graph confirms the name-based plan: each consumer reads exactly
+    its producer's channels, and the BatchNorms named after them really follow them."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PlanWarning)
+            graph = trace_plan(model, input_shape)
+    except (UnsupportedLayerError, ValueError):
+        return True  # nothing to check against: the names are all there is
+    consumers = {c.name: c for c in graph.consumers}
+    for c in plan:
+        found = consumers.get(c.name)
+        if found is None or found.bn != c.bn:
+            return False
+        if c.producer is None:
+            continue
+        group = graph.groups.get(c.producer)
+        if group is None or found.layout != ((c.producer, group.size),):
+            return False
+        if c.producer_bn and c.producer_bn not in {m for m, _ in group.carriers}:
+            return False
+    return True
+
+
+def _prune_graph(
+    model: nn.Module,
+    images: torch.Tensor,
+    n_fit: int,
+    options: SweepOptions,
+    *,
+    speedup: Optional[float],
+    schedule,
+    batch_size: int,
+    progress: bool,
+    inplace: bool,
+    start: float,
+) -> tuple[nn.Module, PruneReport]:
+    """:func:`prune_model` through the plan traced from the graph (any network)."""
+    device = options.device
+    input_shape = tuple(images.shape[1:])
+    pruned = (model if inplace else copy.deepcopy(model)).to(device).eval()
+    plan = trace_plan(pruned, input_shape)
+    reference = torch.fx.symbolic_trace(copy.deepcopy(model).to(device).eval())
+    explicit = isinstance(schedule, Mapping)
+    if explicit:
+        widths = explicit_widths(plan, schedule)
+    else:
+        widths = uniform_widths(plan, speedup)
+    macs_before = plan.macs()
+    params_before = count_params(pruned)
+    # no_grad, not inference_mode: parameters created by the surgery must stay ordinary
+    # tensors, so the pruned model can be fine-tuned afterwards.
+    with torch.no_grad():
+        reports, kept = sweep_graph(
+            reference, plan, widths, images, n_fit, options, batch_size=batch_size,
+            progress=progress,
+        )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanWarning)  # said once, for the original
+        macs_after = trace_plan(pruned, input_shape).macs()  # counted anew on the result
+    report = PruneReport(
+        model=type(model).__name__,
+        method=options.method,
+        schedule="explicit" if explicit else str(schedule),
+        speedup_target=None if speedup is None else float(speedup),
+        speedup=macs_before / macs_after,
+        macs_before=int(macs_before),
+        macs_after=int(macs_after),
+        params_before=int(params_before),
+        params_after=int(count_params(pruned)),
+        n_images=int(n_fit),
+        n_heldout=int(images.shape[0] - n_fit),
+        wall_time_s=time.perf_counter() - start,
+        device=str(device),
+        layers=reports,
+        options=dict(
+            positions_per_image=options.positions_per_image, ridge=options.ridge,
+            refit=options.refit, normalize=options.normalize, alternate=options.alternate,
+            correct_unpruned=options.correct_unpruned,
+            residual_correction=options.residual_correction, seed=options.seed,
+            widths=widths, planner="graph",
+            kept={name: idx.tolist() for name, idx in kept.items()},
         ),
     )  # fmt: skip
     return pruned.eval(), report
@@ -1000,41 +1146,12 @@ def _block_inputs(model: nn.Module, block: nn.Module, images: _Maps, device, sto
     try:
         for _, x in images.batches(device):
             try:
-                model(_nhwc(x))
+                model(channels_last(x))
             except _StopForward:
                 pass
     finally:
         handle.remove()
     return _Maps(chunks)
-
-
-class _HeldOut:
-    """The held-out images' samples of one layer, kept as rows (not statistics): the
-    refit layer's relative error on them is measured directly."""
-
-    def __init__(self) -> None:
-        self.patches: list[torch.Tensor] = []
-        self.targets: list[torch.Tensor] = []
-
-    def add(self, X: torch.Tensor, Y: torch.Tensor) -> None:
-        """``X`` (rows, c, kh, kw) patches, ``Y`` (rows, n) targets."""
-        self.patches.append(X.contiguous())
-        self.targets.append(Y.contiguous())
-
-    def rel_error(self, kept: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> Optional[float]:
-        """``||Y - X_kept W^T - b||^2 / ||Y||^2`` (sums in float64); None without rows.
-
-        ``weight`` has shape (n, len(kept), kh, kw), ``bias`` (n,)."""
-        if not self.patches:
-            return None
-        X = torch.cat(self.patches)
-        Y = torch.cat(self.targets)
-        X = X[:, torch.from_numpy(kept).to(X.device)].reshape(X.shape[0], -1)
-        w = torch.as_tensor(weight, dtype=X.dtype, device=X.device).reshape(len(weight), -1)
-        b = torch.as_tensor(bias, dtype=X.dtype, device=X.device)
-        residual = torch.addmm(b, X, w.T, beta=1.0).sub_(Y)
-        y2 = float(Y.double().square().sum())
-        return float(residual.double().square().sum()) / y2 if y2 > 0 else 0.0
 
 
 class _Sweep:
@@ -1062,18 +1179,18 @@ class _Sweep:
         # it absorbs the error accumulated before it.
         return keep == c and (not diverged or not self.correct_unpruned or not self.refit)
 
-    def new_stats(self, consumer: _Consumer) -> tuple[LayerStats, _HeldOut]:
+    def new_stats(self, consumer: _Consumer) -> tuple[LayerStats, HeldOut]:
         conv = self.pruned.get_submodule(consumer.name)
         fit = LayerStats(
             conv.in_channels, conv.out_channels, conv.kernel_size, device=self.device,
             compute_dtype=self.stats_dtype,
         )  # fmt: skip
-        return fit, _HeldOut()
+        return fit, HeldOut()
 
     def accumulate(
         self,
         consumer: _Consumer,
-        stats: tuple[LayerStats, _HeldOut],
+        stats: tuple[LayerStats, HeldOut],
         scores: _Scores,
         x: torch.Tensor,
         y: torch.Tensor,
@@ -1082,39 +1199,18 @@ class _Sweep:
         """Sample one chunk: ``x`` the consumer's input maps, ``y`` its target output maps,
         for images ``lo .. lo + len(x)`` (fit images first, then held-out ones)."""
         conv = self.pruned.get_submodule(consumer.name)
-        n = x.shape[0]
-        n_fit_here = int(min(max(self.n_fit - lo, 0), n))  # images of this chunk in the fit
+        n_fit_here = int(min(max(self.n_fit - lo, 0), x.shape[0]))  # fit images here
         fit, held = stats
         if n_fit_here:
             scores.update(x[:n_fit_here])
-            if _whole_maps_cheaper(
-                conv, tuple(x.shape[2:]), tuple(y.shape[2:]), self.positions_per_image
-            ):
-                fit.update_maps(
-                    x[:n_fit_here], y[:n_fit_here], stride=conv.stride, padding=conv.padding,
-                    dilation=conv.dilation,
-                )  # fmt: skip
-                x, y = x[n_fit_here:], y[n_fit_here:]
-                n_fit_here = 0
-        if not x.shape[0]:
-            return
-        # Sampled positions: the fit's statistics, and the held-out images' rows, kept as
-        # they are (a small share of the samples) to measure the refit layer on them.
-        pos = sample_positions(
-            x.shape[0], tuple(y.shape[2:]), self.positions_per_image, self.generator
+        accumulate_samples(
+            conv, [fit], held, x, y, n_fit_here, self.positions_per_image, self.generator
         )
-        X = extract_patches(x, conv, pos)
-        Y = gather_outputs(y, pos)
-        rows = int((pos.image < n_fit_here).sum())  # positions are image-major
-        if rows:
-            fit.update(X[:rows], Y[:rows])
-        if rows < len(pos):
-            held.add(X[rows:], Y[rows:])
 
     def fit_layer(
         self,
         consumer: _Consumer,
-        stats: tuple[LayerStats, _HeldOut],
+        stats: tuple[LayerStats, HeldOut],
         scores: _Scores,
         start: float,
     ) -> torch.Tensor:
@@ -1122,7 +1218,7 @@ class _Sweep:
         keep, c = self.keep_of(consumer)
         conv = self.pruned.get_submodule(consumer.name)
         bn = self.pruned.get_submodule(consumer.bn) if consumer.bn else None
-        weight, bias = _folded(conv, bn)
+        weight, bias = folded_params(conv, bn)
         options: dict[str, Any] = {}
         selector = self.method
         if keep == c:
@@ -1309,7 +1405,7 @@ class _Sweep:
                     if correct and ref_shortcut is not None:
                         ref_out["s"] = ref_shortcut
                     with record_activations(outputs=ref_out) as rec_ref:
-                        out = ref_block(_nhwc(x_ref))
+                        out = ref_block(channels_last(x_ref))
                     if outputs is not None:
                         outputs.append(out.to(self.store))
                     y = rec_ref["y"]
@@ -1319,7 +1415,7 @@ class _Sweep:
                         continue
                     pr_out = {"s": shortcut} if correct and shortcut is not None else {}
                     with record_activations(inputs={"x": conv}, outputs=pr_out) as rec:
-                        block(_nhwc(x_pruned))
+                        block(channels_last(x_pruned))
                     if correct:
                         y1 = rec_ref["s"] if ref_shortcut is not None else x_ref
                         y1_pruned = rec["s"] if shortcut is not None else x_pruned

@@ -204,17 +204,24 @@ def test_bad_calibration_data():
         prune_model(model, [1, 2, 3], speedup=1.5, **QUIET)
 
 
-def test_unsupported_models_are_refused_with_names():
+def test_unsupported_models_are_refused_with_names_by_the_name_planner():
+    names = dict(QUIET, planner="names")
     with pytest.raises(UnsupportedLayerError, match=r"Sequential is not a supported architecture"):
-        prune_model(nn.Sequential(nn.Conv2d(3, 4, 3)), _images(4), speedup=2, **QUIET)
-    model = _tiny_vgg()
-    model.features[6] = nn.Upsample(scale_factor=1)
+        prune_model(nn.Sequential(nn.Conv2d(3, 4, 3)), _images(4), speedup=2, **names)
+    upsample = _tiny_vgg()
+    upsample.features[6] = nn.Upsample(scale_factor=1)
     with pytest.raises(UnsupportedLayerError, match=r"features.6 \(Upsample\) is not supported"):
-        prune_model(model, _images(4), speedup=2, **QUIET)
-    model = _tiny_vgg()
-    model.features[3] = nn.Conv2d(12, 12, 3, padding=1, groups=2)
+        prune_model(upsample, _images(4), speedup=2, **names)
+    grouped = _tiny_vgg()
+    grouped.features[3] = nn.Conv2d(12, 12, 3, padding=1, groups=2)
     with pytest.raises(UnsupportedLayerError, match=r"features.3 is a grouped convolution"):
-        prune_model(model, _images(4), speedup=2, **QUIET)
+        prune_model(grouped, _images(4), speedup=2, **names)
+    # The default planner takes them through the traced graph instead.
+    for model in (upsample, grouped):
+        _, report = prune_model(model, _images(), speedup=1.3, **QUIET)
+        assert report.options["planner"] == "graph" and abs(report.speedup / 1.3 - 1) <= 0.02
+    with pytest.raises(ValueError, match="no prunable channel group"):  # its only group is
+        prune_model(nn.Sequential(nn.Conv2d(3, 4, 3)), _images(4), speedup=2, **QUIET)  # output
 
 
 def test_pruned_model_can_be_fine_tuned():
@@ -230,7 +237,7 @@ def test_whole_maps_used_only_where_cheaper():
     # whole maps; larger maps and ImageNet sizes sample patches.
     from torch import nn
 
-    from chanprune.prune import _whole_maps_cheaper
+    from chanprune.sweep import whole_maps_cheaper as _whole_maps_cheaper
 
     conv = lambda c, n: nn.Conv2d(c, n, 3, padding=1)  # noqa: E731
     assert _whole_maps_cheaper(conv(512, 512), (4, 4), (4, 4), 10)

@@ -144,14 +144,20 @@ def test_unknown_branch_pattern_is_refused_with_the_block_name():
     class Odd(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv2d(16, 16, 3, padding=1)
+            self.conv = nn.Conv2d(32, 32, 3, padding=1)  # layer2's width
 
         def forward(self, x):
             return self.conv(x)
 
     model.layer2[1] = Odd()
     with pytest.raises(UnsupportedLayerError, match=r"block layer2.1 \(Odd\) is not a branch"):
-        prune_model(model, _images(), speedup=1.5, **QUIET)
+        prune_model(model, _images(), speedup=1.5, planner="names", **QUIET)
+    # The default planner reads the block from the graph instead: Odd's conv has no
+    # residual addition, so its output group is tied to nothing and is prunable.
+    pruned, report = prune_model(model, _images(), speedup=1.5, **QUIET)
+    assert report.options["planner"] == "graph"
+    assert "layer2.0.conv2" not in report.options["widths"]  # the stream stays whole
+    assert pruned(_images(2)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("sampler", [False, True], ids=["branch", "branch+sampler"])

@@ -1,0 +1,904 @@
+"""Channel groups of any traceable network: the pruning plan, derived from the graph.
+
+The model is traced with :mod:`torch.fx` (a symbolic trace: no weights are run) and one
+example input is propagated through the trace for the shapes. Every tensor with a channel
+dimension gets a *layout*: the sequence of *atoms* its channels are made of, an atom being
+the channels written by one producer (a conv's filters) or a fixed source (the network's
+input, a linear layer's features, zero padding). Ops move atoms around:
+
+- one-to-one carriers keep the layout: BatchNorm, activations, dropout, pooling, resize,
+  spatial slicing and padding, a depthwise conv (its filters are per channel);
+- ``torch.cat`` along channels concatenates layouts, channel zero-padding adds fixed atoms;
+- an elementwise op of two tensors ties their atoms together (a residual addition, a
+  squeeze-excitation multiply), so those channels are one index space;
+- anything else (a channel shuffle, a split, an unknown module) fixes the atoms it reads.
+
+A *channel group* is a class of tied atoms: channels with one index space, written by
+its producers and read by its consumers (the convs whose input contains it). A group is
+pruned when nothing fixes it; otherwise it is kept whole, and :class:`Plan` says why.
+Groups tied to a residual addition are kept whole, as the paper does; the reads of the
+network's input, its outputs and linear layers are fixed too.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ._validation import check_real_in_range
+from .exceptions import UnsupportedLayerError
+from .schedule import _achieved
+
+__all__ = ["ChannelGroup", "Consumer", "Plan", "LayerCost", "trace_plan", "PlanWarning"]
+
+
+class PlanWarning(UserWarning):
+    """Channel groups kept whole because an op the planner does not know touches them."""
+
+
+# Modules that carry channels one to one and have no per-channel parameters.
+_PLAIN_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
+    nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d,
+)  # fmt: skip
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+_PLAIN_FUNCTIONS = {
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.nn.functional.relu,
+    torch.nn.functional.relu6, torch.nn.functional.leaky_relu, torch.nn.functional.elu,
+    torch.nn.functional.gelu, torch.nn.functional.silu, torch.nn.functional.mish,
+    torch.nn.functional.hardswish, torch.nn.functional.hardsigmoid,
+    torch.nn.functional.hardtanh, torch.nn.functional.sigmoid, torch.nn.functional.tanh,
+    torch.nn.functional.softplus, torch.nn.functional.dropout,
+    torch.nn.functional.dropout2d, torch.nn.functional.max_pool2d,
+    torch.nn.functional.avg_pool2d, torch.nn.functional.adaptive_avg_pool2d,
+    torch.nn.functional.adaptive_max_pool2d, torch.nn.functional.interpolate,
+    torch.clamp, torch.clip,
+}  # fmt: skip
+_PLAIN_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip",
+    "contiguous", "clone", "detach", "float", "double", "to",
+}  # fmt: skip
+_BINARY_FUNCTIONS = {
+    operator.add: "add", operator.iadd: "add", torch.add: "add", operator.sub: "add",
+    operator.isub: "add", torch.sub: "add", operator.mul: "mul", operator.imul: "mul",
+    torch.mul: "mul", operator.truediv: "mul", operator.itruediv: "mul", torch.div: "mul",
+}  # fmt: skip
+_BINARY_METHODS = {
+    "add": "add", "add_": "add", "sub": "add", "sub_": "add", "mul": "mul", "mul_": "mul",
+    "div": "mul", "div_": "mul",
+}  # fmt: skip
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+
+
+# ---------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class Consumer:
+    """A conv whose input channels are selected and which is then refit.
+
+    Attributes
+    ----------
+    name : str
+        ``named_modules()`` path of the conv.
+    node : str
+        Its node in the trace.
+    layout : tuple of (group or None, int)
+        Its input channels, in order: ``(group name, width)`` segments; None for channels
+        of no prunable group.
+    bn : str or None
+        The BatchNorm2d right after it (folded for the targets, then the identity plus
+        the refit bias), if any.
+    addend : str or None
+        When its output (after ``bn``) is added to another tensor: that tensor's node, so
+        the target becomes ``Y + S - S'`` (residual correction).
+    groups : int
+        The conv's ``groups`` (1, or a grouped conv: the refit is block-diagonal).
+    """
+
+    name: str
+    node: str
+    layout: tuple
+    bn: Optional[str] = None
+    addend: Optional[str] = None
+    groups: int = 1
+
+    @property
+    def in_groups(self) -> list[str]:
+        return [g for g, _ in self.layout if g is not None]
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels with one index space.
+
+    Attributes
+    ----------
+    name : str
+        The first producer's module path (the key of an explicit schedule).
+    size : int
+        Channels in the group.
+    producers : tuple of str
+        Modules whose filters write the group (they lose the dropped filters).
+    carriers : tuple of (str, str)
+        Modules with per-channel parameters the group passes through (BatchNorm,
+        depthwise conv, PReLU), with their node: its layout (:attr:`Plan.layouts`) says
+        where the group sits among the module's channels.
+    consumers : tuple of str
+        Consumers (convs) reading the group.
+    parts : int
+        Grouped convs split the group into this many equal contiguous parts; a selection
+        keeps the same number of channels in each.
+    fixed : tuple of str
+        Why the group is kept whole; empty when it is pruned.
+    """
+
+    name: str
+    size: int
+    producers: tuple
+    carriers: tuple
+    consumers: tuple
+    parts: int = 1
+    fixed: tuple = ()
+
+    @property
+    def prunable(self) -> bool:
+        return not self.fixed
+
+    @property
+    def step(self) -> int:
+        """Widths are multiples of this (one channel per part)."""
+        return self.parts
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """MACs of one conv or linear layer: ``coef * c_in * c_out`` (per image).
+
+    ``c_in`` is ``in_fixed`` plus the widths of ``in_groups``; likewise ``c_out``. A
+    depthwise conv, whose cost is linear in its channels, has ``out_fixed = 1`` and its
+    group on the input side; a grouped conv's ``coef`` is divided by its groups.
+    """
+
+    name: str
+    coef: float
+    in_groups: tuple
+    in_fixed: int
+    out_groups: tuple
+    out_fixed: int
+
+    def macs(self, widths: Mapping[str, int]) -> float:
+        c_in = self.in_fixed + sum(widths[g] for g in self.in_groups)
+        c_out = self.out_fixed + sum(widths[g] for g in self.out_groups)
+        return self.coef * c_in * c_out
+
+
+@dataclass
+class Plan:
+    """The channel groups of a traced network, its consumers in graph order, its costs.
+
+    ``graph`` is the :class:`torch.fx.GraphModule` the plan was made from (it shares the
+    model's modules); ``input_shape`` the example input's shape without the batch.
+    """
+
+    graph: fx.GraphModule
+    input_shape: tuple
+    groups: dict = field(default_factory=dict)  # name -> ChannelGroup, in graph order
+    consumers: list = field(default_factory=list)  # Consumer, in graph order
+    costs: list = field(default_factory=list)  # LayerCost
+    unknown_ops: dict = field(default_factory=dict)  # group name -> [op descriptions]
+    layouts: dict = field(default_factory=dict)  # node name -> tuple of (group|None, width)
+
+    @property
+    def prunable(self) -> dict[str, int]:
+        """Prunable groups and their sizes, in graph order."""
+        return {g.name: g.size for g in self.groups.values() if g.prunable}
+
+    def macs(self, widths: Optional[Mapping[str, int]] = None) -> float:
+        """MACs per image of every conv and linear layer, for the given group widths
+        (missing groups keep their size)."""
+        full = {name: g.size for name, g in self.groups.items()}
+        full.update(widths or {})
+        return float(sum(cost.macs(full) for cost in self.costs))
+
+    def describe(self) -> str:
+        """A plain-text listing: each group, its size, producers, consumers, and why it is
+        kept whole where it is."""
+        lines = []
+        for g in self.groups.values():
+            state = "prunable" if g.prunable else "kept whole: " + "; ".join(g.fixed)
+            parts = f", {g.parts} equal parts" if g.parts > 1 else ""
+            lines.append(f"{g.name} ({g.size} channels{parts}): {state}")
+            lines.append(f"    producers: {', '.join(g.producers) or '-'}")
+            lines.append(f"    consumers: {', '.join(g.consumers) or '-'}")
+            if g.carriers:
+                lines.append(f"    through:   {', '.join(name for name, _ in g.carriers)}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- tracing
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def new(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)  # the earlier atom names the class
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the trace once, recording each tensor node's shape in ``node.meta``."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta["chanprune_shape"] = tuple(result.shape) if torch.is_tensor(result) else None
+        return result
+
+
+def _shape(node: Any) -> Optional[tuple]:
+    """The traced tensor shape of ``node``; None for anything that is not one tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    return node.meta.get("chanprune_shape")
+
+
+def _describe(node: fx.Node, modules: Mapping[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules[node.target]).__name__})"
+    if node.op == "call_function":
+        return f"{getattr(node.target, '__name__', str(node.target))}() at node {node.name}"
+    return f"{node.op} {node.target!r} at node {node.name}"
+
+
+class _Analysis:
+    """One pass over the trace, assigning atoms and recording what each node does."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.uf = _UnionFind()
+        self.atom_size: list[int] = []
+        self.atom_producer: list[Optional[str]] = []  # module path, None for fixed sources
+        self.fixed: dict[int, list[str]] = {}  # atom -> reasons (resolved to classes later)
+        self.unknown: dict[int, list[str]] = {}  # atom -> unknown op descriptions
+        self.layout: dict[str, tuple] = {}  # node name -> atoms
+        self.consumers: list[tuple[fx.Node, nn.Conv2d]] = []
+        self.carriers: list[tuple[str, str]] = []  # (module path, node name)
+        self.partition: dict[int, list[int]] = {}  # atom -> grouped-conv group counts
+        self.calls: dict[str, int] = {}
+
+    # atoms ------------------------------------------------------------------------
+    def new_atom(self, size: int, producer: Optional[str] = None, reason: str = "") -> int:
+        atom = self.uf.new()
+        self.atom_size.append(size)
+        self.atom_producer.append(producer)
+        if reason:
+            self.fixed.setdefault(atom, []).append(reason)
+        return atom
+
+    def fix(self, atoms, reason: str, unknown: bool = False) -> None:
+        for atom in atoms:
+            self.fixed.setdefault(atom, []).append(reason)
+            if unknown:
+                self.unknown.setdefault(atom, []).append(reason)
+
+    def atoms_of(self, node: Any) -> tuple:
+        return self.layout.get(node.name, ()) if isinstance(node, fx.Node) else ()
+
+    def fresh(self, node: fx.Node, reason: str) -> None:
+        """A fixed source: the node's channels come from nothing prunable."""
+        shape = _shape(node)
+        if shape is not None and len(shape) >= 2:
+            self.layout[node.name] = (self.new_atom(shape[1], reason=reason),)
+
+    def unknown_op(self, node: fx.Node) -> None:
+        what = _describe(node, self.modules)
+        for arg in node.all_input_nodes:
+            self.fix(self.atoms_of(arg), f"read by {what}, which the planner does not know",
+                     unknown=True)  # fmt: skip
+        self.fresh(node, f"written by {what}")
+
+    def carry(self, node: fx.Node, source: Any) -> None:
+        if isinstance(source, fx.Node) and source.name in self.layout:
+            shape, src = _shape(node), _shape(source)
+            if shape is not None and src is not None and len(shape) >= 2 and len(src) >= 2:
+                if shape[1] == src[1]:
+                    self.layout[node.name] = self.layout[source.name]
+                    return
+        self.unknown_op(node)
+
+    # nodes ------------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self.fresh(node, "the network's input")
+            elif node.op == "get_attr":
+                self.fresh(node, f"a stored tensor ({node.target}) used in the computation")
+            elif node.op == "call_module":
+                self.calls[node.target] = self.calls.get(node.target, 0) + 1
+                self.module(node, self.modules[node.target])
+            elif node.op == "call_function":
+                self.function(node)
+            elif node.op == "call_method":
+                self.method(node)
+            elif node.op == "output":
+                for arg in node.all_input_nodes:
+                    self.fix(self.atoms_of(arg), "the network's output")
+        for name, count in self.calls.items():
+            module = self.modules[name]
+            if count > 1 and isinstance(module, (nn.Conv2d, nn.Linear, *_BATCHNORMS)):
+                for node in self.gm.graph.nodes:
+                    if node.op == "call_module" and node.target == name:
+                        reason = f"{name} is called {count} times (shared weights)"
+                        self.fix(self.atoms_of(node.args[0]), reason)
+                        self.fix(self.atoms_of(node), reason)
+
+    def module(self, node: fx.Node, module: nn.Module) -> None:
+        source = node.args[0] if node.args else None
+        if isinstance(module, nn.Conv2d):
+            self.conv(node, module, source)
+        elif isinstance(module, nn.Linear):
+            self.fix(self.atoms_of(source), f"read by the linear layer {node.target}")
+            self.fresh(node, f"written by the linear layer {node.target}")
+        elif isinstance(module, _BATCHNORMS):
+            self.carry(node, source)
+            if node.name in self.layout:
+                self.carriers.append((node.target, node.name))
+        elif isinstance(module, nn.PReLU):
+            self.carry(node, source)
+            if module.num_parameters > 1 and node.name in self.layout:
+                self.carriers.append((node.target, node.name))
+        elif isinstance(module, nn.Flatten):
+            self.reshape(node, source)
+        elif isinstance(module, _PLAIN_MODULES):
+            self.carry(node, source)
+        else:
+            self.unknown_op(node)
+
+    def conv(self, node: fx.Node, conv: nn.Conv2d, source: Any) -> None:
+        name = node.target
+        c_in, c_out, g = conv.in_channels, conv.out_channels, conv.groups
+        if g > 1 and g == c_in == c_out:  # depthwise: one filter per channel
+            self.carry(node, source)
+            if node.name in self.layout:
+                self.carriers.append((name, node.name))
+            return
+        atoms = self.atoms_of(source)
+        out = self.new_atom(c_out, producer=name)
+        self.layout[node.name] = (out,)
+        if g > 1:
+            if len(atoms) != 1:
+                self.fix(atoms, f"read by the grouped conv {name} with other channels")
+            else:
+                self.partition.setdefault(atoms[0], []).append(g)
+            self.partition.setdefault(out, []).append(g)
+        problem = None
+        if isinstance(conv.padding, str):
+            problem = f"{name} has padding={conv.padding!r} (only integer padding is sampled)"
+        elif conv.padding_mode != "zeros" and any(conv.padding):
+            problem = f"{name} pads with padding_mode={conv.padding_mode!r}"
+        if problem:
+            self.fix(atoms, problem)
+            return
+        self.consumers.append((node, conv))
+
+    def function(self, node: fx.Node) -> None:
+        fn = node.target
+        tensors = [a for a in node.all_input_nodes if _shape(a) is not None]
+        if _shape(node) is None:  # sizes, tuples: handled where their items are used
+            if fn is torch.chunk or fn is torch.split:
+                self.unknown_op(node)
+            return
+        if fn in _PLAIN_FUNCTIONS or fn is torch.nn.functional.batch_norm:
+            self.carry(node, node.args[0])
+        elif fn in _BINARY_FUNCTIONS:
+            self.binary(node, _BINARY_FUNCTIONS[fn], tensors)
+        elif fn in (torch.cat, torch.concat):
+            self.concat(node)
+        elif fn is torch.nn.functional.pad:
+            self.pad(node)
+        elif fn in _RESHAPE_FUNCTIONS:
+            self.reshape(node, node.args[0])
+        elif fn is operator.getitem:
+            self.getitem(node)
+        elif fn in (torch.mean, torch.sum, torch.amax):
+            self.reduce(node, node.args[0])
+        else:
+            self.unknown_op(node)
+
+    def method(self, node: fx.Node) -> None:
+        name = node.target
+        if _shape(node) is None:
+            if name in ("chunk", "split"):
+                self.unknown_op(node)
+            return
+        tensors = [a for a in node.all_input_nodes if _shape(a) is not None]
+        if name in _PLAIN_METHODS:
+            self.carry(node, node.args[0])
+        elif name in _BINARY_METHODS:
+            self.binary(node, _BINARY_METHODS[name], tensors)
+        elif name in _RESHAPE_METHODS:
+            self.reshape(node, node.args[0])
+        elif name in _REDUCE_METHODS:
+            self.reduce(node, node.args[0])
+        else:
+            self.unknown_op(node)
+
+    def binary(self, node: fx.Node, kind: str, tensors: list) -> None:
+        shape = _shape(node)
+        with_channels = [t for t in tensors if len(_shape(t)) >= 2 and _shape(t)[1] > 1]
+        if len(tensors) == 1 or len(with_channels) == 1 and len(shape) >= 2:
+            main = with_channels[0] if with_channels else tensors[0]
+            for other in tensors:
+                if other is not main:
+                    reason = f"broadcast into {_describe(node, self.modules)}"
+                    self.fix(self.atoms_of(other), reason)
+            self.carry(node, main)
+            return
+        layouts = [self.atoms_of(t) for t in with_channels]
+        sizes = [[self.atom_size[a] for a in layout] for layout in layouts]
+        if len(shape) < 2 or any(not layout for layout in layouts) or any(
+            s != sizes[0] for s in sizes
+        ):
+            reason = (
+                "a residual addition of differently composed tensors"
+                if kind == "add"
+                else f"{_describe(node, self.modules)} of differently composed tensors"
+            )
+            for layout in layouts:
+                self.fix(layout, reason)
+            self.fresh(node, reason)
+            return
+        for layout in layouts[1:]:
+            for a, b in zip(layouts[0], layout):
+                self.uf.union(a, b)
+        if kind == "add":
+            for layout in layouts:
+                self.fix(layout, "tied to a residual addition")
+        self.layout[node.name] = layouts[0]
+
+    def concat(self, node: fx.Node) -> None:
+        parts = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        rank = len(_shape(node))
+        if dim not in (1, 1 - rank) or not all(isinstance(p, fx.Node) for p in parts):
+            self.unknown_op(node)
+            return
+        atoms: tuple = ()
+        for part in parts:
+            if part.name not in self.layout:
+                self.unknown_op(node)
+                return
+            atoms += self.layout[part.name]
+        self.layout[node.name] = atoms
+
+    def pad(self, node: fx.Node) -> None:
+        source = node.args[0]
+        pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        rank = len(_shape(source) or ())
+        if not isinstance(pads, (tuple, list)) or rank < 3:
+            self.unknown_op(node)
+            return
+        spatial = 2 * (rank - 2)
+        if len(pads) <= spatial:
+            self.carry(node, source)
+            return
+        if len(pads) > spatial + 2 or mode != "constant" or source.name not in self.layout:
+            self.unknown_op(node)
+            return
+        before, after = pads[spatial], pads[spatial + 1]
+        atoms = self.layout[source.name]
+        reason = "zero channels added by a pad"
+        if before:
+            atoms = (self.new_atom(before, reason=reason),) + atoms
+        if after:
+            atoms = atoms + (self.new_atom(after, reason=reason),)
+        self.layout[node.name] = atoms
+
+    def reshape(self, node: fx.Node, source: Any) -> None:
+        shape, src = _shape(node), _shape(source)
+        if src is None or shape is None:
+            self.unknown_op(node)
+            return
+        same_channels = (
+            len(shape) >= 2 and len(src) >= 2 and shape[0] == src[0] and shape[1] == src[1]
+            and math.prod(shape[2:]) == math.prod(src[2:]) == 1
+        )  # fmt: skip
+        if same_channels:
+            self.carry(node, source)
+        elif len(src) >= 3 and len(shape) == 2 and shape[0] == src[0]:
+            self.fix(self.atoms_of(source), f"flattened at {_describe(node, self.modules)}")
+            self.fresh(node, "flattened features")
+        else:
+            self.unknown_op(node)
+
+    def reduce(self, node: fx.Node, source: Any) -> None:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        src = _shape(source)
+        if src is not None and dims and all(d not in (0, 1, -len(src), 1 - len(src)) for d in dims):
+            self.carry(node, source)
+        else:
+            self.unknown_op(node)
+
+    def getitem(self, node: fx.Node) -> None:
+        source, index = node.args
+        if _shape(source) is None:  # an item of a tuple (chunk/split): fixed channels
+            self.fresh(node, f"taken from {_describe(source, self.modules)}")
+            return
+        index = index if isinstance(index, tuple) else (index,)
+        spatial_only = len(index) >= 2 and all(
+            isinstance(i, slice) for i in index
+        ) and index[1] == slice(None)  # fmt: skip
+        if spatial_only or index == (slice(None),):
+            self.carry(node, source)
+        else:
+            self.unknown_op(node)
+
+
+def _bn_after(gm: fx.GraphModule, node: fx.Node, calls: Mapping[str, int]) -> Optional[fx.Node]:
+    """The BatchNorm2d node that is the only user of conv ``node``, if any."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return None
+    module = gm.get_submodule(users[0].target)
+    if isinstance(module, nn.BatchNorm2d) and calls.get(users[0].target) == 1:
+        return users[0]
+    return None
+
+
+def _addend(out: fx.Node) -> Optional[fx.Node]:
+    """The other operand when ``out``'s only use is a residual addition."""
+    users = list(out.users)
+    if len(users) != 1:
+        return None
+    user = users[0]
+    is_add = (user.op == "call_function" and _BINARY_FUNCTIONS.get(user.target) == "add"
+              and user.target not in (operator.sub, operator.isub, torch.sub)) or (
+        user.op == "call_method" and user.target in ("add", "add_"))  # fmt: skip
+    if not is_add:
+        return None
+    others = [a for a in user.args if isinstance(a, fx.Node) and a is not out]
+    if len(others) == 1 and _shape(others[0]) == _shape(out) and "alpha" not in user.kwargs:
+        return others[0]
+    return None
+
+
+def trace_plan(
+    model: nn.Module, input_shape: tuple[int, ...], *, concrete_args: Optional[dict] = None
+) -> Plan:
+    """Trace ``model`` and derive its channel groups.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any network that :func:`torch.fx.symbolic_trace` can trace (no data-dependent
+        control flow). Not modified; the returned plan's graph shares its modules.
+    input_shape : tuple of int
+        One input without the batch dimension, e.g. ``(3, 32, 32)``.
+    concrete_args : dict, optional
+        Passed to :func:`torch.fx.symbolic_trace` (fixed values of optional arguments).
+
+    Returns
+    -------
+    Plan
+
+    Raises
+    ------
+    UnsupportedLayerError
+        The model cannot be traced (the message names the reason, e.g. control flow that
+        depends on the input's values), or it has no conv.
+    ValueError
+        The model does not accept an input of ``input_shape``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}.")
+    input_shape = tuple(int(s) for s in input_shape)
+    try:
+        gm = fx.symbolic_trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedLayerError(
+            f"{type(model).__name__} cannot be traced by torch.fx ({type(exc).__name__}: "
+            f"{first}). chanprune plans from the traced graph: control flow that depends on "
+            "the input's values, or Python calls on tensors, must be moved out of forward."
+        ) from exc
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    example = torch.zeros((2,) + input_shape, dtype=dtype, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _ShapeRecorder(gm).run(example)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"the model does not accept inputs of shape {input_shape}: {message}"
+        ) from exc
+    finally:
+        model.train(was_training)
+
+    analysis = _Analysis(gm)
+    analysis.run()
+    uf = analysis.uf
+    n_atoms = len(analysis.atom_size)
+    classes: dict[int, list[int]] = {}
+    for atom in range(n_atoms):
+        classes.setdefault(uf.find(atom), []).append(atom)
+
+    # Consumers whose refit has no place for the intercept, or whose BN cannot be folded.
+    consumers_raw = []
+    for node, conv in analysis.consumers:
+        bn = _bn_after(gm, node, analysis.calls)
+        atoms = analysis.atoms_of(node.args[0])
+        problem = None
+        if analysis.calls.get(node.target, 0) > 1:
+            problem = f"{node.target} is called more than once"
+        elif bn is not None and not gm.get_submodule(bn.target).track_running_stats:
+            problem = f"{bn.target} keeps no running statistics"
+        if problem:
+            analysis.fix(atoms, problem)
+            continue
+        consumers_raw.append((node, conv, bn, atoms))
+
+    # Partitions from grouped convs: one count per class, else kept whole.
+    parts_of: dict[int, int] = {}
+    for atom, counts in analysis.partition.items():
+        root = uf.find(atom)
+        parts_of.setdefault(root, 1)
+        for count in counts:
+            parts_of[root] = math.lcm(parts_of[root], count)
+    for root, parts in parts_of.items():
+        size = analysis.atom_size[root]
+        if size % parts:
+            analysis.fix(classes[root], f"split by grouped convs into {parts} unequal parts")
+
+    # Name each class after its first producer (or first atom).
+    name_of: dict[int, str] = {}
+    for root, atoms in classes.items():
+        producers = [analysis.atom_producer[a] for a in atoms if analysis.atom_producer[a]]
+        name_of[root] = producers[0] if producers else f"fixed:{root}"
+    sizes = {root: analysis.atom_size[root] for root in classes}
+    reasons: dict[int, list[str]] = {}
+    for atom, why in analysis.fixed.items():
+        reasons.setdefault(uf.find(atom), []).extend(why)
+    unknown: dict[int, list[str]] = {}
+    for atom, why in analysis.unknown.items():
+        unknown.setdefault(uf.find(atom), []).extend(why)
+
+    def group_layout(atoms) -> tuple:
+        """Atoms as (group name or None, width) segments; fixed groups are None."""
+        out: list = []
+        for atom in atoms:
+            root = uf.find(atom)
+            name = None if reasons.get(root) else name_of[root]
+            out.append((name, analysis.atom_size[atom]))
+        return tuple(out)
+
+    consumers = []
+    consumer_of: dict[str, list[str]] = {}
+    for node, conv, bn, atoms in consumers_raw:
+        out = bn if bn is not None else node
+        addend = _addend(out)
+        layout = group_layout(atoms)
+        consumers.append(
+            Consumer(
+                name=node.target, node=node.name, layout=layout,
+                bn=None if bn is None else bn.target,
+                addend=None if addend is None else addend.name, groups=conv.groups,
+            )
+        )  # fmt: skip
+        for root in {uf.find(a) for a in atoms}:
+            consumer_of.setdefault(root, []).append(node.target)
+
+    carriers_of: dict[int, list] = {}
+    for module_name, node_name in analysis.carriers:
+        for root in dict.fromkeys(uf.find(atom) for atom in analysis.layout[node_name]):
+            carriers_of.setdefault(root, []).append((module_name, node_name))
+
+    groups: dict[str, ChannelGroup] = {}
+    order = sorted(classes, key=lambda r: r)
+    for root in order:
+        producers = tuple(
+            dict.fromkeys(analysis.atom_producer[a] for a in classes[root]
+                          if analysis.atom_producer[a])
+        )  # fmt: skip
+        if not producers:
+            continue  # inputs, linear outputs, pads: not a group anyone can prune
+        why = tuple(dict.fromkeys(reasons.get(root, ())))
+        if not why and not consumer_of.get(root):
+            why = ("read by no conv that chanprune refits",)
+        groups[name_of[root]] = ChannelGroup(
+            name=name_of[root], size=sizes[root], producers=producers,
+            carriers=tuple(carriers_of.get(root, ())),
+            consumers=tuple(dict.fromkeys(consumer_of.get(root, ()))),
+            parts=parts_of.get(root, 1), fixed=why,
+        )  # fmt: skip
+
+    costs = _costs(gm, analysis, uf, reasons, name_of)
+    plan = Plan(
+        graph=gm, input_shape=input_shape, groups=groups, consumers=consumers, costs=costs,
+        unknown_ops={
+            name_of[r]: sorted(set(v)) for r, v in unknown.items() if name_of[r] in groups
+        },
+        layouts={name: group_layout(atoms) for name, atoms in analysis.layout.items()},
+    )  # fmt: skip
+    if plan.unknown_ops:
+        listing = "; ".join(f"{g}: {', '.join(ops)}" for g, ops in plan.unknown_ops.items())
+        warnings.warn(
+            f"{len(plan.unknown_ops)} channel group(s) kept whole because ops the planner "
+            f"does not know touch them: {listing}",
+            PlanWarning,
+            stacklevel=2,
+        )
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise UnsupportedLayerError(f"{type(model).__name__} has no Conv2d: nothing to prune.")
+    return plan
+
+
+def _costs(gm, analysis: _Analysis, uf: _UnionFind, reasons, name_of) -> list[LayerCost]:
+    """The MAC cost of every conv and linear layer of the trace, by group."""
+
+    def split(atoms) -> tuple[tuple, int]:
+        groups: list[str] = []
+        fixed = 0
+        for atom in atoms:
+            root = uf.find(atom)
+            if reasons.get(root):
+                fixed += analysis.atom_size[atom]
+            else:
+                groups.append(name_of[root])
+        return tuple(groups), fixed
+
+    costs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = analysis.modules[node.target]
+        out_shape = _shape(node)
+        if isinstance(module, nn.Conv2d) and out_shape is not None:
+            kh, kw = module.kernel_size
+            hw = math.prod(out_shape[2:])
+            in_groups, in_fixed = split(analysis.atoms_of(node.args[0]))
+            g = module.groups
+            if g > 1 and g == module.in_channels == module.out_channels:  # depthwise
+                costs.append(LayerCost(node.target, hw * kh * kw, in_groups, in_fixed, (), 1))
+                continue
+            out_groups, out_fixed = split(analysis.atoms_of(node))
+            costs.append(
+                LayerCost(node.target, hw * kh * kw / g, in_groups, in_fixed, out_groups,
+                          out_fixed)
+            )  # fmt: skip
+        elif isinstance(module, nn.Linear) and out_shape is not None:
+            rows = math.prod(out_shape[1:-1]) if len(out_shape) > 2 else 1
+            costs.append(
+                LayerCost(node.target, rows, (), module.in_features, (), module.out_features)
+            )
+    return costs
+
+
+# ---------------------------------------------------------------------------- widths
+def _round_width(size: int, step: int, ratio: float) -> int:
+    """``ratio * size`` rounded to a multiple of ``step``, within ``[step, size]``."""
+    width = int(round(ratio * size / step)) * step
+    return int(min(size, max(step, width)))
+
+
+def uniform_widths(plan: Plan, speedup: float, *, tolerance: float = 0.02) -> dict[str, int]:
+    """One kept ratio for every prunable group, found by bisection so that the MACs of
+    all convs and linears fall by ``speedup``; then single steps between groups close the
+    rounding gap. A speed-up farther than ``tolerance`` from the target warns.
+
+    Raises
+    ------
+    ValueError
+        No prunable group, or a speed-up the prunable groups cannot reach (the message
+        gives the largest reachable one).
+    """
+    speedup = check_real_in_range(speedup, "speedup", 1.0, low_inclusive=False)
+    prunable = {n: g for n, g in plan.groups.items() if g.prunable}
+    if not prunable:
+        raise ValueError(
+            "the plan has no prunable channel group (every group is kept whole; see "
+            "`chanprune info` or Plan.describe() for why)."
+        )
+    total = plan.macs()
+    target = total / speedup
+    smallest = {n: g.step for n, g in prunable.items()}
+    if plan.macs(smallest) > target:
+        raise ValueError(
+            f"speedup={speedup:g} cannot be reached: with every prunable group at its "
+            f"narrowest the speed-up is {total / plan.macs(smallest):.3g}x (the groups kept "
+            "whole carry the rest of the MACs)."
+        )
+
+    def at(ratio: float) -> dict[str, int]:
+        return {n: _round_width(g.size, g.step, ratio) for n, g in prunable.items()}
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if plan.macs(at(mid)) > target:
+            hi = mid
+        else:
+            lo = mid
+    widths = at(lo)
+    # Close the gap one step at a time: add a step to the group that keeps the MACs
+    # under the target, or take one from the widest while above it.
+    for _ in range(4 * len(prunable)):
+        gap = plan.macs(widths) - target
+        if abs(gap) <= 0.002 * total:
+            break
+        best = None
+        for n, g in prunable.items():
+            w = widths[n] + (g.step if gap < 0 else -g.step)
+            if not g.step <= w <= g.size:
+                continue
+            trial = dict(widths, **{n: w})
+            err = abs(plan.macs(trial) - target)
+            if best is None or err < best[0]:
+                best = (err, n, w)
+        if best is None or best[0] >= abs(gap):
+            break
+        widths[best[1]] = best[2]
+    _achieved(total / plan.macs(widths), speedup, tolerance)  # warns when too far
+    return widths
+
+
+def explicit_widths(plan: Plan, keep: Mapping[str, Union[int, float]]) -> dict[str, int]:
+    """Widths from ``{group: count or ratio}``; unknown or fixed groups are refused by
+    name, counts must be multiples of the group's step (grouped convs)."""
+    widths = {}
+    for name, value in keep.items():
+        if name not in plan.groups:
+            raise ValueError(
+                f"{name!r} is not a channel group of this model; groups: "
+                f"{', '.join(plan.prunable) or 'none prunable'}."
+            )
+        group = plan.groups[name]
+        if not group.prunable:
+            raise ValueError(f"group {name!r} is kept whole: {'; '.join(group.fixed)}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(
+            value, "__index__"
+        ) and not hasattr(value, "__float__"):  # fmt: skip
+            raise TypeError(f"keep[{name!r}] must be an int count or a float ratio; got {value!r}.")
+        if isinstance(value, float) or (hasattr(value, "dtype") and value.dtype.kind == "f"):
+            value = float(value)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"keep[{name!r}] as a ratio must be in (0, 1]; got {value}.")
+            widths[name] = _round_width(group.size, group.step, value)
+        else:
+            value = int(value)
+            if not group.step <= value <= group.size or value % group.step:
+                raise ValueError(
+                    f"keep[{name!r}] must be a multiple of {group.step} in "
+                    f"[{group.step}, {group.size}]; got {value}."
+                )
+            widths[name] = value
+    return widths

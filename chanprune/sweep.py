@@ -1,0 +1,730 @@
+"""The layer-by-layer sweep over the channel groups of any traced network.
+
+The consumers of a :class:`chanprune.graph.Plan` (the convs whose input channels are
+selected) are visited in graph order. Both networks, the original (with each consumer's
+BatchNorm folded into it, for the targets) and the one being pruned, are run node by node
+over the calibration images, and the values alive at the current point of the graph (the
+*frontier*) are cached for every image, so a whole sweep costs about one forward pass of
+each network. At a consumer ``B``:
+
+1. Each channel group that ``B`` reads and that is not decided yet is decided here, at its
+   first consumer: the reduced selection problems (the c x c channel Grams of
+   :func:`chanprune.selection.channel_gram`) of all the group's consumers are summed, each
+   weighted by ``1 / ||Y_k||^2`` so that no consumer dominates by scale, with the channels
+   of other groups held at their current weights; consumers after ``B`` are sampled by
+   running the pruned network on from the frontier. Grouped convs split a group into
+   equal parts, each of which keeps the same number of channels.
+2. The dropped channels go: the producers' filters, the carriers' entries (BatchNorm,
+   depthwise convs), every consumer's input channels, and the cached values.
+3. ``B`` is refit by least squares on its kept input channels (a grouped conv group by
+   group), with the target ``Y + S - S'`` when its output is added to another tensor
+   ``S`` (original ``S``, pruned ``S'``).
+
+``X`` always comes from the network being pruned and ``Y`` from the original one, so each
+refit corrects the error accumulated before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+from tqdm.auto import tqdm
+
+from .graph import Consumer, Plan
+from .layer import prune_layer_from_stats
+from .refit import reconstruction_error, refit_with_error
+from .report import LayerReport
+from .sampling import extract_patches, gather_outputs, sample_positions
+from .selection import (
+    _top_k,
+    channel_gram,
+    select_first_k,
+    select_greedy_gram,
+    select_lasso_gram,
+    select_random,
+)
+from .stats import LayerStats
+from .surgery import (
+    fold_batchnorm,
+    prune_batchnorm,
+    prune_conv_in_channels,
+    prune_conv_out_channels,
+    prune_grouped_conv,
+    set_batchnorm_identity,
+    set_conv_params,
+)
+
+__all__ = ["SweepOptions", "GRAPH_METHODS", "sweep_graph"]
+
+logger = logging.getLogger(__name__)
+
+#: Selectors that work on any channel group (several consumers, concatenated inputs,
+#: grouped convs): those that need only the summed reduced problem or the weights.
+GRAPH_METHODS = ("lasso", "greedy_ls", "max_response", "first_k", "random")
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """The options of one sweep (see :func:`chanprune.prune_model` for each)."""
+
+    method: str = "lasso"
+    refit: bool = True
+    ridge: float = 1e-4
+    normalize: bool = True
+    alternate: bool = False
+    correct_unpruned: bool = True
+    residual_correction: bool = True
+    positions_per_image: Optional[int] = 10
+    stats_dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+    max_iter: int = 1000
+    tol: float = 1e-6
+
+
+# ---------------------------------------------------------------------------- helpers
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last layout: oneDNN convolutions run ~1.5x faster on it on a CPU."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def folded_params(
+    conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``bn(conv(x))`` (eval mode) as one conv."""
+    if bn is not None:
+        conv = fold_batchnorm(conv, bn)
+    bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+    return conv.weight.detach(), bias.detach()
+
+
+def whole_maps_cheaper(
+    conv: nn.Conv2d, in_size: tuple[int, int], out_size: tuple[int, int], per_image
+) -> bool:
+    """Whether every position of whole maps (:meth:`LayerStats.update_maps`) costs fewer
+    multiply-adds than ``per_image`` sampled patches: true on small deep maps (CIFAR's
+    4x4 and 2x2), where it also uses more samples. Capped at c H W <= 8192 for memory."""
+    if isinstance(conv.padding, str) or conv.groups != 1:
+        return False
+    kh, kw = conv.kernel_size
+    c, n = conv.in_channels, conv.out_channels
+    width, d = c * in_size[0] * in_size[1], c * kh * kw
+    n_out = out_size[0] * out_size[1]
+    sampled = min(per_image or n_out, n_out)
+    cost_sampled = sampled * (d * d / 2 + d * n)
+    cost_maps = width * width / 2 + n_out * d * n
+    return width <= 8192 and cost_maps < cost_sampled
+
+
+class HeldOut:
+    """The held-out images' samples of one layer, kept as rows (not statistics): the
+    refit layer's relative error on them is measured directly."""
+
+    def __init__(self) -> None:
+        self.patches: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+
+    def add(self, X: torch.Tensor, Y: torch.Tensor) -> None:
+        """``X`` (rows, c, kh, kw) patches, ``Y`` (rows, n) targets."""
+        self.patches.append(X.contiguous())
+        self.targets.append(Y.contiguous())
+
+    def rel_error(self, kept: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> Optional[float]:
+        """``||Y - X_kept W^T - b||^2 / ||Y||^2`` (sums in float64); None without rows.
+
+        ``weight`` has shape (n, len(kept), kh, kw), ``bias`` (n,)."""
+        if not self.patches:
+            return None
+        X = torch.cat(self.patches)
+        Y = torch.cat(self.targets)
+        X = X[:, torch.from_numpy(kept).to(X.device)].reshape(X.shape[0], -1)
+        w = torch.as_tensor(weight, dtype=X.dtype, device=X.device).reshape(len(weight), -1)
+        b = torch.as_tensor(bias, dtype=X.dtype, device=X.device)
+        residual = torch.addmm(b, X, w.T, beta=1.0).sub_(Y)
+        y2 = float(Y.double().square().sum())
+        return float(residual.double().square().sum()) / y2 if y2 > 0 else 0.0
+
+
+def accumulate_samples(
+    conv: nn.Conv2d,
+    fit: list[LayerStats],
+    held: HeldOut,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_fit_here: int,
+    positions_per_image: Optional[int],
+    generator: torch.Generator,
+) -> None:
+    """Sample one chunk of (input maps ``x``, target maps ``y``) of ``conv``: the first
+    ``n_fit_here`` images feed the statistics ``fit`` (one per conv group: a grouped conv
+    is ``groups`` independent problems), the others ``held``."""
+    if n_fit_here and len(fit) == 1 and whole_maps_cheaper(
+        conv, tuple(x.shape[2:]), tuple(y.shape[2:]), positions_per_image
+    ):  # fmt: skip
+        fit[0].update_maps(
+            x[:n_fit_here], y[:n_fit_here], stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation,
+        )  # fmt: skip
+        x, y = x[n_fit_here:], y[n_fit_here:]
+        n_fit_here = 0
+    if not x.shape[0]:
+        return
+    pos = sample_positions(x.shape[0], tuple(y.shape[2:]), positions_per_image, generator)
+    X = extract_patches(x, conv, pos)
+    Y = gather_outputs(y, pos)
+    rows = int((pos.image < n_fit_here).sum())  # positions are image-major
+    if rows:
+        g = len(fit)
+        c_g, n_g = X.shape[1] // g, Y.shape[1] // g
+        for j, stats in enumerate(fit):
+            stats.update(X[:rows, j * c_g : (j + 1) * c_g], Y[:rows, j * n_g : (j + 1) * n_g])
+    if rows < len(pos):
+        held.add(X[rows:], Y[rows:])
+
+
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _inplace(node: fx.Node, modules: dict) -> bool:
+    """Whether ``node`` writes into its first argument."""
+    if node.op == "call_module":
+        return bool(getattr(modules[node.target], "inplace", False))
+    if node.op == "call_function":
+        return node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace", False))
+    return node.op == "call_method" and node.target.endswith("_")
+
+
+class _Runner:
+    """Runs a traced network node by node over per-batch caches of live values."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.by_name = {n.name: n for n in self.nodes}
+        self.pos = {n.name: i for i, n in enumerate(self.nodes)}
+        self.last_use: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            for arg in node.all_input_nodes:
+                self.last_use[arg.name] = i
+        self.modules = dict(gm.named_modules())
+        self.interp = fx.Interpreter(gm, garbage_collect_values=False)
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise ValueError(
+                f"the traced model takes {len(placeholders)} inputs; chanprune prunes models "
+                "called with one tensor of images."
+            )
+        self.placeholder = placeholders[0]
+
+    def run(self, node: fx.Node, env: dict) -> torch.Tensor:
+        self.interp.env = env
+        return self.interp.run_node(node)
+
+    def advance(self, env: dict, start: int, stop: int) -> None:
+        """Run nodes ``[start, stop)`` into ``env``, then drop values not used from
+        ``stop`` on."""
+        for node in self.nodes[start:stop]:
+            if node.op not in ("placeholder", "output"):
+                env[node] = self.run(node, env)
+        for node in list(env):
+            if self.last_use.get(node.name, -1) < stop:
+                del env[node]
+
+    def evaluate(self, env: dict, targets: list[str]) -> dict[str, torch.Tensor]:
+        """The values of ``targets``, computed from ``env`` without changing it."""
+        needed: set[str] = set()
+        stack = [self.by_name[t] for t in targets]
+        while stack:
+            node = stack.pop()
+            if node in env or node.name in needed:
+                continue
+            needed.add(node.name)
+            stack.extend(node.all_input_nodes)
+        local = dict(env)
+        for node in self.nodes:
+            if node.name not in needed:
+                continue
+            if _inplace(node, self.modules) and node.args and node.args[0] in env:
+                local[node.args[0]] = env[node.args[0]].clone()  # never write the cache
+            local[node] = self.run(node, local)
+        return {t: local[self.by_name[t]] for t in targets}
+
+
+# ---------------------------------------------------------------------------- statistics
+class _ConsumerStats:
+    """One consumer's samples: float64 statistics per conv group, held-out rows."""
+
+    def __init__(self, conv: nn.Conv2d, options: SweepOptions) -> None:
+        g = conv.groups
+        self.groups = g
+        self.fit = [
+            LayerStats(
+                conv.in_channels // g, conv.out_channels // g, conv.kernel_size,
+                device=options.device, compute_dtype=options.stats_dtype,
+            )  # fmt: skip
+            for _ in range(g)
+        ]
+        self.held = HeldOut()
+        self.c, self.n = conv.in_channels, conv.out_channels
+
+    @property
+    def n_samples(self) -> int:
+        return self.fit[0].n_samples
+
+    def moments(self):
+        return [s.moments() for s in self.fit]
+
+    def reduced(self, weight: np.ndarray, bias: np.ndarray):
+        """The consumer's reduced selection problem over all its input channels:
+        ``G`` (c, c), ``g`` (c,), ``t2``; plus each channel's squared weight norm and
+        L1 norm."""
+        g = self.groups
+        c_g, n_g = self.c // g, self.n // g
+        kh_kw = weight.shape[2] * weight.shape[3]
+        gram = np.zeros((self.c, self.c))
+        linear, wn2, l1 = np.zeros(self.c), np.zeros(self.c), np.zeros(self.c)
+        t2 = 0.0
+        for j, moments in enumerate(self.moments()):
+            w = weight[j * n_g : (j + 1) * n_g].reshape(n_g, c_g, kh_kw)
+            gj, lj, tj = channel_gram(moments, w, bias[j * n_g : (j + 1) * n_g])
+            sl = slice(j * c_g, (j + 1) * c_g)
+            gram[sl, sl] = gj
+            linear[sl] = lj
+            wn2[sl] = np.square(w).sum(axis=(0, 2))
+            l1[sl] = np.abs(w).sum(axis=(0, 2))
+            t2 += tj
+        return gram, linear, t2, wn2, l1
+
+    def refit(self, kept: np.ndarray, ridge: float, fit_intercept: bool):
+        """Block-diagonal least squares on the kept input positions ``kept`` (sorted, in
+        the current input): weight (n, len(kept) / g, kh, kw), bias (n,), squared error."""
+        g = self.groups
+        c_g = self.c // g
+        weights, biases, error = [], [], 0.0
+        kh_kw = None
+        for j, moments in enumerate(self.moments()):
+            local = kept[(kept >= j * c_g) & (kept < (j + 1) * c_g)] - j * c_g
+            w, b, err = refit_with_error(moments, local, ridge=ridge, fit_intercept=fit_intercept)
+            kh_kw = moments.block_size
+            weights.append(w.reshape(w.shape[0], len(local), -1))
+            biases.append(b)
+            error += err
+        weight = np.concatenate(weights)
+        return weight, np.concatenate(biases), error, kh_kw
+
+    def error_of(self, kept: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> float:
+        """Squared error of the weights (n, len(kept) / g, kh, kw) on the kept positions."""
+        g = self.groups
+        c_g, n_g = self.c // g, self.n // g
+        total = 0.0
+        for j, moments in enumerate(self.moments()):
+            local = kept[(kept >= j * c_g) & (kept < (j + 1) * c_g)] - j * c_g
+            rows = slice(j * n_g, (j + 1) * n_g)
+            w = weight[rows].reshape(n_g, -1)
+            total += reconstruction_error(moments, local, w, bias[rows])
+        return total
+
+    @property
+    def yty(self) -> float:
+        return float(sum(float(s.yty) for s in self.fit))
+
+
+def _dense(weight: np.ndarray, kept: np.ndarray, c: int, groups: int) -> np.ndarray:
+    """A grouped conv's weight (n, k / g, kh, kw) on kept positions ``kept`` as the
+    equivalent dense weight (n, k, kh, kw), zero between groups."""
+    if groups == 1:
+        return weight
+    n = weight.shape[0]
+    c_g, n_g = c // groups, n // groups
+    out = np.zeros((n, len(kept)) + weight.shape[2:])
+    start = 0
+    for j in range(groups):
+        count = int(((kept >= j * c_g) & (kept < (j + 1) * c_g)).sum())
+        out[j * n_g : (j + 1) * n_g, start : start + count] = weight[j * n_g : (j + 1) * n_g]
+        start += count
+    return out
+
+
+def _grouped_slice(weight: np.ndarray, kept: np.ndarray, c: int, groups: int) -> np.ndarray:
+    """A conv's weight (n, c / g, kh, kw) on the kept input positions (sorted, of c)."""
+    c_g, n_g = c // groups, weight.shape[0] // groups
+    rows = []
+    for j in range(groups):
+        local = kept[(kept >= j * c_g) & (kept < (j + 1) * c_g)] - j * c_g
+        rows.append(weight[j * n_g : (j + 1) * n_g][:, local])
+    return np.concatenate(rows)
+
+
+# ---------------------------------------------------------------------------- the sweep
+class _GraphSweep:
+    def __init__(
+        self,
+        reference: fx.GraphModule,
+        plan: Plan,
+        widths: dict[str, int],
+        n_fit: int,
+        options: SweepOptions,
+    ) -> None:
+        self.plan = plan
+        self.gm = plan.graph
+        self.options = options
+        self.ref = _Runner(reference)
+        self.pr = _Runner(plan.graph)
+        if [n.name for n in self.ref.nodes] != [n.name for n in self.pr.nodes]:
+            raise RuntimeError("the two traces of the model differ; it cannot be pruned.")
+        self.widths = {name: g.size for name, g in plan.groups.items()}  # current widths
+        self.target = dict(widths)
+        self.decided = {
+            name for name, g in plan.groups.items() if widths.get(name, g.size) >= g.size
+        }
+        self.cut: set[str] = set()  # consumers whose input lost channels since their refit
+        self.kept: dict[str, np.ndarray] = {}
+        self.n_fit = n_fit
+        self.generator = torch.Generator().manual_seed(options.seed)
+        self.reports: list[LayerReport] = []
+        self.diverged = False
+        self.step = 0
+        self.consumers = {c.name: c for c in plan.consumers}
+
+    # -- positions -------------------------------------------------------------------
+    def positions(self, layout: tuple, group: str, kept: Optional[np.ndarray] = None):
+        """Positions of ``group``'s channels in a value of ``layout`` at the current
+        widths: all of them, or (``kept`` given) the kept positions of the whole value."""
+        out, offset = [], 0
+        for name, width in layout:
+            now = self.widths[name] if name is not None else width
+            if kept is None:
+                if name == group:
+                    out.append(offset + np.arange(now))
+            else:
+                out.append(offset + (kept if name == group else np.arange(now)))
+            offset += now
+        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+    # -- sampling --------------------------------------------------------------------
+    def sample(self, consumers: list[Consumer], envs_ref, envs_pr) -> list[_ConsumerStats]:
+        """Statistics of ``consumers`` at the current state of both networks: inputs from
+        the pruned one, targets from the original, all in one run on from the frontier."""
+        correct = self.options.residual_correction
+        convs, out_kept, stats = [], [], []
+        ref_targets: list[str] = []
+        pr_targets: list[str] = []
+        for consumer in consumers:
+            conv = self.gm.get_submodule(consumer.name)
+            convs.append(conv)
+            stats.append(_ConsumerStats(conv, self.options))
+            # A conv's output is one group; decided before this visit (a squeeze-excitation
+            # conv after the group's first consumer), its filters are already cut.
+            out_group = self.plan.layouts.get(consumer.node, ((None, 0),))[0][0]
+            out_kept.append(
+                torch.from_numpy(self.kept[out_group]) if out_group in self.kept else None
+            )
+            ref_targets.append(consumer.node)
+            pr_targets.append(self.pr.by_name[consumer.node].args[0].name)
+            if correct and consumer.addend is not None:
+                ref_targets.append(consumer.addend)
+                pr_targets.append(consumer.addend)
+        if not consumers:
+            return stats
+        lo = 0
+        for env_r, env_p in zip(envs_ref, envs_pr):
+            ref_values = self.ref.evaluate(env_r, list(dict.fromkeys(ref_targets)))
+            pr_values = self.pr.evaluate(env_p, list(dict.fromkeys(pr_targets)))
+            for consumer, conv, kept_out, st in zip(consumers, convs, out_kept, stats):
+                x = pr_values[self.pr.by_name[consumer.node].args[0].name]
+                y = ref_values[consumer.node]
+                if kept_out is not None:
+                    y = y.index_select(1, kept_out.to(y.device))
+                if correct and consumer.addend is not None:
+                    y = y + (ref_values[consumer.addend] - pr_values[consumer.addend])
+                n = x.shape[0]
+                n_fit_here = int(min(max(self.n_fit - lo, 0), n))
+                accumulate_samples(
+                    conv, st.fit, st.held, x, y, n_fit_here,
+                    self.options.positions_per_image, self.generator,
+                )  # fmt: skip
+            lo += x.shape[0]
+        return stats
+
+    # -- selection -------------------------------------------------------------------
+    def select_group(self, name: str, first: Consumer, first_stats, envs_ref, envs_pr):
+        """Kept channels of group ``name``, from the summed problems of its consumers."""
+        group = self.plan.groups[name]
+        keep = self.target[name]
+        size = self.widths[name]
+        options = self.options
+        if options.method == "first_k":
+            return select_first_k(size, keep).kept if group.parts == 1 else self._parts(
+                name, keep, None)  # fmt: skip
+        G = np.zeros((size, size))
+        lin = np.zeros(size)
+        t2 = 0.0
+        wn2 = np.zeros(size)
+        l1 = np.zeros(size)
+        consumers = [self.consumers[name] for name in group.consumers]
+        later = [c for c in consumers if c.name != first.name or first_stats is None]
+        sampled = dict(zip([c.name for c in later], self.sample(later, envs_ref, envs_pr)))
+        for consumer in consumers:
+            stats = sampled.get(consumer.name, first_stats)
+            conv = self.gm.get_submodule(consumer.name)
+            bn = self.gm.get_submodule(consumer.bn) if consumer.bn else None
+            weight, bias = folded_params(conv, bn)
+            gk, lk, tk, wk, l1k = stats.reduced(
+                weight.double().cpu().numpy(), bias.double().cpu().numpy()
+            )
+            here = self.positions(consumer.layout, name)
+            where = np.zeros((size, gk.shape[0]))  # channel -> its positions in the input
+            where[np.tile(np.arange(size), len(here) // size), here] = 1.0
+            others = np.ones(gk.shape[0])
+            others[here] = 0.0
+            scale = 1.0 / tk if tk > 0 else 1.0
+            G += scale * where @ gk @ where.T
+            lin += scale * where @ (lk - gk @ others)
+            t2 += scale * (tk - 2.0 * lk @ others + others @ gk @ others)
+            wn2 += scale * where @ wk
+            l1 += where @ (l1k / max(l1k.sum(), np.finfo(float).tiny))
+        return self._parts(name, keep, (G, lin, t2, wn2, l1))
+
+    def _parts(self, name: str, keep: int, problem) -> np.ndarray:
+        """Select ``keep`` channels of group ``name``, the same number in each part."""
+        group = self.plan.groups[name]
+        size = self.widths[name]
+        parts = group.parts
+        per_part, part_size = keep // parts, size // parts
+        kept = []
+        for p in range(parts):
+            subset = np.arange(p * part_size, (p + 1) * part_size)
+            kept.append(subset[self._select(problem, subset, per_part)])
+        return np.concatenate(kept).astype(np.int64)
+
+    def _select(self, problem, subset: np.ndarray, keep: int) -> np.ndarray:
+        options = self.options
+        n = len(subset)
+        if options.method == "first_k" or problem is None:
+            return select_first_k(n, keep).kept
+        if options.method == "random":
+            return select_random(n, keep, options.seed + self.step).kept
+        G, lin, t2, wn2, l1 = problem
+        rest = np.ones(len(lin), dtype=bool)
+        rest[subset] = False
+        Gs = G[np.ix_(subset, subset)]
+        gs = lin[subset] - G[np.ix_(subset, np.flatnonzero(rest))].sum(axis=1)
+        if options.method == "max_response":
+            return _top_k(l1[subset], keep)
+        if options.method == "greedy_ls":
+            return select_greedy_gram(Gs, gs, keep).kept
+        w_norm = np.sqrt(wn2[subset]) if options.normalize else None
+        return select_lasso_gram(
+            Gs, gs, t2, keep, w_norm=w_norm, max_iter=options.max_iter, tol=options.tol
+        ).kept
+
+    # -- surgery ---------------------------------------------------------------------
+    def remove(self, name: str, kept: np.ndarray, envs_pr) -> None:
+        """Drop the channels of group ``name`` not in ``kept``, everywhere."""
+        group = self.plan.groups[name]
+        kept_t = torch.from_numpy(kept)
+        for producer in group.producers:
+            conv = self.gm.get_submodule(producer)
+            if conv.groups == 1:
+                prune_conv_out_channels(conv, kept_t)
+            else:
+                prune_grouped_conv(conv, out_kept=kept_t)
+        for module_name, node_name in group.carriers:
+            module = self.gm.get_submodule(module_name)
+            pos = torch.from_numpy(self.positions(self.plan.layouts[node_name], name, kept))
+            if isinstance(module, nn.Conv2d):  # depthwise
+                prune_grouped_conv(module, in_kept=pos, out_kept=pos)
+            elif isinstance(module, nn.PReLU):
+                module.weight = nn.Parameter(module.weight.detach()[pos].clone())
+                module.num_parameters = len(pos)
+            else:
+                prune_batchnorm(module, pos)
+        for consumer_name in group.consumers:
+            consumer = self.consumers[consumer_name]
+            conv = self.gm.get_submodule(consumer_name)
+            pos = torch.from_numpy(self.positions(consumer.layout, name, kept))
+            if conv.groups == 1:
+                prune_conv_in_channels(conv, pos)
+            else:
+                prune_grouped_conv(conv, in_kept=pos)
+            self.cut.add(consumer_name)
+        for env in envs_pr:
+            for node in list(env):
+                layout = self.plan.layouts.get(node.name)
+                if layout and any(g == name for g, _ in layout) and torch.is_tensor(env[node]):
+                    pos = torch.from_numpy(self.positions(layout, name, kept))
+                    env[node] = env[node].index_select(1, pos.to(env[node].device))
+        self.widths[name] = len(kept)
+        self.kept[name] = kept
+        self.decided.add(name)
+
+    def install(self, consumer: Consumer, weight: np.ndarray, bias: np.ndarray) -> None:
+        """Put the refit weights (BN folded) into the consumer: its BN becomes the
+        identity plus the refit bias, or the conv takes the bias."""
+        conv = self.gm.get_submodule(consumer.name)
+        bn = self.gm.get_submodule(consumer.bn) if consumer.bn else None
+        w = torch.as_tensor(weight, dtype=conv.weight.dtype)
+        b = torch.as_tensor(bias, dtype=conv.weight.dtype)
+        if bn is not None:
+            set_batchnorm_identity(bn)
+        if conv.groups == 1:
+            set_conv_params(conv, w)
+        else:
+            prune_grouped_conv(conv, weight=w)
+        with torch.no_grad():
+            if bn is not None and bn.affine:
+                if conv.bias is not None:
+                    conv.bias.zero_()
+                bn.bias.copy_(b.to(bn.bias.device))
+            elif conv.bias is not None:
+                conv.bias.copy_(b.to(conv.bias.device))
+
+    # -- one consumer ----------------------------------------------------------------
+    def visit(self, consumer: Consumer, envs_ref, envs_pr) -> None:
+        options = self.options
+        pending = [g for g in dict.fromkeys(consumer.in_groups) if g not in self.decided]
+        drifted = options.refit and (
+            consumer.name in self.cut or (options.correct_unpruned and self.diverged)
+        )
+        if not pending and not drifted:
+            return
+        start = time.perf_counter()
+        conv = self.gm.get_submodule(consumer.name)
+        bn = self.gm.get_submodule(consumer.bn) if consumer.bn else None
+        c_before = conv.in_channels
+        (stats,) = self.sample([consumer], envs_ref, envs_pr)
+        weight0, bias0 = folded_params(conv, bn)
+        weight0 = weight0.double().cpu().numpy()
+        bias0 = bias0.double().cpu().numpy()
+        fit_intercept = bn is not None or conv.bias is not None
+        group0 = self.plan.groups[pending[0]] if len(pending) == 1 else None
+        simple = (
+            group0 is not None and consumer.layout == ((group0.name, c_before),)
+            and group0.consumers == (consumer.name,) and group0.parts == 1
+            and conv.groups == 1 and fit_intercept
+        )  # fmt: skip
+        kept_pos = np.arange(c_before)
+        alpha = None
+        if simple:
+            # One consumer reading exactly the group: the layer-level solver as it is.
+            name = pending[0]
+            result = prune_layer_from_stats(
+                stats.fit[0], weight0, bias0, keep=self.target[name], method=options.method,
+                refit=options.refit, ridge=options.ridge, normalize=options.normalize,
+                alternate=options.alternate and options.method == "lasso",
+                random_state=options.seed + self.step, max_iter=options.max_iter,
+                tol=options.tol,
+            )  # fmt: skip
+            self.remove(name, result.kept, envs_pr)
+            kept_pos = result.kept
+            weight, bias = result.weight, result.bias
+            err = result.rel_error * stats.yty
+            err_before = result.rel_error_before_refit * stats.yty
+            alpha = result.alpha
+        else:
+            for i, name in enumerate(pending):
+                # After the first group is cut, this consumer's input has changed: the
+                # next group's problem is sampled afresh.
+                first_stats = stats if i == 0 else None
+                kept = self.select_group(name, consumer, first_stats, envs_ref, envs_pr)
+                kept_pos = kept_pos[self.positions(consumer.layout, name, kept)]
+                self.remove(name, kept, envs_pr)
+            w_sel = _grouped_slice(weight0, kept_pos, c_before, conv.groups)
+            err_before = stats.error_of(kept_pos, w_sel, bias0)
+            if options.refit:
+                weight, bias, err, _ = stats.refit(kept_pos, options.ridge, fit_intercept)
+                weight = weight.reshape((weight.shape[0], -1) + tuple(conv.kernel_size))
+            else:
+                weight, bias, err = w_sel, bias0, err_before
+        self.install(consumer, weight, bias)
+        self.cut.discard(consumer.name)
+        self.diverged = True
+        self.step += 1
+        dense = _dense(weight, kept_pos, c_before, conv.groups)
+        held = stats.held.rel_error(kept_pos, dense, bias)
+        y2 = stats.yty if stats.yty > 0 else 1.0
+        self.reports.append(
+            LayerReport(
+                name=consumer.name,
+                producer=", ".join(pending) or None,
+                channels_before=c_before,
+                channels_after=conv.in_channels,
+                rel_error=float(err / y2),
+                rel_error_heldout=None if held is None else float(held),
+                rel_error_before_refit=float(err_before / y2),
+                n_samples=stats.n_samples,
+                time_s=time.perf_counter() - start,
+                alpha=alpha,
+            )
+        )
+        logger.info(
+            "%s: %d -> %d channels, rel. error %.4f", consumer.name, c_before,
+            conv.in_channels, err / y2,
+        )  # fmt: skip
+
+
+def sweep_graph(
+    reference: fx.GraphModule,
+    plan: Plan,
+    widths: dict[str, int],
+    images: torch.Tensor,
+    n_fit: int,
+    options: SweepOptions,
+    *,
+    batch_size: int = 100,
+    progress: bool = True,
+) -> tuple[list[LayerReport], dict[str, np.ndarray]]:
+    """Prune the network of ``plan`` (its graph shares the modules of the model being
+    pruned, which is changed in place) to ``widths``.
+
+    Parameters
+    ----------
+    reference : fx.GraphModule
+        A trace of an unchanged copy of the model; its consumers' BatchNorms are folded
+        here (it is changed).
+    plan : Plan
+        From :func:`chanprune.graph.trace_plan` on the model being pruned.
+    widths : dict of group -> int
+        Channels each prunable group keeps (multiples of its step).
+    images : tensor of shape (n_images, C, H, W)
+        Calibration images, the ``n_fit`` fit images first, then the held-out ones.
+    n_fit : int
+    options : SweepOptions
+
+    Returns
+    -------
+    reports : list of LayerReport
+        One per refit consumer, in graph order.
+    kept : dict of group -> ndarray
+        The kept channel indices of each pruned group (a replayable plan).
+    """
+    for consumer in plan.consumers:
+        if consumer.bn is not None:
+            conv = reference.get_submodule(consumer.name)
+            bn = reference.get_submodule(consumer.bn)
+            reference.set_submodule(consumer.name, fold_batchnorm(conv, bn))
+            reference.set_submodule(consumer.bn, nn.Identity())
+    sweep = _GraphSweep(reference, plan, widths, n_fit, options)
+    device = options.device
+    chunks = [chunk.to(device) for chunk in images.split(batch_size)]
+    envs_ref = [{sweep.ref.placeholder: channels_last(chunk)} for chunk in chunks]
+    envs_pr = [{sweep.pr.placeholder: channels_last(chunk)} for chunk in chunks]
+    position = sweep.pr.pos[sweep.pr.placeholder.name] + 1
+    bar = tqdm(plan.consumers, desc="pruning", disable=not progress)
+    for consumer in bar:
+        bar.set_postfix_str(consumer.name)
+        stop = sweep.pr.pos[consumer.node]
+        for env_r, env_p in zip(envs_ref, envs_pr):
+            sweep.ref.advance(env_r, position, stop)
+            sweep.pr.advance(env_p, position, stop)
+        position = stop
+        sweep.visit(consumer, envs_ref, envs_pr)
+    return sweep.reports, sweep.kept

@@ -1,0 +1,223 @@
+"""The graph planner (chanprune.graph) and the general sweep (chanprune.sweep) on small
+networks written the way other people write them."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from _graph_models import (
+    Chain,
+    DataDependent,
+    Dense,
+    Grouped,
+    Inverted,
+    PreActResNet,
+    Residual,
+    Shuffle,
+    hook_macs,
+    masked_equivalent,
+    randomize,
+)
+
+import chanprune
+from chanprune.exceptions import UnsupportedLayerError
+from chanprune.graph import PlanWarning, explicit_widths, trace_plan, uniform_widths
+
+SHAPE = (3, 16, 16)
+MODELS = [Chain, Residual, Inverted, Dense, Grouped]
+
+
+def _prune(model, speedup=2.0, **kwargs):
+    images = torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(1))
+    options = dict(speedup=speedup, progress=False, positions_per_image=None, planner="graph")
+    options.update(kwargs)
+    return chanprune.prune_model(model, images, **options), images
+
+
+# ---------------------------------------------------------------------------- the plan
+def test_chain_groups_and_reasons():
+    plan = trace_plan(randomize(Chain()), SHAPE)
+    assert plan.prunable == {"body.a.0": 32, "body.b.0": 48}
+    fixed = plan.groups["body.c.0"]
+    assert not fixed.prunable and any("flattened" in r for r in fixed.fixed)
+    group = plan.groups["body.a.0"]
+    assert group.producers == ("body.a.0",)
+    assert group.consumers == ("body.b.0",)
+    assert [name for name, _ in group.carriers] == ["body.a.1"]  # its BatchNorm
+
+
+def test_residual_groups_tied_and_kept():
+    plan = trace_plan(randomize(Residual()), SHAPE)
+    # Branch-internal groups are pruned; the stream (stem, each block's second conv, the
+    # zero channels of the pad) is tied by the additions and kept whole.
+    assert set(plan.prunable) == {f"stages.{i}.one.0" for i in range(3)}
+    stream = plan.groups["stem.0"]
+    assert not stream.prunable and any("residual" in r for r in stream.fixed)
+    consumer = {c.name: c for c in plan.consumers}["stages.0.two.0"]
+    assert consumer.bn == "stages.0.two.1" and consumer.addend is not None
+
+
+def test_squeeze_excitation_and_depthwise_join_one_group():
+    plan = trace_plan(randomize(Inverted()), SHAPE)
+    group = plan.groups["expand.0"]
+    assert group.prunable
+    # The SE's expanding conv writes into the same channels through the multiply.
+    assert set(group.producers) == {"expand.0", "se_expand"}
+    assert set(group.consumers) == {"se_reduce", "project.0"}
+    carriers = {name for name, _ in group.carriers}
+    assert {"expand.1", "dw.0", "dw.1"} <= carriers
+
+
+def test_concat_layouts_and_no_bias_consumers():
+    plan = trace_plan(randomize(Dense()), SHAPE)
+    consumers = {c.name: c for c in plan.consumers}
+    assert consumers["conv2"].layout == (("stem", 24), ("conv1", 16))
+    assert consumers["trans"].layout == (("stem", 24), ("conv1", 16), ("conv2", 16))
+    assert plan.groups["stem"].consumers == ("conv1", "conv2", "trans")
+    assert plan.prunable == {"stem": 24, "conv1": 16, "conv2": 16}
+
+
+def test_grouped_conv_parts():
+    plan = trace_plan(randomize(Grouped()), SHAPE)
+    assert plan.groups["reduce.0"].parts == 4
+    assert plan.groups["grouped.0"].parts == 4
+    widths = uniform_widths(plan, 1.5)
+    assert widths["reduce.0"] % 4 == 0 and widths["grouped.0"] % 4 == 0
+    with pytest.raises(ValueError, match="multiple of 4"):
+        explicit_widths(plan, {"reduce.0": 6})
+
+
+def test_unknown_op_keeps_its_groups_whole_with_one_warning():
+    with pytest.warns(PlanWarning, match="a.0: read by .*'view'") as caught:
+        plan = trace_plan(randomize(Shuffle()), SHAPE)
+    assert len([w for w in caught if issubclass(w.category, PlanWarning)]) == 1
+    assert not plan.groups["a.0"].prunable
+    assert plan.groups["b.0"].prunable  # after the shuffle: an ordinary group
+
+
+def test_untraceable_model_refused_with_reason():
+    with pytest.raises(UnsupportedLayerError, match="DataDependent cannot be traced"):
+        trace_plan(DataDependent(), SHAPE)
+    with pytest.raises(UnsupportedLayerError, match="cannot be traced"):
+        chanprune.prune_model(DataDependent(), torch.randn(4, *SHAPE), speedup=2.0,
+                              progress=False)  # fmt: skip
+
+
+def test_wrong_input_shape_names_the_layer_error():
+    with pytest.raises(ValueError, match="does not accept inputs of shape"):
+        trace_plan(Chain(), (3, 8, 8))
+
+
+@pytest.mark.parametrize("cls", MODELS + [PreActResNet, Shuffle])
+def test_plan_macs_equal_hook_count(cls):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanWarning)
+        model = randomize(cls())
+        plan = trace_plan(model, SHAPE)
+    assert plan.macs() == hook_macs(model, SHAPE)
+
+
+# ---------------------------------------------------------------------------- the sweep
+@pytest.mark.parametrize("cls", MODELS)
+def test_prune_reaches_target_and_equals_masked_original(cls):
+    model = randomize(cls())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    (pruned, report), images = _prune(model, speedup=1.6)
+    assert report.options["planner"] == "graph"
+    assert abs(report.speedup / 1.6 - 1) <= 0.02
+    # The reported MACs are the hook count of the pruned network.
+    assert report.macs_after == hook_macs(pruned, SHAPE)
+    assert report.macs_before == hook_macs(model, SHAPE)
+    for key, value in model.state_dict().items():  # the input model is untouched
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    plan = trace_plan(model, SHAPE)
+    masked = masked_equivalent(model, pruned, plan, report.options["kept"])
+    with torch.no_grad():
+        out, ref = pruned(images[:6]), masked(images[:6])
+    assert out.shape == model(images[:6]).shape
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["lasso", "greedy_ls", "max_response", "first_k", "random"])
+def test_every_graph_method_runs_on_shared_groups(method):
+    (pruned, report), _ = _prune(randomize(Dense()), speedup=1.5, method=method)
+    assert abs(report.speedup / 1.5 - 1) <= 0.02
+    assert all(np.isfinite(r.rel_error) for r in report.layers)
+
+
+def test_refit_lowers_the_error_against_the_original():
+    """Independent reference: the output error of the pruned network with the refit
+    against the same selection without it (kept channels' weights sliced)."""
+    model = randomize(Inverted())
+    images = torch.randn(48, *SHAPE, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(speedup=1.6, progress=False, positions_per_image=None, planner="graph",
+                  holdout=0.0, method="first_k")  # fmt: skip
+    refit, _ = chanprune.prune_model(model, images, **kwargs)
+    plain, _ = chanprune.prune_model(model, images, refit=False, **kwargs)
+    with torch.no_grad():
+        ref = model(images)
+        err_refit = float((refit(images) - ref).norm())
+        err_plain = float((plain(images) - ref).norm())
+    assert err_refit < 0.7 * err_plain
+
+
+def test_residual_correction_lowers_block_output_error():
+    """With the correction, the pruned network's block outputs track the original's
+    better than without (measured on the images, not on the refit's own statistics)."""
+    model = randomize(Residual())
+    images = torch.randn(64, *SHAPE, generator=torch.Generator().manual_seed(4))
+    kwargs = dict(speedup=1.5, progress=False, positions_per_image=None, planner="graph",
+                  holdout=0.0, correct_unpruned=False)  # fmt: skip
+    errors = {}
+    for correct in (True, False):
+        pruned, _ = chanprune.prune_model(model, images, residual_correction=correct, **kwargs)
+        with torch.no_grad():  # the last block's output: the model without its head
+            ref = model.stages(torch.relu(model.stem(images)))
+            out = pruned.stages(torch.relu(pruned.stem(images)))
+        errors[correct] = float((out - ref).norm() / ref.norm())
+    assert errors[True] < errors[False]
+
+
+def test_preactivation_resnet_goes_to_the_graph_planner():
+    """Its names look like a ResNet (layer1, conv1/bn1/conv2/bn2) but bn2 precedes conv2:
+    the name planner would mistake it; auto checks the names against the graph."""
+    model = randomize(PreActResNet())
+    images = torch.randn(16, *SHAPE)
+    pruned, report = chanprune.prune_model(model, images, speedup=1.3, progress=False)
+    assert report.options["planner"] == "graph"
+    with torch.no_grad():
+        assert pruned(images).shape == (16, 10)
+
+
+def test_graph_planner_refuses_what_it_does_not_offer():
+    images = torch.randn(4, *SHAPE)
+    with pytest.raises(ValueError, match="graph planner"):
+        chanprune.prune_model(Dense(), images, speedup=2.0, method="apoz", progress=False)
+    with pytest.raises(ValueError, match="graph planner"):
+        chanprune.prune_model(Dense(), images, speedup=2.0, schedule="energy", progress=False)
+
+
+def test_explicit_widths_by_group_name():
+    model = randomize(Dense())
+    images = torch.randn(16, *SHAPE)
+    pruned, report = chanprune.prune_model(
+        model, images, schedule={"stem": 12, "conv1": 0.5}, progress=False, planner="graph"
+    )
+    assert report.options["widths"] == {"stem": 12, "conv1": 8}
+    assert pruned.conv1.in_channels == 12 and pruned.conv2.in_channels == 20
+    with pytest.raises(ValueError, match="not a channel group"):
+        chanprune.prune_model(model, images, schedule={"nope": 3}, progress=False,
+                              planner="graph")  # fmt: skip
+
+
+def test_graph_sweep_is_reproducible():
+    model = randomize(Inverted())
+    (a, ra), _ = _prune(model, method="lasso", speedup=1.5)
+    (b, rb), _ = _prune(model, method="lasso", speedup=1.5)
+    assert ra.options["kept"] == rb.options["kept"]
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb
+        torch.testing.assert_close(va, vb, rtol=0, atol=0)

@@ -1,0 +1,70 @@
+"""The graph planner on third-party model definitions (pytorchcv 0.0.74, random weights).
+
+Each network, as its author wrote it, is pruned to 2x fewer MACs (all convs and linears,
+counted by hooks here) and must keep its output shape and equal its masked equivalent: the
+original with the dropped channels' weights zeroed and the refit weights installed.
+pytorchcv is installed with ``pip install --no-deps pytorchcv==0.0.74`` (its metadata
+asks for torchvision, which the models imported here do not use); without it these tests
+skip.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import pytest
+import torch
+from _graph_models import hook_macs, masked_equivalent, randomize
+
+import chanprune
+from chanprune.graph import PlanWarning, trace_plan
+
+pytest.importorskip("pytorchcv")
+
+# (module, builder, input size): ImageNet definitions end in a 7x7 pooling, so 224.
+ZOO = [
+    ("vgg", "vgg16", 224),
+    ("vgg", "bn_vgg16", 224),
+    ("resnet", "resnet18", 224),
+    ("resnet_cifar", "resnet56_cifar10", 32),
+    ("seresnet", "seresnet18", 224),
+    ("resnext", "resnext50_32x4d", 224),
+    ("mobilenet", "mobilenet_w1", 224),
+    ("mobilenetv2", "mobilenetv2_w1", 224),
+    ("mobilenetv3", "mobilenetv3_large_w1", 224),
+    ("efficientnet", "efficientnet_b0", 224),
+    ("densenet", "densenet121", 224),
+    ("shufflenetv2", "shufflenetv2_w1", 224),
+    ("regnet", "regnetx002", 224),
+    ("squeezenet", "squeezenet_v1_1", 224),
+]
+
+
+def _build(module: str, name: str) -> torch.nn.Module:
+    builder = getattr(importlib.import_module(f"pytorchcv.models.{module}"), name)
+    torch.manual_seed(0)
+    return randomize(builder())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module,name,size", ZOO, ids=[z[1] for z in ZOO])
+def test_zoo_model_prunes_to_2x_and_equals_its_masked_original(module, name, size):
+    model = _build(module, name)
+    shape = (3, size, size)
+    images = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanWarning)  # ShuffleNet's channel shuffle
+        plan = trace_plan(model, shape)
+        pruned, report = chanprune.prune_model(
+            model, images, speedup=2.0, progress=False, positions_per_image=10, holdout=0.0
+        )
+    assert report.options["planner"] == "graph"
+    macs_before, macs_after = hook_macs(model, shape), hook_macs(pruned, shape)
+    assert report.macs_before == macs_before and report.macs_after == macs_after
+    assert abs(macs_before / macs_after / 2.0 - 1) <= 0.02
+    masked = masked_equivalent(model, pruned, plan, report.options["kept"])
+    with torch.no_grad():
+        out, ref = pruned(images[:2]), masked(images[:2])
+        assert out.shape == model(images[:2]).shape
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
