@@ -15,6 +15,9 @@ wherever a plain PyTorch install does.
   :func:`collate_images`, :func:`check_same_shapes`: deterministic sampling and batching
   of calibration images.
 - :func:`evaluate_accuracy`: top-1 accuracy of a classifier over a dataset.
+- :func:`read_calibration_list`, :class:`CalibrationList`, :func:`open_calibration`,
+  :func:`make_calibration_list`: calibration lists, text files naming the image files to
+  calibrate on (the format is documented in :func:`read_calibration_list`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,11 @@ __all__ = [
     "make_loader",
     "iter_batches",
     "evaluate_accuracy",
+    "CALIBRATION_LIST_HEADER",
+    "read_calibration_list",
+    "CalibrationList",
+    "open_calibration",
+    "make_calibration_list",
 ]
 
 logger = logging.getLogger(__name__)
@@ -1102,3 +1110,402 @@ def evaluate_accuracy(
     accuracy = correct / seen
     logger.info("accuracy %.4f (%d/%d)", accuracy, correct, seen)
     return accuracy
+
+
+# --------------------------------------------------------------------------------------
+# Calibration lists
+# --------------------------------------------------------------------------------------
+
+#: First line of a list written by :func:`make_calibration_list`.
+CALIBRATION_LIST_HEADER = "# chanprune calibration list"
+
+
+def _parse_list_line(line: str) -> tuple[str, int | None]:
+    """``"PATH"`` or ``"PATH LABEL"`` -> (path, label or None), as documented in
+    :func:`read_calibration_list`."""
+    parts = line.rsplit(None, 1)
+    if len(parts) == 2 and parts[1].isascii() and parts[1].isdigit():
+        return parts[0].rstrip(), int(parts[1])
+    return line, None
+
+
+def read_calibration_list(path: str | os.PathLike) -> list[tuple[Path, int | None]]:
+    """Read a calibration list: which image files to calibrate on, with optional labels.
+
+    The format (UTF-8 text, one image per line):
+
+    - ``PATH`` or ``PATH LABEL``: an image file, then optionally whitespace and its class
+      label, an integer >= 0. ``PATH`` may contain spaces; when the last
+      whitespace-separated field of a line is all digits it is the label, so a path that
+      itself ends in a space and digits must be followed by a label. Either every entry
+      has a label or none has.
+    - A relative ``PATH`` is relative to the folder of the list file, not to the current
+      directory, so a list and its images can move together; absolute paths are kept.
+    - Blank lines, and lines whose first non-blank character is ``#``, are ignored
+      (comments; :func:`make_calibration_list` writes its settings and the class names
+      there). Leading and trailing whitespace of a line is ignored.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The list file. Read, never modified.
+
+    Returns
+    -------
+    entries : list of (pathlib.Path, int or None)
+        The image paths (absolute if the list's were, else joined to the list's folder)
+        and labels (``None`` when the list has none), in the order of the file.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the list does not exist, or names image files that do not exist (the message
+        gives how many and the first few, with their line numbers).
+    ValueError
+        If ``path`` is a folder, the file is not UTF-8 text, holds no entry, or mixes
+        lines with and without labels (the message gives the first line of each kind).
+
+    Examples
+    --------
+    >>> read_calibration_list("calib.txt")  # doctest: +SKIP
+    [(PosixPath('/data/cifar10-jpeg/train5k/airplane/0003.jpg'), 0), ...]
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(
+            f"Calibration list {str(p)!r} is a folder; give a list file (or pass the folder "
+            "itself where an image folder root/<class>/<file> is accepted)."
+        )
+    if not p.is_file():
+        raise FileNotFoundError(f"Calibration list {str(p)!r} does not exist.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"Calibration list {str(p)!r} is not UTF-8 text: {exc}") from exc
+    base = p.parent
+    entries: list[tuple[Path, int | None]] = []
+    numbers: list[int] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, label = _parse_list_line(line)
+        entries.append((base / name, label))  # an absolute name replaces base
+        numbers.append(number)
+    if not entries:
+        raise ValueError(f"Calibration list {str(p)!r} names no image (only comments or blanks).")
+    labelled = [label is not None for _, label in entries]
+    if any(labelled) and not all(labelled):
+        with_label = numbers[labelled.index(True)]
+        without = numbers[labelled.index(False)]
+        raise ValueError(
+            f"Calibration list {str(p)!r} mixes entries with a label (line {with_label}) and "
+            f"without one (line {without}); label every entry or none."
+        )
+    missing = [(n, e) for n, (e, _) in zip(numbers, entries) if not e.is_file()]
+    if missing:
+        shown = ", ".join(f"line {n}: {str(e)!r}" for n, e in missing[:3])
+        raise FileNotFoundError(
+            f"Calibration list {str(p)!r} names {len(missing)} image file(s) that do not exist "
+            f"({shown}{', ...' if len(missing) > 3 else ''}); relative paths are relative to "
+            f"the list's folder {str(base)!r}."
+        )
+    return entries
+
+
+class CalibrationList(Dataset):
+    """The images named by a calibration list file (see :func:`read_calibration_list`).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The list file.
+    preprocess : str or callable, default="cifar"
+        As in :class:`ImageFolder`.
+    same_size : bool, default=False
+        As in :class:`ImageFolder`: require every image to preprocess to one shape.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+    samples : list of (str, int)
+        ``(image path, label)`` in the order of the list; the label is -1 for every
+        image of a list without labels.
+    targets : list of int
+        The labels alone (used by :func:`calibration_subset` to stratify; a list without
+        labels is one class, so images are drawn uniformly).
+    labelled : bool
+        Whether the list gives labels.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As :func:`read_calibration_list`; in ``__getitem__``, as :class:`ImageFolder`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        preprocess: PreprocessLike = "cifar",
+        *,
+        same_size: bool = False,
+    ) -> None:
+        if not isinstance(same_size, (bool, np.bool_)):
+            raise TypeError(f"The 'same_size' parameter must be a bool; got {same_size!r}.")
+        self.preprocess = _resolve_preprocess(preprocess)
+        self.same_size = bool(same_size)
+        self.path = Path(path)
+        entries = read_calibration_list(self.path)
+        self.labelled = entries[0][1] is not None
+        self.samples = [(str(p), -1 if label is None else label) for p, label in entries]
+        self.targets = [label for _, label in self.samples]
+        self._mode = getattr(self.preprocess, "mode", "RGB")
+        self._first_shape: tuple[tuple[int, ...], str] | None = None
+
+    # The same reading and shape check as an image folder's.
+    __getitem__ = ImageFolder.__getitem__
+    _check_shape = ImageFolder._check_shape
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path={str(self.path)!r}, n_images={len(self)})"
+
+
+def open_calibration(
+    spec: str | os.PathLike, preprocess: PreprocessLike = "cifar", *, same_size: bool = True
+) -> ImageFolder | CalibrationList:
+    """The calibration images ``chanprune prune --calib`` names: a folder or a list file.
+
+    Parameters
+    ----------
+    spec : str or os.PathLike
+        An image folder ``root/<class>/<file>`` (read as :class:`ImageFolder`) or a
+        calibration list file (read as :class:`CalibrationList`).
+    preprocess : str or callable, default="cifar"
+    same_size : bool, default=True
+        Require one image shape (the images are stacked into batches).
+
+    Returns
+    -------
+    dataset : ImageFolder or CalibrationList
+        Items ``(image (C, H, W), label)``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``spec`` does not exist, or a list names missing files.
+    ValueError
+        As :class:`ImageFolder` and :func:`read_calibration_list`.
+    """
+    p = Path(spec)
+    if p.is_dir():
+        return ImageFolder(p, preprocess=preprocess, same_size=same_size)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"Calibration data {str(p)!r} does not exist (give an image folder "
+            "root/<class>/<file> or a calibration list file)."
+        )
+    return CalibrationList(p, preprocess=preprocess, same_size=same_size)
+
+
+def _balanced_choice(labels: np.ndarray, classes: Sequence[str], n: int, seed: int) -> np.ndarray:
+    """``n`` indices, ``n // K`` per class (K classes) and one more for the first ``n % K``
+    classes in label order, drawn without replacement with ``numpy.random.default_rng(seed)``
+    class after class; sorted by (label, index)."""
+    n_classes = len(classes)
+    counts = np.bincount(labels, minlength=n_classes)
+    quotas = np.full(n_classes, n // n_classes, dtype=np.int64)
+    quotas[: n % n_classes] += 1
+    short = [(c, int(counts[c]), int(quotas[c])) for c in range(n_classes) if counts[c] < quotas[c]]
+    if short:
+        c, have, need = short[0]
+        raise ValueError(
+            f"Cannot draw {n} images balanced over {n_classes} classes: class {c} "
+            f"({classes[c]!r}) has {have} image(s) but needs {need}"
+            + (f" ({len(short)} classes are short)" if len(short) > 1 else "")
+            + f"; at most {n_classes * int(counts.min())} images can be balanced exactly."
+        )
+    rng = np.random.default_rng(seed)
+    chosen = [
+        np.sort(rng.choice(np.flatnonzero(labels == c), size=int(q), replace=False))
+        for c, q in enumerate(quotas)
+    ]
+    return np.concatenate(chosen)
+
+
+def _is_cifar_batches(root: Path) -> bool:
+    names = ("data_batch_1", "test_batch")
+    return any((root / n).is_file() or (root / "cifar-10-batches-py" / n).is_file() for n in names)
+
+
+def _list_name(image: Path, base: Path, absolute: bool) -> str:
+    """How ``image`` is written in a list kept in folder ``base``."""
+    if absolute:
+        name = Path(os.path.abspath(image)).as_posix()
+    else:
+        name = Path(os.path.relpath(os.path.abspath(image), os.path.abspath(base))).as_posix()
+        if name.startswith("#"):
+            name = "./" + name  # not a comment
+    if "\n" in name or "\r" in name or name != name.strip():
+        raise ValueError(
+            f"Cannot write {str(image)!r} to a calibration list: a path with a line break or "
+            "leading or trailing whitespace cannot be read back."
+        )
+    return name
+
+
+def make_calibration_list(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    n_images: int,
+    *,
+    seed: int = 0,
+    split: str = "train",
+    images_dir: str | os.PathLike | None = None,
+    absolute: bool = False,
+    extensions: Sequence[str] = (".jpg", ".jpeg", ".png"),
+) -> list[tuple[Path, int]]:
+    """Write a deterministic, class-balanced calibration list of ``n_images`` images.
+
+    ``source`` is either an image folder ``root/<class>/<file>`` (ImageNet's train tree,
+    the CIFAR-10 JPEG export, ...: classes and files are listed as by
+    :class:`ImageFolder`, nothing is decoded) or the CIFAR-10 python batches
+    (``data_batch_1``..``5`` for ``split="train"``, ``test_batch`` for ``"test"``, in
+    ``source`` or its ``cifar-10-batches-py`` sub-folder, read by
+    :class:`CIFAR10Batches`). A list must name image files, so the images drawn from the
+    batches are written as lossless PNG files to ``images_dir``
+    (``<images_dir>/<class>/<split>_<index>.png``, ``index`` the image's position in the
+    split).
+
+    The draw: ``n_images // K`` images from each of the K classes, and one more from
+    each of the first ``n_images % K`` classes in label order (a ``UserWarning`` says
+    so, as the classes then differ by one image); within a class, without replacement,
+    with ``numpy.random.default_rng(seed)`` drawing class after class in label order.
+    The same source, ``n_images`` and ``seed`` always give the same list; another seed
+    gives another one. Entries are sorted by label, then by the source's order.
+
+    The list (format of :func:`read_calibration_list`) holds one ``PATH LABEL`` line per
+    image, the label the class index (the position of the class folder in sorted order,
+    or the CIFAR-10 label), after comment lines giving the settings and the class names
+    in label order. Everything is written atomically (temporary files, then renames:
+    :func:`chanprune.io.atomic_write_all`): if anything fails, no file is left and
+    folders created for the output are removed.
+
+    Parameters
+    ----------
+    source : str or os.PathLike
+        The dataset on disk. Read, never modified.
+    out : str or os.PathLike
+        The list file to write (e.g. ``calib_5000.txt``); overwritten if present. Missing
+        folders are created.
+    n_images : int >= 1
+        Images in the list.
+    seed : int >= 0, default=0
+    split : {"train", "test"}, default="train"
+        CIFAR-10 batches only: which split to draw from.
+    images_dir : str, os.PathLike or None, default=None
+        CIFAR-10 batches only: where the PNG files go; default
+        ``<folder of out>/<stem of out>_images``. Files of an earlier list there are
+        overwritten when they have the same name and otherwise left alone.
+    absolute : bool, default=False
+        Write absolute paths instead of paths relative to the list's folder.
+    extensions : sequence of str, default=(".jpg", ".jpeg", ".png")
+        Image folders only: accepted file suffixes (case-insensitive).
+
+    Returns
+    -------
+    entries : list of (pathlib.Path, int)
+        The images listed (as :func:`read_calibration_list` will read them) and labels.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``source`` does not exist (or a CIFAR-10 batch file of the split is missing).
+    ValueError
+        If ``n_images`` exceeds the images available, or a class has too few images for
+        an exact balance (the message names it and gives the largest balanced
+        ``n_images``); if ``source`` is not a dataset (no class folder, an empty class
+        folder, corrupt batches); if ``out`` is a folder.
+    OSError
+        If writing fails; nothing is left behind.
+
+    Warns
+    -----
+    UserWarning
+        If ``n_images`` is not a multiple of the number of classes.
+
+    Examples
+    --------
+    >>> make_calibration_list("cifar10-jpeg/train5k", "calib_500.txt", 500)  # doctest: +SKIP
+    """
+    n_images = check_int_in_range(n_images, "n_images", 1)
+    seed = check_int_in_range(seed, "seed", 0)
+    split = check_choice(split, "split", ("train", "test"))
+    src = Path(source)
+    dest = Path(out)
+    if dest.is_dir():
+        raise ValueError(f"The list file {str(dest)!r} is a directory; give a file path.")
+    if not src.exists():
+        raise FileNotFoundError(f"Dataset {str(src)!r} does not exist.")
+    if not src.is_dir():
+        raise ValueError(
+            f"Dataset {str(src)!r} is not a folder (expected root/<class>/<file> or the "
+            "CIFAR-10 python batches)."
+        )
+    cifar = _is_cifar_batches(src)
+    if cifar:
+        dataset: Any = CIFAR10Batches(src, split=split)
+        kind = f"CIFAR-10 python batches, split {split}"
+    else:
+        dataset = ImageFolder(src, extensions=extensions)
+        kind = "image folder"
+    classes = list(dataset.classes)
+    labels = np.asarray(dataset.targets, dtype=np.int64)
+    if n_images > labels.shape[0]:
+        raise ValueError(
+            f"Cannot draw {n_images} images from {str(src)!r}: it holds only "
+            f"{labels.shape[0]} ({kind})."
+        )
+    extra = n_images % len(classes)
+    if extra:
+        first = "the first class gets" if extra == 1 else f"the first {extra} classes get"
+        warnings.warn(
+            f"{n_images} images are not a multiple of the {len(classes)} classes: {first} "
+            f"{n_images // len(classes) + 1} images, the others {n_images // len(classes)}.",
+            UserWarning,
+            stacklevel=2,
+        )
+    chosen = _balanced_choice(labels, classes, n_images, seed)
+
+    base = dest.parent
+    outputs: list[tuple[Path, Callable[[Path], None]]] = []
+    if cifar:
+        folder = Path(images_dir) if images_dir is not None else base / f"{dest.stem}_images"
+        images = []
+        for i in chosen:
+            image = folder / classes[labels[i]] / f"{split}_{int(i):05d}.png"
+            images.append(image)
+            pixels = dataset.data[i]
+            outputs.append((image, lambda tmp, px=pixels: Image.fromarray(px).save(tmp, "PNG")))
+    else:
+        images = [Path(dataset.samples[i][0]) for i in chosen]
+    entries = [(image, int(labels[i])) for image, i in zip(images, chosen)]
+
+    per_class = np.bincount(labels[chosen], minlength=len(classes))
+    lines = [
+        CALIBRATION_LIST_HEADER,
+        f"# {n_images} images, {per_class.min()}-{per_class.max()} per class, seed {seed}",
+        f"# source: {os.path.abspath(src)} ({kind})",
+        "# format: PATH LABEL, paths relative to this file's folder unless absolute",
+        "# classes (label order): " + " ".join(classes),
+    ]
+    lines += [f"{_list_name(image, base, absolute)} {label}" for image, label in entries]
+    text = "\n".join(lines) + "\n"
+    outputs.append((dest, lambda tmp: tmp.write_text(text, encoding="utf-8")))
+    from .io import write_all_creating_folders  # io imports the model zoo: import on use
+
+    write_all_creating_folders(outputs)
+    logger.info("Wrote calibration list %s: %d images from %s", dest, n_images, src)
+    return [(base / _list_name(image, base, absolute), label) for image, label in entries]
