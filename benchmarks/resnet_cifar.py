@@ -41,12 +41,16 @@ def bench_for(model: str) -> Benchmark:
             f"python benchmarks/resnet_cifar.py --model {model} --methods lasso greedy_ls "
             "--speedups 1.5 2 --schedules uniform paper --variants '' sampler; "
             f"python benchmarks/resnet_cifar.py --model {model} --methods lasso greedy_ls "
-            "--speedups 1.5 2 --schedules energy"
+            "--speedups 1.5 2 --schedules energy; "
+            f"python benchmarks/resnet_cifar.py --model {model} --methods lasso greedy_ls "
+            "--speedups 2 --variants graph"
         ),
         methods=("lasso", "greedy_ls", "max_response", "first_k", "random"),
         variants={
             "nocorr": {"residual_correction": False},
             "sampler": {"channel_sampler": True},
+            # The same network through the plan traced from the graph (planner="graph").
+            "graph": {"planner": "graph"},
         },
         script=str(Path(__file__).resolve()),
         script_args=("--model", model),

@@ -28,11 +28,17 @@ BENCH = Benchmark(
         "python benchmarks/vgg_cifar.py --methods lasso greedy_ls max_response first_k random "
         "--speedups 2 4 5 --schedules uniform paper energy --latency; "
         "python benchmarks/vgg_cifar.py --methods lasso --speedups 2 4 5 --schedules energy "
-        "--variants alternate --latency"
+        "--variants alternate --latency; "
+        "python benchmarks/vgg_cifar.py --methods lasso greedy_ls --speedups 2 4 "
+        "--schedules uniform --variants graph"
     ),
     methods=("lasso", "greedy_ls", "max_response", "first_k", "random"),
     # LASSO alternating with the least-squares refit, as in the paper's sparse-coding view.
-    variants={"alternate": {"alternate": True}},
+    variants={
+        "alternate": {"alternate": True},
+        # The same network through the plan traced from the graph (planner="graph").
+        "graph": {"planner": "graph"},
+    },
     script=str(Path(__file__).resolve()),
 )
 

@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -51,12 +52,15 @@ from .data import (
     calibration_subset,
     evaluate_accuracy,
     get_preset,
+    open_calibration,
 )
+from .exceptions import UnsupportedLayerError
 from .flops import count_macs, count_params
-from .io import atomic_write_all, load, save
+from .graph import PlanWarning, trace_plan
+from .io import load, save, write_all_creating_folders
 from .models import get_model, list_models
-from .models._checkpoint import strip_ansi
-from .prune import MODEL_METHODS, prune_model
+from .models._checkpoint import load_weights, strip_ansi
+from .prune import MODEL_METHODS, PLANNERS, prune_model
 from .schedule import SCHEDULES
 
 __all__ = ["main", "build_parser", "PRESETS"]
@@ -88,8 +92,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         required=True,
         metavar="NAME_OR_FILE",
         help=(
-            "the network: a registered name (" + ", ".join(list_models()) + "), or a file "
-            "written by chanprune.save / 'chanprune prune --out' (architecture and weights)"
+            "the network: a registered name (" + ", ".join(list_models()) + "), a file "
+            "written by chanprune.save / 'chanprune prune --out' (architecture and weights), "
+            "or your own network as package.module:callable or path/to/file.py:callable (a "
+            "function or class called without arguments that returns the nn.Module)"
         ),
     )
     p.add_argument(
@@ -97,9 +103,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         default=None,
         help=(
-            "checkpoint for a registered --model name: a plain state_dict or "
-            "{'state_dict': ...}, keys optionally prefixed 'module.', loaded strictly "
-            "(default: none, i.e. random weights; not allowed with a model file)"
+            "checkpoint for a registered --model name or a module:callable: a plain "
+            "state_dict or {'state_dict': ...}, keys optionally prefixed 'module.', loaded "
+            "strictly (default: none, i.e. random weights or those the callable sets; not "
+            "allowed with a model file)"
         ),
     )
     p.add_argument(
@@ -196,8 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calib",
         required=True,
-        metavar="DIR",
-        help="calibration images laid out as DIR/<class>/*.jpg|*.jpeg|*.png",
+        metavar="DIR_OR_LIST",
+        help=(
+            "calibration images: a folder laid out as DIR/<class>/*.jpg|*.jpeg|*.png, or a "
+            "calibration list file (one image path per line, optionally with its label; see "
+            "data/README.md and data/make_calib_list.py)"
+        ),
     )
     p.add_argument(
         "--speedup",
@@ -254,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
             "channel sampler (He et al., Sec. 4.2): that conv reads only the kept stream "
             "channels while the stream and the shortcut keep all of them (default: off, "
             "only branch-internal channels are pruned)"
+        ),
+    )
+    p.add_argument(
+        "--planner",
+        choices=PLANNERS,
+        default="auto",
+        help=(
+            "how the channels to prune are found: 'graph' traces the network (torch.fx) and "
+            "derives its channel groups, for any CNN; 'names' recognises chanprune's and "
+            "torchvision's VGG and ResNet layouts by their attribute names (the only planner "
+            "for --method apoz/entropy/bn_scale/thinet, --schedule paper/energy and "
+            "--channel-sampler); 'auto' uses the names where the traced graph confirms them, "
+            "else the graph (default: %(default)s)"
         ),
     )
     p.add_argument(
@@ -452,6 +476,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_output_options(p, quiet_help="no progress bars (the result table is still printed)")
     p.set_defaults(func=_cmd_demo)
+
+    # ---- export
+    p = sub.add_parser(
+        "export",
+        help="write a (pruned) network as an ONNX file, checked with ONNX Runtime",
+        description=(
+            "Export a network to ONNX (input 'input', output 'output', dynamic batch axis)\n"
+            "with chanprune.export.export_onnx, then run the file with ONNX Runtime on a\n"
+            "random input and compare with PyTorch; nothing is written if either fails.\n"
+            "Needs the optional packages onnx and onnxruntime: "
+            'pip install "chanprune[export]"\n'
+            "(without them: exit code 1 and a message saying so)."
+        ),
+        formatter_class=_Formatter,
+    )
+    _add_model_options(p)
+    p.add_argument(
+        "--format",
+        choices=("onnx",),
+        default="onnx",
+        help="output format (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="OUT.onnx",
+        help="where to write the file (overwritten if present; missing folders are created)",
+    )
+    p.add_argument(
+        "--input-shape",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help=(
+            "shape of one input without the batch dimension, e.g. 3 32 32 (default: the "
+            "first conv's input channels and the preset's size: cifar 32, imagenet 224, "
+            "digits 8)"
+        ),
+    )
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=17,
+        metavar="N",
+        help="ONNX opset version, 7 to 20 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the comparison with ONNX Runtime (then onnxruntime is not needed)",
+    )
+    _add_output_options(p, quiet_help="no note on stderr when --preset is inferred")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -548,8 +626,47 @@ def _check_distinct_files(
 
 
 def _model_file(spec: str) -> Optional[str]:
-    """``--model`` when it names a file rather than a registered model, else None."""
-    return None if spec in list_models() else spec
+    """The file ``--model`` reads (a model file, or the .py file of FILE.py:CALLABLE), or
+    None for a registered name or a module:callable."""
+    if spec in list_models():
+        return None
+    target, sep, _ = spec.rpartition(":")
+    if sep and not Path(spec).exists():
+        return target if target.endswith(".py") else None
+    return spec
+
+
+def _model_from_callable(spec: str) -> Optional[nn.Module]:
+    """``package.module:callable`` or ``path/to/file.py:callable`` -> the network it
+    builds; None when ``spec`` is not of that form."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr.isidentifier() or Path(spec).exists():
+        return None
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise FileNotFoundError(f"--model file '{path}' does not exist.")
+        import importlib.util
+
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        import importlib
+
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise ValueError(f"--model {spec!r}: cannot import {target!r} ({exc}).") from exc
+    builder = getattr(module, attr, None)
+    if not callable(builder):
+        raise ValueError(f"--model {spec!r}: {target!r} has no callable {attr!r}.")
+    model = builder()
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"--model {spec!r} must build an nn.Module; {attr}() returned {type(model).__name__}."
+        )
+    return model
 
 
 def _check_folder(spec: str, option: str) -> Path:
@@ -570,6 +687,14 @@ def _resolve_model(
         if weights is None and warn_untrained:
             logger.warning("No --weights given: model %r has random weights.", spec)
         return get_model(spec, weights=weights).eval(), spec
+    built = _model_from_callable(spec)
+    if built is not None:
+        if weights is not None:
+            load_weights(built, weights, name=spec)
+        elif warn_untrained:
+            logger.warning("No --weights given: model %r keeps the weights it was built with.",
+                           spec)  # fmt: skip
+        return built.eval(), None
     path = Path(spec)
     if path.is_file():
         if weights is not None:
@@ -581,8 +706,8 @@ def _resolve_model(
     if path.is_dir():
         raise ValueError(f"--model '{path}' is a directory, not a model name or file.")
     raise ValueError(
-        f"--model {spec!r} is neither a registered model name nor an existing file. "
-        f"Valid names: {', '.join(names)}."
+        f"--model {spec!r} is neither a registered model name, an existing file, nor "
+        f"package.module:callable or file.py:callable. Valid names: {', '.join(names)}."
     )
 
 
@@ -680,6 +805,7 @@ def _check_plan(
     speedup: Optional[float],
     schedule: Union[str, Mapping[str, Union[int, float]]],
     channel_sampler: bool,
+    planner: str,
 ) -> None:
     """Check the architecture, the input shape and the schedule before any real work.
 
@@ -692,8 +818,9 @@ def _check_plan(
         # targets are reachable and the same checks apply.
         schedule = "uniform"
     plan_widths(
-        model, input_shape, speedup=speedup, schedule=schedule, channel_sampler=channel_sampler
-    )
+        model, input_shape, speedup=speedup, schedule=schedule,
+        channel_sampler=channel_sampler, planner=planner,
+    )  # fmt: skip
 
 
 def _input_shape_error(shape: tuple[int, ...], exc: BaseException) -> ValueError:
@@ -775,16 +902,17 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         {"--out": args.out, "--report": args.report},
         {"--model": _model_file(args.model), "--weights": args.weights, "--widths": args.widths},
     )
-    calib_dir = _check_folder(args.calib, "--calib")
+    if not Path(args.calib).exists():
+        raise FileNotFoundError(f"--calib '{args.calib}' does not exist.")
     schedule = _read_widths(args.widths) if args.widths else (args.schedule or "uniform")
 
     # 2. The model, the data, and the plan they imply.
     model, name = _resolve_model(args.model, args.weights)
     preset = _require_preset(args.preset, name, model, args.model, args.quiet)
     # same_size: the calibration images are stacked into batches; name any odd one out.
-    dataset = ImageFolder(calib_dir, preprocess=_preprocess(preset), same_size=True)
+    dataset = open_calibration(args.calib, _preprocess(preset), same_size=True)
     input_shape = tuple(dataset[0][0].shape)
-    _check_plan(model, input_shape, args.speedup, schedule, args.channel_sampler)
+    _check_plan(model, input_shape, args.speedup, schedule, args.channel_sampler, args.planner)
 
     # 3. The work.
     pruned, report = prune_model(
@@ -798,6 +926,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         ridge=args.ridge,
         channel_sampler=args.channel_sampler,
+        planner=args.planner,
         batch_size=args.batch_size,
         max_cache_mb=args.max_cache_mb,
         device=device,
@@ -923,6 +1052,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"MACs incl. linear:  {with_linear:,} ({with_linear / 1e6:.2f}M)")
     params = count_params(model)
     print(f"parameters:         {params:,} ({params / 1e6:.3f}M)")
+    print()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanWarning)  # its groups are listed below
+        try:
+            graph = trace_plan(model, shape)
+        except UnsupportedLayerError as exc:
+            print(f"channel groups: none, the graph planner refuses this model: {exc}")
+            return 0
+    print(
+        f"channel groups (graph planner): {len(graph.prunable)} of {len(graph.groups)} "
+        f"prunable, {graph.macs() / 1e6:.2f}M MACs of convs and linears"
+    )
+    print(graph.describe())
     return 0
 
 
@@ -944,6 +1086,60 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import MIN_OPSET, _max_opset, export_onnx
+
+    max_opset = _max_opset()
+    if not MIN_OPSET <= args.opset <= max_opset:
+        raise ValueError(
+            f"--opset must be an integer in [{MIN_OPSET}, {max_opset}]; got {args.opset}."
+        )
+    if args.input_shape is not None and min(args.input_shape) < 1:
+        given = " ".join(map(str, args.input_shape))
+        raise ValueError(f"--input-shape must be integers >= 1; got {given}.")
+    out = _check_output(args.out, "--out")
+    _check_distinct_files(
+        {"--out": args.out}, {"--model": _model_file(args.model), "--weights": args.weights}
+    )
+
+    model, name = _resolve_model(args.model, args.weights)
+    if args.input_shape is not None:
+        shape = tuple(args.input_shape)
+    else:  # as 'info' does: the first conv's input channels, the preset's size
+        preset = _resolve_preset(args.preset, name, model, quiet=args.quiet)
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if preset is None or conv is None:
+            raise ValueError(
+                f"give --input-shape for --model {args.model!r} (its input shape cannot be "
+                "inferred" + (")." if conv is None else "; or give --preset).")
+            )
+        shape = (conv.in_channels, PRESETS[preset], PRESETS[preset])
+
+    results = []
+
+    def write(tmp: Path) -> None:
+        results.append(export_onnx(model, tmp, shape, opset=args.opset, check=not args.no_check))
+
+    try:
+        _write_outputs([(out, write)])
+    except ImportError as exc:  # the optional packages of the 'export' extra
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    result = results[0]
+    if result.max_abs_diff is None:
+        checked = "not checked (--no-check)"
+    else:
+        checked = (
+            f"ONNX Runtime matches PyTorch: max |diff| {result.max_abs_diff:.2g} "
+            f"(output scale {result.scale:.3g})"
+        )
+    print(
+        f"Exported {args.model} to {out} (ONNX opset {result.opset}, input "
+        f"(batch, {', '.join(map(str, shape))})); {checked}."
+    )
+    return 0
+
+
 # ----------------------------------------------------------------------------- plumbing
 class _WriteError(Exception):
     """An output could not be written (a full disk, an I/O error): a failure of the run,
@@ -961,29 +1157,12 @@ def _write_outputs(outputs: list[tuple[Path, Callable[[Path], None]]]) -> None:
         '<path>': <reason>", ``<path>`` the destination (chanprune.io names it, not its
         temporary file).
     """
-    created: list[Path] = []
     try:
-        for path, _ in outputs:
-            missing = []
-            folder = path.parent
-            while not folder.exists():
-                missing.append(folder)
-                folder = folder.parent
-            for folder in reversed(missing):
-                folder.mkdir()
-                created.append(folder)
-        atomic_write_all(outputs)
-    except BaseException as exc:
-        for folder in reversed(created):
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
-        if isinstance(exc, OSError):
-            if exc.filename is not None and exc.strerror:
-                raise _WriteError(f"could not write '{exc.filename}': {exc.strerror}") from exc
-            raise _WriteError(str(exc)) from exc
-        raise
+        write_all_creating_folders(outputs)
+    except OSError as exc:
+        if exc.filename is not None and exc.strerror:
+            raise _WriteError(f"could not write '{exc.filename}': {exc.strerror}") from exc
+        raise _WriteError(str(exc)) from exc
 
 
 def _raised_in_chanprune(exc: BaseException) -> bool:

@@ -30,11 +30,13 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from .models import load_model, save_model
-from .models._checkpoint import first_line
+from .models import save_model
+from .models._checkpoint import first_line, load_weights, normalize_state_dict, read_checkpoint
+from .models._registry import model_from_checkpoint
 from .models.vgg import vgg_config_of
+from .surgery import apply_shapes, module_shapes
 
-__all__ = ["save", "load", "atomic_write", "atomic_write_all"]
+__all__ = ["save", "load", "atomic_write", "atomic_write_all", "write_all_creating_folders"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +168,30 @@ def atomic_write_all(outputs: Sequence[tuple[PathLike, Callable[[Path], None]]])
         raise
 
 
+def write_all_creating_folders(outputs: Sequence[tuple[PathLike, Callable[[Path], None]]]) -> None:
+    """Create the missing folders of ``outputs``, then write them all or nothing
+    (:func:`atomic_write_all`); on failure, remove the folders created here and re-raise."""
+    created: list[Path] = []
+    try:
+        for path, _ in outputs:
+            missing = []
+            folder = Path(path).parent
+            while not folder.exists():
+                missing.append(folder)
+                folder = folder.parent
+            for folder in reversed(missing):
+                folder.mkdir()
+                created.append(folder)
+        atomic_write_all(outputs)
+    except BaseException:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
+
+
 def save(model: nn.Module, path: PathLike) -> None:
     """Save a chanprune model (pruned or not) to ``path``, atomically.
 
@@ -182,11 +208,15 @@ def save(model: nn.Module, path: PathLike) -> None:
         Destination file (conventionally ``*.pt``); overwritten if present. Its folder must
         exist.
 
+    Notes
+    -----
+    A model of any other class (one the graph planner pruned) is saved as its layers'
+    shapes (:func:`chanprune.surgery.module_shapes`) with its ``state_dict``, also
+    ``weights_only``-loadable: its class cannot be rebuilt from data, so
+    ``load(path, model=YourModel())`` shrinks a fresh instance to those shapes.
+
     Raises
     ------
-    TypeError
-        If ``model`` has no ``arch_config()`` (e.g. a torchvision VGG object): its
-        architecture cannot be stored as data. The message says how to proceed.
     IsADirectoryError
         If ``path`` is a directory.
     FileNotFoundError
@@ -203,24 +233,30 @@ def save(model: nn.Module, path: PathLike) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"The 'model' parameter must be an nn.Module; got {type(model).__name__}.")
     config = None
+    p = _as_path(path)
     if not callable(getattr(model, "arch_config", None)):
         # A VGG-structured module from elsewhere (torchvision): infer its architecture.
         try:
             config = vgg_config_of(model)
-        except TypeError as exc:
-            raise TypeError(
-                f"Cannot save a {type(model).__name__}: chanprune.save stores the architecture "
-                f"as data, which it can read from chanprune's own models and from VGG-structured "
-                f"ones (torchvision's VGG), not from this model ({exc}). Build it with "
-                "chanprune.models (get_model(name, weights=...)), or keep the architecture in "
-                "your own code and save torch.save(model.state_dict(), path) instead."
-            ) from exc
-    p = _as_path(path)
+        except TypeError:
+            # Any other class: its layers' shapes, to shrink a fresh instance on load.
+            _check_destination(p)
+            payload = {
+                "module_shapes": module_shapes(model),
+                "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+                "state_dict": {
+                    k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                },
+            }  # fmt: skip
+            atomic_write(p, lambda tmp: torch.save(payload, tmp))
+            return
     _check_destination(p)
     save_model(model, p, config=config)  # atomic: temporary file, then os.replace
 
 
-def load(path: PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
+def load(
+    path: PathLike, *, model: Optional[nn.Module] = None, map_location: str | torch.device = "cpu"
+) -> nn.Module:
     """Load a model written by :func:`save`: rebuild its architecture, load weights strictly.
 
     Parameters
@@ -228,6 +264,11 @@ def load(path: PathLike, *, map_location: str | torch.device = "cpu") -> nn.Modu
     path : str or os.PathLike
         A file written by :func:`save` (or :func:`chanprune.models.save_model`). It is read
         with ``torch.load(weights_only=True)`` and never modified.
+    model : nn.Module, optional
+        For a file of layer shapes (a network of your own class, pruned by the graph
+        planner): a fresh instance of that class, shrunk in place to the saved shapes and
+        filled with the saved weights. Not used for chanprune's own architectures, which
+        the file rebuilds.
     map_location : str or torch.device, default="cpu"
         Device the returned model is moved to.
 
@@ -272,7 +313,11 @@ def load(path: PathLike, *, map_location: str | torch.device = "cpu") -> nn.Modu
             f"available here: {first_line(exc)}"
         ) from exc
     try:
-        model = load_model(p)
+        obj = read_checkpoint(p)
+        if model is not None or isinstance(obj, dict) and "module_shapes" in obj:
+            model = _load_shapes(p, obj, model)
+        else:
+            model = model_from_checkpoint(obj, p)
     except FileNotFoundError:
         raise
     except (TypeError, ValueError, KeyError) as exc:
@@ -281,3 +326,23 @@ def load(path: PathLike, *, map_location: str | torch.device = "cpu") -> nn.Modu
         raise ValueError(f"'{p}' is not a valid chanprune model file: {exc}") from exc
     logger.debug("Loaded %s from '%s'.", type(model).__name__, p)
     return model.to(device).eval()
+
+
+def _load_shapes(path: Path, obj, model: Optional[nn.Module]) -> nn.Module:
+    """A shapes file (contents ``obj``) into ``model``: shrink it to the saved shapes, then
+    load the weights strictly."""
+    if not isinstance(obj, dict) or "module_shapes" not in obj:
+        raise ValueError(
+            f"'{path}' holds an architecture chanprune rebuilds itself; call load(path) "
+            "without model=."
+        )
+    if model is None:
+        raise ValueError(
+            f"'{path}' holds a pruned {obj.get('model_class', 'network')} as layer shapes: "
+            "build a fresh instance of that class and pass it, load(path, model=...)."
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}.")
+    apply_shapes(model, obj["module_shapes"])
+    state_dict = normalize_state_dict(obj, source=f"Checkpoint '{path}'")
+    return load_weights(model, state_dict, name=type(model).__name__)

@@ -586,3 +586,140 @@ def test_latency_only_shares_networks_and_keeps_the_median_round(monkeypatch):
         "cpu_b1": 32.0, "cpu_b64": 32.0,
     }  # fmt: skip
     assert runs["lasso/b"]["latency_ms"]["cpu_b64"] == 16.0
+
+
+# ---------------------------------------------------------------------------- latency.py
+def _latency_results(times: dict, macs: dict, base: str) -> dict:
+    """A latency.py results dict from fixed per-round times, without timing anything."""
+    return {
+        label: {
+            "base": base,
+            "macs": macs[label],
+            "mac_speedup": macs[base] / macs[label],
+            "times_ms": {rt: {str(b): list(v) for b, v in by_b.items()} for rt, by_b in t.items()},
+        }
+        for label, t in times.items()
+    }
+
+
+def test_latency_speedups_flags_and_table_from_fixed_times():
+    lat = _load_script("latency")
+    times = {
+        "net": {"torch": {1: [10, 12, 11], 64: [400]}, "ort": {1: [8, 8, 9], 64: [300]}},
+        # ORT b1: 8 / 4 = 2.0x against 2.0x in MACs (not flagged); b64: 300 / 200 = 1.5x
+        # against 2.0x (25% off: flagged). PyTorch b1: 11 / 5.5 = 2.0x.
+        "net 2x": {"torch": {1: [5, 6, 5.5], 64: [190]}, "ort": {1: [4, 4, 5], 64: [200]}},
+    }
+    results = _latency_results(times, {"net": 2e6, "net 2x": 1e6}, "net")
+    assert lat.speedup(results, "net 2x", "torch", 1) == pytest.approx(2.0)
+    assert lat.speedup(results, "net 2x", "ort", 64) == pytest.approx(1.5)
+    assert lat.flagged(results) == [("net 2x", 64)]
+    rows = lat.table(results)
+    assert rows[0].startswith("| network | conv MMACs | MAC speed-up | PyTorch b1 ms")
+    assert rows[2].split(" | ")[:4] == ["| net", "2.0", "1.00x", "11.00 (10.00-12.00)"]
+    assert rows[3] == (
+        "| net 2x | 1.0 | 2.00x | 5.50 (5.00-6.00) | 2.00x | 4.00 (4.00-5.00) | 2.00x "
+        "| 190.00 (190.00-190.00) | 2.11x | 200.00 (200.00-200.00) | 1.50x |"
+    )
+    (line,) = lat.profile_lines(results, {})
+    assert "net 2x, batch 64" in line and "1.50x vs 2.00x" in line and "not yet profiled" in line
+
+
+def test_latency_run_and_report_on_a_tiny_model(tmp_path):
+    """The whole measuring and reporting code on two tiny VGGs, without ../shared."""
+    pytest.importorskip("onnxruntime")
+    import argparse
+
+    import numpy as np
+    import torch
+    from _planted import conv_macs_by_hooks
+
+    from chanprune.models import vgg_digits
+
+    lat = _load_script("latency")
+    torch.manual_seed(0)
+    nets = {
+        "tiny": {"model": vgg_digits().eval(), "base": "tiny"},
+        "tiny narrow": {"model": vgg_digits(widths=[8, 8, 16, 16, 32, 32]).eval(), "base": "tiny"},
+    }
+    args = argparse.Namespace(
+        rounds=2, warmup=1, repeat=2, threads=1, profile_runs=1, n_images=10, seed=0
+    )
+    data = lat.run(nets, args, "python benchmarks/latency.py --test", input_shape=(1, 8, 8))
+    out, md = tmp_path / "results" / "latency.json", tmp_path / "RESULTS.md"
+    md.write_text("# title\n\nkept text\n")
+    lines = []
+    lat.report(data, out, md, log=lines.append)
+    lat.report(data, out, md, log=lambda _: None)  # replaces its section, no duplicate
+
+    saved = json.loads(out.read_text())
+    assert saved["command"] == "python benchmarks/latency.py --test"
+    results = saved["results"]
+    assert list(results) == ["tiny", "tiny narrow"]
+    expected = conv_macs_by_hooks(nets["tiny"]["model"], (1, 8, 8)) / conv_macs_by_hooks(
+        nets["tiny narrow"]["model"], (1, 8, 8)
+    )
+    assert results["tiny narrow"]["mac_speedup"] == pytest.approx(expected)
+    assert results["tiny"]["mac_speedup"] == 1.0
+    for r in results.values():
+        assert 0 <= r["onnx_max_abs_diff"] <= 1e-4 * r["onnx_scale"]
+        for runtime in ("torch", "ort"):
+            for b in ("1", "64"):
+                assert len(r["times_ms"][runtime][b]) == 2
+                assert all(t > 0 for t in r["times_ms"][runtime][b])
+    ort_b64 = [np.median(results[k]["times_ms"]["ort"]["64"]) for k in ("tiny", "tiny narrow")]
+    assert lat.speedup(results, "tiny narrow", "ort", 64) == pytest.approx(ort_b64[0] / ort_b64[1])
+    for label, b in lat.flagged(results):  # each flagged row is profiled, with its original
+        for key in (f"{label}@b{b}", f"tiny@b{b}"):
+            profile = saved["profiles"][key]
+            assert profile["node_ms_per_run"] > 0
+            assert sum(profile["op_share"].values()) == pytest.approx(1.0)
+            assert "Conv" in profile["op_share"]
+
+    printed = "\n".join(lines)
+    assert "| tiny narrow |" in printed
+    text = md.read_text()
+    assert text.startswith("# title") and "kept text" in text
+    assert text.count("<!-- latency:start -->") == text.count("<!-- latency:end -->") == 1
+    assert "\n".join(lat.table(results)) in text
+
+
+def test_latency_help_and_missing_shared(tmp_path, capsys):
+    lat = _load_script("latency")
+    with pytest.raises(SystemExit) as exc:
+        lat.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--n-images", "--rounds", "--repeat", "--threads", "--results-md"):
+        assert option in out
+    pytest.importorskip("onnxruntime")
+    assert lat.main(["--shared", str(tmp_path / "absent"), "--out", str(tmp_path / "l.json")]) == 2
+    assert "absent" in capsys.readouterr().err
+    assert not (tmp_path / "l.json").exists()
+    assert lat.main(["--report-only", "--out", str(tmp_path / "l.json")]) == 2
+
+
+def test_zoo_table_from_results():
+    zoo = _load_script("zoo")
+    results = {
+        "meta": {"command": "python benchmarks/zoo.py", "commit": "abc", "n_images": 8,
+                 "speedup": 2.0},
+        "models": {
+            "net_a": {
+                "chanprune": {"groups": 14, "kept_whole": 1, "consumers": 14, "speedup": 2.0004,
+                              "mean_rel_error": 0.0015, "time_s": 8.8, "output_shape_kept": True},
+                "torch_pruning": {"runs": True, "speedup": 1.9971, "output_shape_kept": True,
+                                  "time_s": 3.0},
+            },
+            "net_b": {
+                "chanprune": {"error": "ValueError: no prunable channel group"},
+                "torch_pruning": {"runs": False, "error": "RuntimeError: shapes"},
+            },
+        },
+    }  # fmt: skip
+    table = zoo.markdown(results)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if "| net_" in line}
+    assert "| 14 | 1 | 2.000x | 0.0015 | 8.8 | yes | 1.997x | yes |" in rows["net_a"]
+    assert "fails: ValueError: no prunable channel group" in rows["net_b"]
+    assert "no: RuntimeError: shapes" in rows["net_b"]
+    assert table.startswith("<!-- zoo:start -->") and table.endswith("<!-- zoo:end -->")

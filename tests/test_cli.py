@@ -29,7 +29,8 @@ OPTIONS = {
     None: ["--help", "--version"],
     "prune": [
         "--help", "--model", "--weights", "--preset", "--calib", "--speedup", "--widths",
-        "--method", "--schedule", "--channel-sampler", "--n-images", "--positions", "--holdout",
+        "--method", "--schedule", "--channel-sampler", "--planner", "--n-images", "--positions",
+        "--holdout",
         "--ridge", "--batch-size", "--device", "--max-cache-mb", "--seed", "--out", "--report",
         "--quiet", "--verbose",
     ],
@@ -630,9 +631,13 @@ def test_info_reports_widths_macs_and_params(tiny, capsys):
     assert "sampler" not in out  # a VGG has no residual stream
 
     code, out, _ = run(["info", "--model", "resnet20_cifar10"], capsys)
-    rows = {line.split()[0]: line.split()[-1] for line in out.splitlines() if "layer" in line}
+    table, groups = out.split("channel groups (graph planner)")
+    rows = {line.split()[0]: line.split()[-1] for line in table.splitlines() if "layer" in line}
     assert rows["layer1.0.conv1"] == "sampler" and rows["layer1.0.conv2"] == "yes"
     assert "prunable with --channel-sampler" in out
+    # The graph planner's view: branch-internal groups prunable, the stream kept whole.
+    assert "layer1.0.conv1 (16 channels): prunable" in groups
+    assert "conv1 (16 channels): kept whole: tied to a residual addition" in groups
 
 
 # ---------------------------------------------------------------------------- demo
@@ -678,3 +683,100 @@ def test_eval_shared_vgg16_bn_cifar10(capsys):
     accuracy = float(out.split()[1])
     assert abs(accuracy - 0.8993) < 5e-4
     assert "(8993/10000 images)" in out or "/10000 images" in out
+
+
+# ---------------------------------------------------------------------------- user models
+USER_MODEL = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleDict({
+            "a": nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)),
+            "b": nn.Sequential(nn.Conv2d(16, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24)),
+            "c": nn.Sequential(nn.Conv2d(24, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)),
+        })
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.blocks["a"](x))
+        x = F.relu(self.blocks["b"](x))
+        x = F.relu(self.blocks["c"](x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+"""
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "user_net.py"
+    path.write_text(USER_MODEL)
+    return path
+
+
+def test_prune_a_user_model_from_a_file_callable(tiny, user_file, tmp_path, capsys):
+    weights = tmp_path / "weights.pt"
+    net = runpy.run_path(str(user_file))["build"]()
+    torch.save(net.state_dict(), weights)
+    out = tmp_path / "pruned.pt"
+    argv = [
+        "prune", "--model", f"{user_file}:build", "--weights", weights, "--calib",
+        tiny / "calib", "--preset", "digits", "--speedup", "1.5", "--out", out, "--quiet",
+    ]  # fmt: skip
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    assert "1.5" in stdout or "1.4" in stdout
+    fresh = runpy.run_path(str(user_file))["Net"]()
+    pruned = cio.load(out, model=fresh)
+    assert pruned.blocks["b"][0].in_channels < 16
+    x = torch.randn(2, 1, 8, 8)
+    assert pruned(x).shape == (2, 10)
+
+
+def test_info_lists_the_channel_groups_of_a_user_model(user_file, capsys):
+    code, out, err = run(["info", "--model", f"{user_file}:Net", "--input-size", 8], capsys)
+    assert code == 0, err
+    assert "channel groups (graph planner): 2 of 3 prunable" in out
+    assert "blocks.c.0 (16 channels): kept whole: read by the linear layer fc" in out
+    assert "consumers: blocks.b.0" in out
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_module_xyz:build", "cannot import"),
+        ("{file}:nothing", "has no callable 'nothing'"),
+        ("{missing}:build", "does not exist"),
+    ],
+)
+def test_bad_user_model_specs_exit_2(spec, message, user_file, tmp_path, capsys):
+    spec = spec.format(file=user_file, missing=tmp_path / "missing.py")
+    code, _, err = run(["info", "--model", spec, "--input-size", 8], capsys)
+    assert code == 2
+    assert message in err
+
+
+def test_prune_reads_a_calibration_list(tiny, tmp_path, capsys):
+    images = sorted((tiny / "calib").glob("*/*.png"))
+    listing = tmp_path / "calib.txt"
+    lines = [f"{p} {p.parent.name}" for p in images]
+    listing.write_text("# calibration list\n" + "\n".join(lines) + "\n")
+    argv = [
+        "prune", "--model", tiny / "saved.pt", "--calib", listing, "--preset", "digits",
+        "--speedup", "1.5", "--out", tmp_path / "out.pt", "--quiet",
+        "--report", tmp_path / "report.json",
+    ]  # fmt: skip
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["n_images"] + report["n_heldout"] == len(images)
+    code, _, err = run([*argv[:4], tmp_path / "missing.txt", *argv[5:]], capsys)
+    assert code == 2 and "missing.txt" in err

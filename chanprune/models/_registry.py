@@ -222,7 +222,11 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
         ``get_model(name, weights=path)``), or weights that do not match the config.
     """
     p = Path(_check_path(path))
-    obj = read_checkpoint(p)
+    return model_from_checkpoint(read_checkpoint(p), p)
+
+
+def model_from_checkpoint(obj: Any, p: Path) -> nn.Module:
+    """:func:`load_model` on the already read contents ``obj`` of file ``p``."""
     if not isinstance(obj, Mapping) or "arch_config" not in obj:
         raise ValueError(
             f"Checkpoint '{p}' has no 'arch_config' entry, so it was not written by "
