@@ -51,7 +51,10 @@ from _whole_model import REPO, SHARED, git_commit, replace_section, write_atomic
 
 OUT = REPO / "benchmarks" / "results" / "latency.json"
 MARK = "latency"
+ZOO_MARK = "latency_zoo"
 BATCHES = (1, 64)
+#: Batches of a --zoo run (224x224 inputs: a batch of 64 would take minutes per round).
+ZOO_BATCHES = (1, 8)
 RUNTIMES = ("torch", "ort")
 #: Flag a row when ORT's speed-up and the MAC speed-up differ by more than this fraction.
 DEVIATION = 0.20
@@ -103,6 +106,34 @@ def build_networks(shared: Path, n_images: int, seed: int, log: Callable = print
         log(f"pruned {label}: {report.speedup:.2f}x fewer conv MACs in {seconds:.0f} s")
         out[label] = {
             "model": pruned.eval(), "base": base_label, "prune_s": seconds,
+            "report_speedup": report.speedup,
+        }  # fmt: skip
+    return out
+
+
+def build_zoo_networks(names, n_images: int, seed: int, log: Callable = print) -> dict:
+    """pytorchcv networks (random weights, see benchmarks/zoo.py) and their 2x versions
+    from the graph planner, pruned on ``n_images`` random 224x224 images: the latency
+    depends on the widths only."""
+    import torch
+    from zoo import ZOO, build
+
+    from chanprune.prune import prune_model
+
+    known = {z[1]: z for z in ZOO}
+    out: dict[str, dict] = {}
+    for name in names:
+        module, _, size = known[name]
+        model = build(module, name, seed)
+        images = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(1))
+        start = time.perf_counter()
+        pruned, report = prune_model(model, images, speedup=2.0, seed=seed, progress=False,
+                                     holdout=0.0)  # fmt: skip
+        seconds = time.perf_counter() - start
+        log(f"pruned {name}: {report.speedup:.2f}x fewer MACs in {seconds:.0f} s")
+        out[name] = {"model": model, "base": name}
+        out[f"{name} 2x"] = {
+            "model": pruned.eval(), "base": name, "prune_s": seconds,
             "report_speedup": report.speedup,
         }  # fmt: skip
     return out
@@ -348,6 +379,9 @@ def profile_lines(results: dict, profiles: dict) -> list[str]:
 
 def markdown(data: dict) -> str:
     results = data["results"]
+    batches = tuple(data["config"].get("batches", BATCHES))
+    if data["config"].get("zoo"):
+        return _zoo_markdown(data, batches)
     lines = [
         f"<!-- {MARK}:start -->",
         "## CPU latency in PyTorch and ONNX Runtime (`benchmarks/latency.py`)",
@@ -388,6 +422,33 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _zoo_markdown(data: dict, batches: tuple) -> str:
+    """The section of a ``--zoo`` run: graph-planned third-party networks at 224x224."""
+    config = data["config"]
+    lines = [
+        f"<!-- {ZOO_MARK}:start -->",
+        "## CPU latency of graph-planned networks (`benchmarks/latency.py --zoo`)",
+        "",
+        "pytorchcv 0.0.74 definitions (random weights, as in `benchmarks/zoo.py`) pruned 2x "
+        f"by the graph planner on {config['n_images']} random images, exported and timed "
+        f"on random 3x224x224 inputs, batches {', '.join(map(str, batches))}; "
+        f"{config['rounds']} interleaved rounds of {config['repeat']} timed runs after "
+        f"{config['warmup']} warm-up runs, {config['threads']} threads. MAC speed-up: conv "
+        "MACs before / after (`chanprune.flops.count_macs`). ONNX Runtime matched PyTorch "
+        f"to within {data['max_rel_diff']:.1e} of the output scale.",
+        "",
+        "```",
+        data["command"],
+        "```",
+        "",
+        f"Machine: {data['machine']}; code {data.get('commit')}.",
+        "",
+        *table(data["results"], batches),
+        f"<!-- {ZOO_MARK}:end -->",
+    ]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- main
 def parse_args(argv):
     import torch
@@ -419,10 +480,19 @@ def parse_args(argv):
         action="store_true",
         help="print the table (and --results-md) from the JSON",
     )
+    p.add_argument(
+        "--zoo", nargs="+", default=None, metavar="NAME",
+        help="instead of the shared networks: these pytorchcv networks (benchmarks/zoo.py "
+        "names) and their 2x versions from the graph planner, at 224x224, batches 1 and 8; "
+        "--n-images random images, results in results/latency_zoo.json (default: off)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
-def run(networks: dict, args, command: str, input_shape=(3, 32, 32), log: Callable = print) -> dict:
+def run(
+    networks: dict, args, command: str, input_shape=(3, 32, 32), batches=BATCHES,
+    log: Callable = print,
+) -> dict:
     """Measure (and profile) ``networks``; the JSON-ready record, ``command`` the one that
     made it."""
     import torch
@@ -430,7 +500,7 @@ def run(networks: dict, args, command: str, input_shape=(3, 32, 32), log: Callab
     with tempfile.TemporaryDirectory() as tmp:
         results = measure(
             networks, input_shape, Path(tmp), rounds=args.rounds, n_warmup=args.warmup,
-            n_repeat=args.repeat, threads=args.threads, log=log,
+            n_repeat=args.repeat, threads=args.threads, batches=batches, log=log,
         )  # fmt: skip
         profiles = {}
         if args.profile_runs > 0:
@@ -448,6 +518,8 @@ def run(networks: dict, args, command: str, input_shape=(3, 32, 32), log: Callab
             "repeat": args.repeat,
             "threads": args.threads,
             "input_shape": list(input_shape),
+            "batches": list(batches),
+            "zoo": bool(getattr(args, "zoo", None)),
         },  # fmt: skip
         "machine": (
             f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, "
@@ -470,11 +542,12 @@ def report(data: dict, out: Path, results_md: Optional[Path], log: Callable = pr
     """Write the JSON (atomically), print the table and the flagged rows, and update the
     Markdown section when asked."""
     write_atomic(out, json.dumps(data, indent=1) + "\n")
-    log("\n".join(table(data["results"])))
+    log("\n".join(table(data["results"], tuple(data["config"].get("batches", BATCHES)))))
     for line in profile_lines(data["results"], data.get("profiles", {})):
         log(line)
     if results_md is not None:
-        replace_section(results_md, MARK, markdown(data))
+        mark = ZOO_MARK if data["config"].get("zoo") else MARK
+        replace_section(results_md, mark, markdown(data))
 
 
 def main(argv=None) -> int:
@@ -484,6 +557,8 @@ def main(argv=None) -> int:
         if getattr(args, option) < 1:
             print(f"error: --{option.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    if args.zoo and args.out == OUT:
+        args.out = OUT.with_name("latency_zoo.json")
     if args.report_only:
         if not args.out.is_file():
             print(f"error: no results at {args.out}", file=sys.stderr)
@@ -495,11 +570,22 @@ def main(argv=None) -> int:
     except ImportError:
         print('error: needs onnx and onnxruntime: pip install -e ".[export]"', file=sys.stderr)
         return 2
+    command = " ".join(["python benchmarks/latency.py", *map(shlex.quote, argv)])
+    if args.zoo:
+        from zoo import ZOO
+
+        unknown = sorted(set(args.zoo) - {z[1] for z in ZOO})
+        if unknown:
+            print(f"error: unknown --zoo network(s) {unknown}", file=sys.stderr)
+            return 2
+        networks = build_zoo_networks(args.zoo, args.n_images, args.seed)
+        data = run(networks, args, command, input_shape=(3, 224, 224), batches=ZOO_BATCHES)
+        report(data, args.out, args.results_md)
+        return 0
     if not (args.shared / "models").is_dir():
         print(f"error: the shared checkpoints are not at {args.shared}", file=sys.stderr)
         return 2
     networks = build_networks(args.shared, args.n_images, args.seed)
-    command = " ".join(["python benchmarks/latency.py", *map(shlex.quote, argv)])
     data = run(networks, args, command)
     report(data, args.out, args.results_md)
     return 0

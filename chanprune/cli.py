@@ -59,7 +59,7 @@ from .flops import count_macs, count_params
 from .graph import PlanWarning, trace_plan
 from .io import load, save, write_all_creating_folders
 from .models import get_model, list_models
-from .models._checkpoint import load_weights, strip_ansi
+from .models._checkpoint import load_weights, read_checkpoint, strip_ansi
 from .prune import MODEL_METHODS, PLANNERS, prune_model
 from .schedule import SCHEDULES
 
@@ -105,8 +105,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help=(
             "checkpoint for a registered --model name or a module:callable: a plain "
             "state_dict or {'state_dict': ...}, keys optionally prefixed 'module.', loaded "
-            "strictly (default: none, i.e. random weights or those the callable sets; not "
-            "allowed with a model file)"
+            "strictly; for a callable also a pruned network written by 'chanprune prune "
+            "--out', whose layer shapes the built network takes first (default: none, i.e. "
+            "random weights or those the callable sets; not allowed with a model file)"
         ),
     )
     p.add_argument(
@@ -636,6 +637,15 @@ def _model_file(spec: str) -> Optional[str]:
     return spec
 
 
+def _holds_shapes(path: str) -> bool:
+    """Whether ``path`` is a file chanprune.save wrote for a network of the user's class."""
+    try:
+        obj = read_checkpoint(path)
+    except (OSError, ValueError):
+        return False  # load_weights reports the problem with the file
+    return isinstance(obj, Mapping) and "module_shapes" in obj
+
+
 def _model_from_callable(spec: str) -> Optional[nn.Module]:
     """``package.module:callable`` or ``path/to/file.py:callable`` -> the network it
     builds; None when ``spec`` is not of that form."""
@@ -689,6 +699,8 @@ def _resolve_model(
         return get_model(spec, weights=weights).eval(), spec
     built = _model_from_callable(spec)
     if built is not None:
+        if weights is not None and _holds_shapes(weights):  # pruned: shrink, then fill
+            return load(weights, model=built), None
         if weights is not None:
             load_weights(built, weights, name=spec)
         elif warn_untrained:

@@ -72,3 +72,14 @@ def conv_macs_by_hooks(model, input_shape) -> int:
         for handle in handles:
             handle.remove()
     return sum(total)
+
+
+def pyproject() -> dict:
+    """The repository's pyproject.toml, parsed (tomllib on 3.11+, tomli before)."""
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11: the test extra installs tomli
+        import tomli as tomllib
+    return tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())

@@ -723,3 +723,31 @@ def test_zoo_table_from_results():
     assert "fails: ValueError: no prunable channel group" in rows["net_b"]
     assert "no: RuntimeError: shapes" in rows["net_b"]
     assert table.startswith("<!-- zoo:start -->") and table.endswith("<!-- zoo:end -->")
+
+
+def test_latency_zoo_section_is_its_own(tmp_path):
+    """A --zoo run (other batches, its own marker) leaves the shared networks' section."""
+    pytest.importorskip("onnxruntime")
+    import argparse
+
+    import torch
+
+    from chanprune.models import vgg_digits
+
+    lat = _load_script("latency")
+    torch.manual_seed(0)
+    nets = {
+        "tiny": {"model": vgg_digits().eval(), "base": "tiny"},
+        "tiny 2x": {"model": vgg_digits(widths=[8, 8, 16, 16, 32, 32]).eval(), "base": "tiny"},
+    }
+    args = argparse.Namespace(rounds=1, warmup=1, repeat=1, threads=1, profile_runs=0,
+                              n_images=4, seed=0, zoo=["tiny"])  # fmt: skip
+    data = lat.run(nets, args, "python benchmarks/latency.py --zoo tiny", input_shape=(1, 8, 8),
+                   batches=(1, 2))  # fmt: skip
+    md = tmp_path / "RESULTS.md"
+    md.write_text("<!-- latency:start -->\nshared rows\n<!-- latency:end -->\n")
+    lat.report(data, tmp_path / "z.json", md, log=lambda _: None)
+    text = md.read_text()
+    assert "shared rows" in text
+    assert text.count("<!-- latency_zoo:start -->") == 1
+    assert "| tiny 2x |" in text and "ORT b2 ms" in text and "b64" not in text

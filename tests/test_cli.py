@@ -150,9 +150,9 @@ def test_console_main_exits_with_the_code_of_main_after_freezing_the_gc(monkeypa
 
 
 def test_console_script_entry_point_is_console_main():
-    import tomllib
+    from _planted import pyproject
 
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    project = pyproject()
     assert project["project"]["scripts"]["chanprune"] == "chanprune.cli:console_main"
 
 
@@ -739,6 +739,12 @@ def test_prune_a_user_model_from_a_file_callable(tiny, user_file, tmp_path, caps
     assert pruned.blocks["b"][0].in_channels < 16
     x = torch.randn(2, 1, 8, 8)
     assert pruned(x).shape == (2, 10)
+    # The pruned file as --weights of the callable: the network is shrunk, then filled.
+    argv = ["eval", "--model", f"{user_file}:Net", "--weights", out, "--data", tiny / "calib",
+            "--preset", "digits", "--json", tmp_path / "eval.json", "--quiet"]  # fmt: skip
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "eval.json").read_text())["n_images"] == 40
 
 
 def test_info_lists_the_channel_groups_of_a_user_model(user_file, capsys):

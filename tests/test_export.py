@@ -307,9 +307,9 @@ def test_failed_write_leaves_nothing_and_names_the_file(tmp_path, monkeypatch):
 
 
 def test_extras_are_optional_and_pinned():
-    import tomllib
+    from _planted import pyproject
 
-    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    project = pyproject()
     project = project["project"]
     assert not any(d.startswith(("onnx", "onnxruntime")) for d in project["dependencies"])
     extras = project["optional-dependencies"]
@@ -436,3 +436,34 @@ def test_graph_planned_model_exports_and_ort_matches_pytorch(name, tmp_path):
     for batch in (1, 4):
         x = _images(batch, seed=20 + batch)
         _assert_close_to_scale(_run_ort(path, x), _eager(pruned, x))
+
+
+def test_resnet_pruned_without_sampler_exports(tmp_path):
+    torch.manual_seed(3)
+    model = randomize_batchnorm(CifarResNet(depth=8, num_classes=10))
+    pruned, _ = prune_model(model, _images(40), speedup=1.3, progress=False)
+    assert not any(isinstance(m, SampledConv2d) for m in pruned.modules())
+    path = tmp_path / "resnet.onnx"
+    export_onnx(pruned, path, (3, 16, 16))
+    x = _images(3, seed=7)
+    _assert_close_to_scale(_run_ort(path, x), _eager(pruned, x))
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_shared_vgg_pruned_exports_and_matches_on_real_images(shared_dir, tmp_path):
+    """The shared VGG-16-BN pruned 2x, exported; ONNX Runtime against eager PyTorch on 64
+    real CIFAR-10 test images, and the same predicted classes."""
+    from chanprune.data import ImageFolder
+    from chanprune.models import get_model
+
+    model = get_model("vgg16_bn_cifar10", weights=shared_dir / "models" / "vgg16_bn_cifar10.pth")
+    calib = ImageFolder(shared_dir / "data" / "cifar10-jpeg" / "train5k", preprocess="cifar")
+    pruned, _ = prune_model(model, calib, speedup=2.0, n_images=200, progress=False)
+    path = tmp_path / "vgg.onnx"
+    export_onnx(pruned, path, (3, 32, 32))
+    test = ImageFolder(shared_dir / "data" / "cifar10-jpeg" / "test", preprocess="cifar")
+    x = torch.stack([test[i][0] for i in range(0, 6400, 100)])
+    got, want = _run_ort(path, x), _eager(pruned, x)
+    _assert_close_to_scale(got, want)
+    assert (got.argmax(1) == want.argmax(1)).all()

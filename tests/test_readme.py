@@ -42,12 +42,12 @@ def test_readme_names_the_two_commands(command):
 
 
 def test_main_job_command_installs_what_its_plot_needs():
-    import tomllib
+    from _planted import pyproject
 
     # The README says the demo writes demo.png, which needs matplotlib: the `plot` extra.
     text = README.read_text()
     assert "demo.png" in text
     line = next(ln for ln in text.splitlines() if ln.rstrip().endswith("&& chanprune demo"))
     assert 'pip install -e ".[plot]"' in line
-    project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+    project = pyproject()["project"]
     assert any(r.startswith("matplotlib") for r in project["optional-dependencies"]["plot"])
