@@ -707,7 +707,8 @@ def test_zoo_table_from_results():
         "models": {
             "net_a": {
                 "chanprune": {"groups": 14, "kept_whole": 1, "consumers": 14, "speedup": 2.0004,
-                              "mean_rel_error": 0.0015, "time_s": 8.8, "output_shape_kept": True},
+                              "mean_rel_error": 0.0015, "mean_rel_error_heldout": 0.03,
+                              "time_s": 8.8, "output_shape_kept": True},
                 "torch_pruning": {"runs": True, "speedup": 1.9971, "output_shape_kept": True,
                                   "time_s": 3.0},
             },
@@ -719,7 +720,7 @@ def test_zoo_table_from_results():
     }  # fmt: skip
     table = zoo.markdown(results)
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if "| net_" in line}
-    assert "| 14 | 1 | 2.000x | 0.0015 | 8.8 | yes | 1.997x | yes |" in rows["net_a"]
+    assert "| 14 | 1 | 2.000x | 0.0015 / 0.0300 | 8.8 | yes | 1.997x | yes |" in rows["net_a"]
     assert "fails: ValueError: no prunable channel group" in rows["net_b"]
     assert "no: RuntimeError: shapes" in rows["net_b"]
     assert table.startswith("<!-- zoo:start -->") and table.endswith("<!-- zoo:end -->")
