@@ -229,10 +229,10 @@ class _Runner:
         return self.interp.run_node(node)
 
     def advance(self, env: dict, start: int, stop: int) -> None:
-        """Run nodes ``[start, stop)`` into ``env``, then drop values not used from
-        ``stop`` on."""
+        """Run nodes ``[start, stop)`` into ``env`` (those it already holds are kept),
+        then drop values not used from ``stop`` on."""
         for node in self.nodes[start:stop]:
-            if node.op not in ("placeholder", "output"):
+            if node.op not in ("placeholder", "output") and node not in env:
                 env[node] = self.run(node, env)
         for node in list(env):
             if self.last_use.get(node.name, -1) < stop:
@@ -410,9 +410,13 @@ class _GraphSweep:
         return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
 
     # -- sampling --------------------------------------------------------------------
-    def sample(self, consumers: list[Consumer], envs_ref, envs_pr) -> list[_ConsumerStats]:
+    def sample(
+        self, consumers: list[Consumer], envs_ref, envs_pr, *, keep_first: bool = False
+    ) -> list[_ConsumerStats]:
         """Statistics of ``consumers`` at the current state of both networks: inputs from
-        the pruned one, targets from the original, all in one run on from the frontier."""
+        the pruned one, targets from the original, all in one run on from the frontier.
+        ``keep_first``: the first consumer sits at the frontier; its output in the original
+        network (which never changes) stays in the cache, so the next advance reuses it."""
         correct = self.options.residual_correction
         convs, out_kept, stats = [], [], []
         ref_targets: list[str] = []
@@ -438,6 +442,8 @@ class _GraphSweep:
         for env_r, env_p in zip(envs_ref, envs_pr):
             ref_values = self.ref.evaluate(env_r, list(dict.fromkeys(ref_targets)))
             pr_values = self.pr.evaluate(env_p, list(dict.fromkeys(pr_targets)))
+            if keep_first:
+                env_r[self.ref.by_name[consumers[0].node]] = ref_values[consumers[0].node]
             for consumer, conv, kept_out, st in zip(consumers, convs, out_kept, stats):
                 x = pr_values[self.pr.by_name[consumer.node].args[0].name]
                 y = ref_values[consumer.node]
@@ -600,7 +606,7 @@ class _GraphSweep:
         conv = self.gm.get_submodule(consumer.name)
         bn = self.gm.get_submodule(consumer.bn) if consumer.bn else None
         c_before = conv.in_channels
-        (stats,) = self.sample([consumer], envs_ref, envs_pr)
+        (stats,) = self.sample([consumer], envs_ref, envs_pr, keep_first=True)
         weight0, bias0 = folded_params(conv, bn)
         weight0 = weight0.double().cpu().numpy()
         bias0 = bias0.double().cpu().numpy()
