@@ -211,8 +211,16 @@ def remeasure_latency(bench: Benchmark, results: dict, rounds: int = LATENCY_ROU
         raise ValueError(f"--latency-only knows no architecture rebuild for {bench.model}")
     models = {"unpruned": get_model(bench.model).eval()}
     arch_of = {}
+    plan = None
     for k, run in results.get("runs", {}).items():
-        widths = run["report"].get("options", {}).get("widths")
+        options = run["report"].get("options", {})
+        widths = options.get("widths")
+        if widths and options.get("planner") == "graph":
+            # Keyed by channel group (its producer): the rebuild wants the consuming layer.
+            from chanprune.graph import trace_plan
+
+            plan = plan or trace_plan(models["unpruned"], (3, 32, 32))
+            widths = {c: w for g, w in widths.items() for c in plan.groups[g].consumers}
         if widths:
             arch_of[k] = json.dumps(widths, sort_keys=True)
             if arch_of[k] not in models:

@@ -111,10 +111,13 @@ def build_networks(shared: Path, n_images: int, seed: int, log: Callable = print
     return out
 
 
-def build_zoo_networks(names, n_images: int, seed: int, log: Callable = print) -> dict:
+def build_zoo_networks(
+    names, n_images: int, seed: int, multiple: int = 1, log: Callable = print
+) -> dict:
     """pytorchcv networks (random weights, see benchmarks/zoo.py) and their 2x versions
     from the graph planner, pruned on ``n_images`` random 224x224 images: the latency
-    depends on the widths only."""
+    depends on the widths only. With ``multiple`` > 1, also a 2x version whose widths are
+    multiples of it (``channel_multiple``)."""
     import torch
     from zoo import ZOO, build
 
@@ -126,16 +129,20 @@ def build_zoo_networks(names, n_images: int, seed: int, log: Callable = print) -
         module, _, size = known[name]
         model = build(module, name, seed)
         images = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(1))
-        start = time.perf_counter()
-        pruned, report = prune_model(model, images, speedup=2.0, seed=seed, progress=False,
-                                     holdout=0.0)  # fmt: skip
-        seconds = time.perf_counter() - start
-        log(f"pruned {name}: {report.speedup:.2f}x fewer MACs in {seconds:.0f} s")
         out[name] = {"model": model, "base": name}
-        out[f"{name} 2x"] = {
-            "model": pruned.eval(), "base": name, "prune_s": seconds,
-            "report_speedup": report.speedup,
-        }  # fmt: skip
+        for m in (1, multiple) if multiple > 1 else (1,):
+            start = time.perf_counter()
+            pruned, report = prune_model(
+                model, images, speedup=2.0, seed=seed, progress=False, holdout=0.0,
+                channel_multiple=m,
+            )  # fmt: skip
+            seconds = time.perf_counter() - start
+            label = f"{name} 2x" + (f", widths x{m}" if m > 1 else "")
+            log(f"pruned {label}: {report.speedup:.2f}x fewer MACs in {seconds:.0f} s")
+            out[label] = {
+                "model": pruned.eval(), "base": name, "prune_s": seconds,
+                "report_speedup": report.speedup,
+            }  # fmt: skip
     return out
 
 
@@ -430,7 +437,8 @@ def _zoo_markdown(data: dict, batches: tuple) -> str:
         "## CPU latency of graph-planned networks (`benchmarks/latency.py --zoo`)",
         "",
         "pytorchcv 0.0.74 definitions (random weights, as in `benchmarks/zoo.py`) pruned 2x "
-        f"by the graph planner on {config['n_images']} random images, exported and timed "
+        f"by the graph planner on {config['n_images']} random images (rows 'widths xN': "
+        "with `channel_multiple=N`), exported and timed "
         f"on random 3x224x224 inputs, batches {', '.join(map(str, batches))}; "
         f"{config['rounds']} interleaved rounds of {config['repeat']} timed runs after "
         f"{config['warmup']} warm-up runs, {config['threads']} threads. MAC speed-up: conv "
@@ -485,6 +493,11 @@ def parse_args(argv):
         help="instead of the shared networks: these pytorchcv networks (benchmarks/zoo.py "
         "names) and their 2x versions from the graph planner, at 224x224, batches 1 and 8; "
         "--n-images random images, results in results/latency_zoo.json (default: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--channel-multiple", type=int, default=1, metavar="N",
+        help="with --zoo: also a 2x version of each network with widths rounded to "
+        "multiples of N (default: 1, none)",
     )  # fmt: skip
     return p.parse_args(argv)
 
@@ -578,7 +591,8 @@ def main(argv=None) -> int:
         if unknown:
             print(f"error: unknown --zoo network(s) {unknown}", file=sys.stderr)
             return 2
-        networks = build_zoo_networks(args.zoo, args.n_images, args.seed)
+        networks = build_zoo_networks(args.zoo, args.n_images, args.seed,
+                                      args.channel_multiple)  # fmt: skip
         data = run(networks, args, command, input_shape=(3, 224, 224), batches=ZOO_BATCHES)
         report(data, args.out, args.results_md)
         return 0

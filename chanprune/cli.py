@@ -282,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
+        "--channel-multiple",
+        type=int,
+        default=1,
+        metavar="N",
+        help=(
+            "keep widths that are multiples of N in every channel group whose size is one "
+            "(8 keeps ONNX Runtime's and oneDNN's channel-blocked kernels usable); above 1 "
+            "it selects the graph planner (default: %(default)s)"
+        ),
+    )
+    p.add_argument(
         "--n-images",
         type=int,
         default=5000,
@@ -896,6 +907,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if args.widths is not None and args.schedule is not None:
         raise ValueError("--schedule applies to --speedup; --widths already fixes every layer.")
     _check_int(args.n_images, "--n-images", 1)
+    _check_int(args.channel_multiple, "--channel-multiple", 1)
+    if args.channel_multiple > 1 and args.planner == "names":
+        raise ValueError("--channel-multiple applies to the graph planner, not --planner names.")
     _check_int(args.positions, "--positions", 1)
     _check_int(args.batch_size, "--batch-size", 1)
     _check_seed(args.seed)
@@ -924,7 +938,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     # same_size: the calibration images are stacked into batches; name any odd one out.
     dataset = open_calibration(args.calib, _preprocess(preset), same_size=True)
     input_shape = tuple(dataset[0][0].shape)
-    _check_plan(model, input_shape, args.speedup, schedule, args.channel_sampler, args.planner)
+    planner = "graph" if args.channel_multiple > 1 else args.planner
+    _check_plan(model, input_shape, args.speedup, schedule, args.channel_sampler, planner)
 
     # 3. The work.
     pruned, report = prune_model(
@@ -939,6 +954,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         ridge=args.ridge,
         channel_sampler=args.channel_sampler,
         planner=args.planner,
+        channel_multiple=args.channel_multiple,
         batch_size=args.batch_size,
         max_cache_mb=args.max_cache_mb,
         device=device,

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ._validation import check_real_in_range
+from ._validation import check_int_in_range, check_real_in_range
 from .exceptions import UnsupportedLayerError
 from .schedule import _achieved
 
@@ -810,10 +810,27 @@ def _round_width(size: int, step: int, ratio: float) -> int:
     return int(min(size, max(step, width)))
 
 
-def uniform_widths(plan: Plan, speedup: float, *, tolerance: float = 0.02) -> dict[str, int]:
+def _steps(plan: Plan, multiple: int) -> dict[str, int]:
+    """The width step of each prunable group: one channel per part (grouped convs), or a
+    multiple of ``multiple`` too where the group's size is one."""
+    steps = {}
+    for name, group in plan.groups.items():
+        if group.prunable:
+            step = math.lcm(group.step, multiple)
+            steps[name] = step if group.size % step == 0 else group.step
+    return steps
+
+
+def uniform_widths(
+    plan: Plan, speedup: float, *, multiple: int = 1, tolerance: float = 0.02
+) -> dict[str, int]:
     """One kept ratio for every prunable group, found by bisection so that the MACs of
     all convs and linears fall by ``speedup``; then single steps between groups close the
     rounding gap. A speed-up farther than ``tolerance`` from the target warns.
+
+    ``multiple``: widths are multiples of it in every group whose size is one (8 lets
+    ONNX Runtime and oneDNN use their channel-blocked convolution kernels); coarser
+    steps make the target harder to hit exactly.
 
     Raises
     ------
@@ -822,7 +839,9 @@ def uniform_widths(plan: Plan, speedup: float, *, tolerance: float = 0.02) -> di
         gives the largest reachable one).
     """
     speedup = check_real_in_range(speedup, "speedup", 1.0, low_inclusive=False)
+    multiple = check_int_in_range(multiple, "multiple", 1)
     prunable = {n: g for n, g in plan.groups.items() if g.prunable}
+    steps = _steps(plan, multiple)
     if not prunable:
         raise ValueError(
             "the plan has no prunable channel group (every group is kept whole; see "
@@ -830,7 +849,7 @@ def uniform_widths(plan: Plan, speedup: float, *, tolerance: float = 0.02) -> di
         )
     total = plan.macs()
     target = total / speedup
-    smallest = {n: g.step for n, g in prunable.items()}
+    smallest = dict(steps)
     if plan.macs(smallest) > target:
         raise ValueError(
             f"speedup={speedup:g} cannot be reached: with every prunable group at its "
@@ -839,7 +858,7 @@ def uniform_widths(plan: Plan, speedup: float, *, tolerance: float = 0.02) -> di
         )
 
     def at(ratio: float) -> dict[str, int]:
-        return {n: _round_width(g.size, g.step, ratio) for n, g in prunable.items()}
+        return {n: _round_width(g.size, steps[n], ratio) for n, g in prunable.items()}
 
     lo, hi = 0.0, 1.0
     for _ in range(60):
@@ -857,8 +876,8 @@ def uniform_widths(plan: Plan, speedup: float, *, tolerance: float = 0.02) -> di
             break
         best = None
         for n, g in prunable.items():
-            w = widths[n] + (g.step if gap < 0 else -g.step)
-            if not g.step <= w <= g.size:
+            w = widths[n] + (steps[n] if gap < 0 else -steps[n])
+            if not steps[n] <= w <= g.size:
                 continue
             trial = dict(widths, **{n: w})
             err = abs(plan.macs(trial) - target)

@@ -718,6 +718,7 @@ def prune_model(
     residual_correction: bool = True,
     channel_sampler: bool = False,
     planner: str = "auto",
+    channel_multiple: int = 1,
     batch_size: int = 100,
     max_cache_mb: Optional[float] = None,
     stats_dtype: Optional[torch.dtype] = None,
@@ -810,6 +811,11 @@ def prune_model(
         widths. ``names`` recognises the VGG and ResNet layouts above by their attribute
         names. ``auto`` uses the names where the traced graph confirms them (so the
         results recorded for those layouts stand), else the graph.
+    channel_multiple : int, default=1
+        Graph planner: the kept widths of ``speedup`` are multiples of this in every group
+        whose size is one (8: the channel-blocked kernels of ONNX Runtime and oneDNN stay
+        usable, see RESULTS.md's latency tables). Above 1 it selects the graph planner
+        under ``planner="auto"``.
     batch_size : int, default=100
         Images per forward chunk (memory).
     max_cache_mb : float, optional
@@ -872,6 +878,13 @@ def prune_model(
         cpu32 = device.type == "cpu" and dtype == torch.float32
         stats_dtype = torch.float32 if cpu32 else torch.float64
     planner = check_choice(planner, "planner", PLANNERS)
+    channel_multiple = check_int_in_range(channel_multiple, "channel_multiple", 1)
+    if channel_multiple > 1:
+        if planner == "names":
+            raise ValueError(
+                "channel_multiple applies to the graph planner; use planner='auto' or 'graph'."
+            )
+        planner = "graph"
     plan = None if planner == "graph" else _names_plan(model, channel_sampler, planner)
     if plan is None:
         _check_graph_options(method, schedule, channel_sampler)
@@ -929,6 +942,7 @@ def prune_model(
         return _prune_graph(
             model, images, n_total - n_held, options, speedup=speedup, schedule=schedule,
             batch_size=batch_size, progress=progress, inplace=inplace, start=start,
+            channel_multiple=channel_multiple,
         )  # fmt: skip
 
     reference = copy.deepcopy(model).to(device).eval()
@@ -1070,6 +1084,7 @@ def _prune_graph(
     progress: bool,
     inplace: bool,
     start: float,
+    channel_multiple: int = 1,
 ) -> tuple[nn.Module, PruneReport]:
     """:func:`prune_model` through the plan traced from the graph (any network)."""
     device = options.device
@@ -1081,7 +1096,7 @@ def _prune_graph(
     if explicit:
         widths = explicit_widths(plan, schedule)
     else:
-        widths = uniform_widths(plan, speedup)
+        widths = uniform_widths(plan, speedup, multiple=channel_multiple)
     macs_before = plan.macs()
     params_before = count_params(pruned)
     # no_grad, not inference_mode: parameters created by the surgery must stay ordinary
@@ -1114,7 +1129,7 @@ def _prune_graph(
             refit=options.refit, normalize=options.normalize, alternate=options.alternate,
             correct_unpruned=options.correct_unpruned,
             residual_correction=options.residual_correction, seed=options.seed,
-            widths=widths, planner="graph",
+            widths=widths, planner="graph", channel_multiple=channel_multiple,
             kept={name: idx.tolist() for name, idx in kept.items()},
         ),
     )  # fmt: skip

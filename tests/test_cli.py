@@ -29,8 +29,8 @@ OPTIONS = {
     None: ["--help", "--version"],
     "prune": [
         "--help", "--model", "--weights", "--preset", "--calib", "--speedup", "--widths",
-        "--method", "--schedule", "--channel-sampler", "--planner", "--n-images", "--positions",
-        "--holdout",
+        "--method", "--schedule", "--channel-sampler", "--planner", "--channel-multiple",
+        "--n-images", "--positions", "--holdout",
         "--ridge", "--batch-size", "--device", "--max-cache-mb", "--seed", "--out", "--report",
         "--quiet", "--verbose",
     ],

@@ -221,3 +221,24 @@ def test_graph_sweep_is_reproducible():
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb
         torch.testing.assert_close(va, vb, rtol=0, atol=0)
+
+
+def test_channel_multiple_keeps_widths_multiples_where_sizes_allow():
+    model = randomize(Dense())  # groups of 24, 16, 16 channels
+    plan = trace_plan(model, SHAPE)
+    widths = uniform_widths(plan, 1.4, multiple=8, tolerance=0.2)
+    assert all(w % 8 == 0 for w in widths.values())
+    assert abs(plan.macs() / plan.macs(widths) / 1.4 - 1) <= 0.2
+    images = torch.randn(16, *SHAPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # 8-channel steps may miss by > 2%
+        pruned, report = chanprune.prune_model(
+            model, images, speedup=1.4, channel_multiple=8, progress=False
+        )
+    assert abs(report.speedup / 1.4 - 1) <= 0.2
+    assert report.options["planner"] == "graph"  # selected by the option under auto
+    assert all(w % 8 == 0 for w in report.options["widths"].values())
+    assert pruned.conv2.in_channels % 8 == 0
+    with pytest.raises(ValueError, match="graph planner"):
+        chanprune.prune_model(model, images, speedup=1.4, channel_multiple=8,
+                              planner="names", progress=False)  # fmt: skip
