@@ -406,27 +406,35 @@ def markdown(data: dict) -> str:
         "both runtimes. Speed-up: unpruned latency / pruned latency in the same runtime "
         "and batch; MAC speed-up: conv MACs before / after.",
         "",
-        "```",
-        data["command"],
-        "```",
-        "",
-        f"Machine: {data['machine']}; code {data.get('commit')}.",
-        "",
+        *_provenance(data),
         *table(results),
         "",
+        *_flagged_section(data),
+        f"<!-- {MARK}:end -->",
     ]
-    flags = flagged(results)
-    if flags:
-        lines += [
-            f"Rows where ONNX Runtime's speed-up is more than {DEVIATION:.0%} off the MAC "
-            "speed-up, with ONNX Runtime's profile of the pruned network and of its original "
-            "at that batch size (share of the summed node time):",
-            "",
-            *profile_lines(results, data.get("profiles", {})),
-            "",
-        ]
-    lines.append(f"<!-- {MARK}:end -->")
     return "\n".join(lines)
+
+
+def _provenance(data: dict) -> list[str]:
+    """The command that made ``data`` and where it ran."""
+    return [
+        "```", data["command"], "```", "",
+        f"Machine: {data['machine']}; code {data.get('commit')}.", "",
+    ]  # fmt: skip
+
+
+def _flagged_section(data: dict) -> list[str]:
+    """The rows off the MAC speed-up by more than DEVIATION, with their profiles."""
+    if not flagged(data["results"]):
+        return []
+    return [
+        f"Rows where ONNX Runtime's speed-up is more than {DEVIATION:.0%} off the MAC "
+        "speed-up, with ONNX Runtime's profile of the pruned network and of its original "
+        "at that batch size (share of the summed node time):",
+        "",
+        *profile_lines(data["results"], data.get("profiles", {})),
+        "",
+    ]
 
 
 def _zoo_markdown(data: dict, batches: tuple) -> str:
@@ -445,13 +453,10 @@ def _zoo_markdown(data: dict, batches: tuple) -> str:
         "MACs before / after (`chanprune.flops.count_macs`). ONNX Runtime matched PyTorch "
         f"to within {data['max_rel_diff']:.1e} of the output scale.",
         "",
-        "```",
-        data["command"],
-        "```",
-        "",
-        f"Machine: {data['machine']}; code {data.get('commit')}.",
-        "",
+        *_provenance(data),
         *table(data["results"], batches),
+        "",
+        *_flagged_section(data),
         f"<!-- {ZOO_MARK}:end -->",
     ]
     return "\n".join(lines)
