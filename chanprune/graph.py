@@ -23,6 +23,7 @@ network's input, its outputs and linear layers are fixed too.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import warnings
 from collections.abc import Mapping
@@ -35,7 +36,7 @@ from torch import nn
 
 from ._validation import check_int_in_range, check_real_in_range
 from .exceptions import UnsupportedLayerError
-from .schedule import _achieved
+from .schedule import MacModel, _achieved, resolve_explicit
 
 __all__ = ["ChannelGroup", "Consumer", "Plan", "LayerCost", "trace_plan", "PlanWarning"]
 
@@ -891,33 +892,30 @@ def uniform_widths(
 
 
 def explicit_widths(plan: Plan, keep: Mapping[str, Union[int, float]]) -> dict[str, int]:
-    """Widths from ``{group: count or ratio}``; unknown or fixed groups are refused by
-    name, counts must be multiples of the group's step (grouped convs)."""
-    widths = {}
-    for name, value in keep.items():
-        if name not in plan.groups:
-            raise ValueError(
-                f"{name!r} is not a channel group of this model; groups: "
-                f"{', '.join(plan.prunable) or 'none prunable'}."
-            )
-        group = plan.groups[name]
-        if not group.prunable:
-            raise ValueError(f"group {name!r} is kept whole: {'; '.join(group.fixed)}.")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(
-            value, "__index__"
-        ) and not hasattr(value, "__float__"):  # fmt: skip
-            raise TypeError(f"keep[{name!r}] must be an int count or a float ratio; got {value!r}.")
-        if isinstance(value, float) or (hasattr(value, "dtype") and value.dtype.kind == "f"):
-            value = float(value)
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"keep[{name!r}] as a ratio must be in (0, 1]; got {value}.")
-            widths[name] = _round_width(group.size, group.step, value)
-        else:
-            value = int(value)
-            if not group.step <= value <= group.size or value % group.step:
+    """Widths from ``{group: count or ratio}``: unknown or fixed groups are refused by
+    name, values checked as :func:`chanprune.schedule.resolve_explicit` checks them, and
+    in a group split by grouped convs a count must be a multiple of its step (a ratio is
+    rounded to one)."""
+    if isinstance(keep, Mapping):
+        for name in keep:
+            if name not in plan.groups:
                 raise ValueError(
-                    f"keep[{name!r}] must be a multiple of {group.step} in "
-                    f"[{group.step}, {group.size}]; got {value}."
+                    f"{name!r} is not a channel group of this model; groups: "
+                    f"{', '.join(plan.prunable) or 'none prunable'}."
                 )
-            widths[name] = value
+            group = plan.groups[name]
+            if not group.prunable:
+                raise ValueError(f"group {name!r} is kept whole: {'; '.join(group.fixed)}.")
+    counts = resolve_explicit(MacModel(groups=plan.prunable, convs=()), keep)
+    widths = {}
+    for name, count in counts.items():
+        group = plan.groups[name]
+        if not isinstance(keep[name], numbers.Integral):
+            count = _round_width(group.size, group.step, float(keep[name]))
+        elif count % group.step:
+            raise ValueError(
+                f"keep[{name!r}] must be a multiple of {group.step} in "
+                f"[{group.step}, {group.size}]; got {count}."
+            )
+        widths[name] = count
     return widths
