@@ -86,8 +86,6 @@ def build_networks(shared: Path, n_images: int, seed: int, log: Callable = print
     ``{label: {"model", "base" (label of its original), "prune_s", "report_speedup"}}``."""
     from _whole_model import _load
 
-    from chanprune.prune import prune_model
-
     originals: dict[str, tuple] = {}
     out: dict[str, dict] = {}
     for label, network, speedup in NETWORKS:
@@ -98,17 +96,23 @@ def build_networks(shared: Path, n_images: int, seed: int, log: Callable = print
         if speedup is None:
             out[label] = {"model": model, "base": base_label}
             continue
-        start = time.perf_counter()
-        pruned, report = prune_model(
-            model, calib, speedup=speedup, n_images=n_images, seed=seed, progress=False
-        )
-        seconds = time.perf_counter() - start
-        log(f"pruned {label}: {report.speedup:.2f}x fewer conv MACs in {seconds:.0f} s")
-        out[label] = {
-            "model": pruned.eval(), "base": base_label, "prune_s": seconds,
-            "report_speedup": report.speedup,
-        }  # fmt: skip
+        out[label] = _pruned(label, base_label, model, calib, log, speedup=speedup,
+                             n_images=n_images, seed=seed)  # fmt: skip
     return out
+
+
+def _pruned(label: str, base: str, model, calib, log: Callable, **options) -> dict:
+    """``prune_model(model, calib, **options)``, timed: the entry of ``label``."""
+    from chanprune.prune import prune_model
+
+    start = time.perf_counter()
+    pruned, report = prune_model(model, calib, progress=False, **options)
+    seconds = time.perf_counter() - start
+    log(f"pruned {label}: {report.speedup:.2f}x fewer MACs in {seconds:.0f} s")
+    return {
+        "model": pruned.eval(), "base": base, "prune_s": seconds,
+        "report_speedup": report.speedup,
+    }  # fmt: skip
 
 
 def build_zoo_networks(
@@ -121,8 +125,6 @@ def build_zoo_networks(
     import torch
     from zoo import ZOO, build
 
-    from chanprune.prune import prune_model
-
     known = {z[1]: z for z in ZOO}
     out: dict[str, dict] = {}
     for name in names:
@@ -131,18 +133,9 @@ def build_zoo_networks(
         images = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(1))
         out[name] = {"model": model, "base": name}
         for m in (1, multiple) if multiple > 1 else (1,):
-            start = time.perf_counter()
-            pruned, report = prune_model(
-                model, images, speedup=2.0, seed=seed, progress=False, holdout=0.0,
-                channel_multiple=m,
-            )  # fmt: skip
-            seconds = time.perf_counter() - start
             label = f"{name} 2x" + (f", widths x{m}" if m > 1 else "")
-            log(f"pruned {label}: {report.speedup:.2f}x fewer MACs in {seconds:.0f} s")
-            out[label] = {
-                "model": pruned.eval(), "base": name, "prune_s": seconds,
-                "report_speedup": report.speedup,
-            }  # fmt: skip
+            out[label] = _pruned(label, name, model, images, log, speedup=2.0, seed=seed,
+                                 holdout=0.0, channel_multiple=m)  # fmt: skip
     return out
 
 

@@ -4,7 +4,7 @@ Torch-Pruning on the same networks.
 For each pytorchcv 0.0.74 definition (random weights, BatchNorm statistics randomised,
 seeded; ImageNet definitions at 224x224, which their 7x7 pooling needs): the channel
 groups chanprune finds and keeps whole, the speed-up it reaches at ``--speedup`` (MACs of
-all convs and linears, counted by hooks on the pruned network), the mean relative
+all convs and linears, ``chanprune.flops.count_macs`` on the pruned network), the mean relative
 reconstruction error of the refit layers on the calibration samples, and the pruning time.
 Beside it, Torch-Pruning 1.6.1's L1 magnitude pruner (its ``DependencyGraph``) at one
 uniform ratio found by bisection for the same MAC target: whether it runs, the speed-up it
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 import chanprune
+from chanprune.flops import count_macs
 from chanprune.graph import PlanWarning, trace_plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,26 +74,9 @@ def build(module: str, name: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def hook_macs(model: nn.Module, shape: tuple) -> int:
-    """MACs per image of every Conv2d and Linear, counted by forward hooks."""
-    total = []
-
-    def count(m, args, out):
-        if isinstance(m, nn.Conv2d):
-            kh, kw = m.kernel_size
-            total.append(out[0].numel() * (m.in_channels // m.groups) * kh * kw)
-        else:
-            total.append(out[0].numel() * m.in_features)
-
-    handles = [m.register_forward_hook(count) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear))]  # fmt: skip
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros((1, *shape)))
-    finally:
-        for h in handles:
-            h.remove()
-    return int(sum(total))
+def all_macs(model: nn.Module, shape: tuple) -> int:
+    """MACs per image of every Conv2d and Linear."""
+    return count_macs(model, shape, include_linear=True)
 
 
 def measure_chanprune(model: nn.Module, shape: tuple, args) -> dict:
@@ -114,7 +98,7 @@ def measure_chanprune(model: nn.Module, shape: tuple, args) -> dict:
         "groups": len(plan.groups),
         "kept_whole": len(plan.groups) - len(plan.prunable),
         "consumers": len(plan.consumers),
-        "speedup": hook_macs(model, shape) / hook_macs(pruned, shape),
+        "speedup": all_macs(model, shape) / all_macs(pruned, shape),
         "mean_rel_error": sum(errors) / max(len(errors), 1),
         "mean_rel_error_heldout": sum(held) / max(len(held), 1),
         "time_s": seconds,
@@ -133,7 +117,7 @@ def measure_torch_pruning(module: str, name: str, shape: tuple, args) -> dict:
     import torch_pruning as tp
 
     original = build(module, name, args.seed)
-    base = hook_macs(original, shape)
+    base = all_macs(original, shape)
     example = torch.zeros(1, *shape)
 
     def pruned_at(ratio: float) -> nn.Module:
@@ -147,7 +131,7 @@ def measure_torch_pruning(module: str, name: str, shape: tuple, args) -> dict:
 
     start = time.perf_counter()
     try:
-        found = bisect_ratio(lambda r: base / hook_macs(pruned_at(r), shape), args.speedup,
+        found = bisect_ratio(lambda r: base / all_macs(pruned_at(r), shape), args.speedup,
                              strict=False, max_evals=12)  # fmt: skip
         model = pruned_at(found["ratio"])
         with torch.no_grad():
@@ -170,7 +154,7 @@ def markdown(results: dict) -> str:
         "",
         f"Command: `{meta['command']}` (commit {meta['commit']}). pytorchcv 0.0.74 "
         f"definitions, random weights, {meta['n_images']} random calibration images, target "
-        f"{meta['speedup']:g}x fewer MACs of all convs and linears (hook count). Torch-Pruning "
+        f"{meta['speedup']:g}x fewer MACs of all convs and linears (`count_macs`). Torch-Pruning "
         "1.6.1: L1 magnitude pruning at one uniform ratio (bisection, at most 12 tries), the "
         "classifier ignored. Random data: coverage and cost only, no accuracy. Errors: the "
         "mean over refit layers of the relative reconstruction error, on the fit samples "

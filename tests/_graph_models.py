@@ -1,5 +1,5 @@
-"""Small networks written the way other people write them, and two independent checks
-of a graph-planned prune: an equivalent masked original, and a hook-based MAC count."""
+"""Small networks written the way other people write them, and an independent check of a
+graph-planned prune: the equivalent masked original."""
 
 from __future__ import annotations
 
@@ -254,29 +254,3 @@ def masked_equivalent(original: nn.Module, pruned: nn.Module, plan, kept) -> nn.
             mod.weight.data.copy_(src.weight.detach())
             mod.bias.data.copy_(src.bias.detach())
     return masked.eval()
-
-
-def hook_macs(model: nn.Module, input_shape) -> int:
-    """MACs per image of every Conv2d and Linear, counted by forward hooks."""
-    total = []
-
-    def conv_hook(m, args, out):
-        kh, kw = m.kernel_size
-        total.append(out[0].numel() * (m.in_channels // m.groups) * kh * kw)
-
-    def linear_hook(m, args, out):
-        total.append(out[0].numel() * m.in_features)
-
-    handles = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros((1,) + tuple(input_shape)))
-    finally:
-        for h in handles:
-            h.remove()
-    return int(sum(total))

@@ -1,4 +1,4 @@
-"""Planted layer problems with known answers, shared by the solver tests."""
+"""Planted layer problems with known answers, and other helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -51,20 +51,25 @@ def randomize_batchnorm(model):
     return model.eval()
 
 
-def conv_macs_by_hooks(model, input_shape) -> int:
+def conv_macs_by_hooks(model, input_shape, *, include_linear: bool = False) -> int:
     """Conv MACs counted from the shapes seen in a forward pass (independent of
-    chanprune.flops): H_out * W_out * c_out * c_in / groups * kh * kw per conv."""
+    chanprune.flops): H_out * W_out * c_out * c_in / groups * kh * kw per conv; with
+    ``include_linear``, also in_features per output feature of every Linear."""
     import torch
     from torch import nn
 
     total = []
 
-    def hook(conv, args, out):
-        kh, kw = conv.kernel_size
-        c_in = args[0].shape[1] // conv.groups
+    def hook(layer, args, out):
+        if isinstance(layer, nn.Linear):
+            total.append(out[0].numel() * args[0].shape[-1])
+            return
+        kh, kw = layer.kernel_size
+        c_in = args[0].shape[1] // layer.groups
         total.append(out.shape[2] * out.shape[3] * out.shape[1] * c_in * kh * kw)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    kinds = (nn.Conv2d, nn.Linear) if include_linear else nn.Conv2d
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, *input_shape))
@@ -83,3 +88,32 @@ def pyproject() -> dict:
     except ModuleNotFoundError:  # Python < 3.11: the test extra installs tomli
         import tomli as tomllib
     return tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+
+
+def run_cli(argv, capsys) -> tuple:
+    """``chanprune.cli.main(argv)`` -> (exit code, stdout, stderr), SystemExit included."""
+    import chanprune.cli as cli
+
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def load_script(path):
+    """A script (``benchmarks/*.py``, ``data/*.py``) imported as a module, by path."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _planted import run_cli
 from PIL import Image
 
 import chanprune.cli as cli
@@ -50,14 +51,7 @@ OPTIONS = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run(argv, capsys) -> tuple[int, str, str]:
-    """``main(argv)`` -> (exit code, stdout, stderr), SystemExit included."""
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli  # main(argv) -> (exit code, stdout, stderr)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

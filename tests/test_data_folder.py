@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _planted import load_script
 from PIL import Image
 
 from chanprune.data import (
@@ -372,15 +371,7 @@ def test_shared_cifar_jpeg_folder(shared_dir, tmp_path):
 
 # ---------------------------------------------------------------------------- the script
 def _script():
-    path = REPO / "data" / "make_calib_list.py"
-    spec = importlib.util.spec_from_file_location("_make_calib_list", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-    return module
+    return load_script(REPO / "data" / "make_calib_list.py")
 
 
 def test_script_help(capsys):

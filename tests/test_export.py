@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _planted import randomize_batchnorm
+from _planted import randomize_batchnorm, run_cli
 from torch import nn
 
 import chanprune.cli as cli
@@ -320,13 +320,7 @@ def test_extras_are_optional_and_pinned():
 
 
 # ---------------------------------------------------------------------------- CLI
-def _cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = run_cli  # main(argv) -> (exit code, stdout, stderr)
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ from _graph_models import (
     PreActResNet,
     Residual,
     Shuffle,
-    hook_macs,
     masked_equivalent,
     randomize,
 )
+from _planted import conv_macs_by_hooks
 
 import chanprune
 from chanprune.exceptions import UnsupportedLayerError
@@ -117,7 +117,7 @@ def test_plan_macs_equal_hook_count(cls):
         warnings.simplefilter("ignore", PlanWarning)
         model = randomize(cls())
         plan = trace_plan(model, SHAPE)
-    assert plan.macs() == hook_macs(model, SHAPE)
+    assert plan.macs() == conv_macs_by_hooks(model, SHAPE, include_linear=True)
 
 
 # ---------------------------------------------------------------------------- the sweep
@@ -129,8 +129,8 @@ def test_prune_reaches_target_and_equals_masked_original(cls):
     assert report.options["planner"] == "graph"
     assert abs(report.speedup / 1.6 - 1) <= 0.02
     # The reported MACs are the hook count of the pruned network.
-    assert report.macs_after == hook_macs(pruned, SHAPE)
-    assert report.macs_before == hook_macs(model, SHAPE)
+    assert report.macs_after == conv_macs_by_hooks(pruned, SHAPE, include_linear=True)
+    assert report.macs_before == conv_macs_by_hooks(model, SHAPE, include_linear=True)
     for key, value in model.state_dict().items():  # the input model is untouched
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
     plan = trace_plan(model, SHAPE)

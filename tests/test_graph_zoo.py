@@ -12,33 +12,21 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from _graph_models import hook_macs, masked_equivalent, randomize
+from _graph_models import masked_equivalent, randomize
+from _planted import conv_macs_by_hooks, load_script
 
 import chanprune
 from chanprune.graph import PlanWarning, trace_plan
 
 pytest.importorskip("pytorchcv")
 
-# (module, builder, input size): ImageNet definitions end in a 7x7 pooling, so 224.
-ZOO = [
-    ("vgg", "vgg16", 224),
-    ("vgg", "bn_vgg16", 224),
-    ("resnet", "resnet18", 224),
-    ("resnet_cifar", "resnet56_cifar10", 32),
-    ("seresnet", "seresnet18", 224),
-    ("resnext", "resnext50_32x4d", 224),
-    ("mobilenet", "mobilenet_w1", 224),
-    ("mobilenetv2", "mobilenetv2_w1", 224),
-    ("mobilenetv3", "mobilenetv3_large_w1", 224),
-    ("efficientnet", "efficientnet_b0", 224),
-    ("densenet", "densenet121", 224),
-    ("shufflenetv2", "shufflenetv2_w1", 224),
-    ("regnet", "regnetx002", 224),
-    ("squeezenet", "squeezenet_v1_1", 224),
-]
+# (module, builder, input size), the networks benchmarks/zoo.py measures: ImageNet
+# definitions end in a 7x7 pooling, so 224.
+ZOO = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py").ZOO
 
 
 def _build(module: str, name: str) -> torch.nn.Module:
@@ -60,7 +48,8 @@ def test_zoo_model_prunes_to_2x_and_equals_its_masked_original(module, name, siz
             model, images, speedup=2.0, progress=False, positions_per_image=10, holdout=0.0
         )
     assert report.options["planner"] == "graph"
-    macs_before, macs_after = hook_macs(model, shape), hook_macs(pruned, shape)
+    macs_before = conv_macs_by_hooks(model, shape, include_linear=True)
+    macs_after = conv_macs_by_hooks(pruned, shape, include_linear=True)
     assert report.macs_before == macs_before and report.macs_after == macs_after
     assert abs(macs_before / macs_after / 2.0 - 1) <= 0.02
     masked = masked_equivalent(model, pruned, plan, report.options["kept"])
