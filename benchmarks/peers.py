@@ -431,6 +431,46 @@ def measure_network(network: str, args, results: dict, log: Callable = print) ->
             write_text_atomic(args.out, json.dumps(results, indent=1))
 
 
+def distill_runs(network: str, args, results: dict, log: Callable = print) -> None:
+    """TP L1 pruning, BatchNorm re-estimated, then the distillation chanprune offers
+    (``chanprune.recover.distill``, same epochs, learning rate, batch and augmentation):
+    the same recovery budget for both libraries. The pruned network is rebuilt from the
+    stored run (TP's pruning is deterministic)."""
+    from chanprune.data import ImageFolder
+    from chanprune.models import get_model
+    from chanprune.recover import distill
+
+    net = NETWORKS[network]
+    data = args.shared / "data" / "cifar10-jpeg"
+    model = get_model(net.model, weights=args.shared / "models" / net.checkpoint).eval()
+    calib, _ = _load_images(ImageFolder(data / "train5k", preprocess="cifar"), args.n_calib)
+    test = _load_images(ImageFolder(data / "test", preprocess="cifar"), args.n_test or None)
+    entry = results["networks"][network]
+    for key, run in entry["runs"].items():
+        if run["pruner"] != "l1" or run["target"] not in args.distill_speedups.get(network, ()):
+            continue
+        for epochs in args.distill_epochs:
+            done = run.setdefault("distill", {})
+            if str(epochs) in done and not args.rerun:
+                continue
+            pruned = copy.deepcopy(model)
+            ignored = ignored_layers(network, pruned)
+            ratio_dict = None
+            if run.get("matching") == "chanprune widths":
+                ratio_dict, _ = planned_ratio_dict(network, pruned, run["target"])
+            tp_prune("l1", pruned, run["ratio"] or 0.0, ignored, ratio_dict)
+            reestimate_bn(pruned, calib)
+            pruned.eval()
+            t0 = time.perf_counter()
+            student, records = distill(pruned, model, calib, epochs=epochs, progress=False)
+            done[str(epochs)] = {
+                "accuracy": _accuracy(student, test), "time_s": time.perf_counter() - t0,
+                "train_loss": records[-1].train_loss,
+            }  # fmt: skip
+            log(f"{network} {key} + BN + distill {epochs}: {done[str(epochs)]['accuracy']:.4f}")
+            write_text_atomic(args.out, json.dumps(results, indent=1))
+
+
 # ---------------------------------------------------------------------------- report
 def read_chanprune(network: str, results_dir: Path = RESULTS_DIR) -> dict:
     """chanprune's measured runs for ``network`` (re-read on every call)."""
@@ -628,6 +668,7 @@ def markdown(results: dict, chanprune: dict | None = None) -> str:
                 "the MAC target), so its architecture is the one of the chanprune rows.",
                 "",
             ]
+        lines += _distill_rows(entry, cp, base_acc)
         missing = "" if counts else " [TP not installed: its counts of chanprune's nets missing]"
         lines += [
             "MACs after pruning, chanprune's conv count / TP's own count (speed-up by TP's "
@@ -663,6 +704,54 @@ def markdown(results: dict, chanprune: dict | None = None) -> str:
         END,
     ]
     return "\n".join(lines)
+
+
+def _distill_rows(entry: dict, cp: dict, base_acc) -> list:
+    """Accuracy after the same distillation budget: TP L1 (+ BN re-estimation) and each
+    chanprune run with a ``distillN`` variant, by target."""
+    epochs = sorted(
+        {int(n) for r in entry["runs"].values() for n in r.get("distill", {})}
+        | {int(k.rsplit("distill", 1)[1]) for k in cp.get("runs", {}) if "/distill" in k}
+    )
+    if not epochs:
+        return []
+    rows = []
+    for _, r in sorted(entry["runs"].items()):
+        if r.get("distill"):
+            cells = [
+                f"{_pct(r['distill'][str(n)]['accuracy'], base_acc)} / "
+                f"{r['distill'][str(n)]['time_s']:.0f} s" if str(n) in r["distill"] else "-"
+                for n in epochs
+            ]  # fmt: skip
+            rows.append(f"| TP L1 + BN re-est., {r['target']:g}x | " + " | ".join(cells) + " |")
+    chanprune_runs = {}
+    for k, run in cp.get("runs", {}).items():
+        if "/distill" in k:
+            base_key, n = k.rsplit("/distill", 1)
+            chanprune_runs.setdefault(base_key, {})[int(n)] = run
+    for base_key, by_epochs in sorted(chanprune_runs.items()):
+        cells = []
+        for n in epochs:
+            run = by_epochs.get(n)
+            if run is None:
+                cells.append("-")
+                continue
+            took = run["report"]["recovery"][-1]["time_s"]
+            cells.append(f"{_pct(run['accuracy'], base_acc)} / {took:.0f} s")
+        method, schedule, speedup = base_key.split("/")
+        rows.append(f"| chanprune {method}, {schedule}, {speedup}x | " + " | ".join(cells) + " |")
+    return [
+        "With a short recovery: the pruned network distilled against the original's outputs "
+        "on the calibration images for N epochs (`chanprune.recover.distill`: no labels, "
+        "flips and crops, SGD lr 0.01 cosine, batch 64; chanprune trains on its 4,500 fit "
+        "images, TP on all 5,000 after its BN re-estimation). Cells: accuracy (change vs "
+        "unpruned) / distillation time.",
+        "",
+        "| pruned network | " + " | ".join(f"{n} epochs" for n in epochs) + " |",
+        "|---|" + "---|" * len(epochs),
+        *rows,
+        "",
+    ]
 
 
 def write_report(results: dict, results_md: Path, chanprune: dict | None = None) -> None:
@@ -703,6 +792,19 @@ def parse_args(argv):
         "--n-test", type=int, default=0,
         help="score on a stratified subset of this many test images (default: 0 = all 10,000)",
     )  # fmt: skip
+    p.add_argument(
+        "--distill-epochs", nargs="+", type=int, default=[],
+        help="also distil the L1 runs (BN re-estimated) for each of these epoch counts, the "
+        "budget chanprune's distill variants get (default: none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--distill-vgg-speedups", nargs="+", type=float, default=[4.0],
+        help="VGG targets whose L1 runs are distilled (default: 4)",
+    )  # fmt: skip
+    p.add_argument(
+        "--distill-resnet56-speedups", nargs="+", type=float, default=[2.0],
+        help="ResNet-56 targets whose L1 runs are distilled (default: 2)",
+    )  # fmt: skip
     p.add_argument("--rerun", action="store_true", help="recompute configurations in the JSON")
     p.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md from the JSONs")
     p.add_argument("--shared", type=Path, default=SHARED, help=f"shared folder ({SHARED})")
@@ -715,6 +817,10 @@ def parse_args(argv):
     )  # fmt: skip
     args = p.parse_args(argv)
     args.speedups = {"vgg": tuple(args.vgg_speedups), "resnet56": tuple(args.resnet56_speedups)}
+    args.distill_speedups = {
+        "vgg": tuple(args.distill_vgg_speedups),
+        "resnet56": tuple(args.distill_resnet56_speedups),
+    }
     return args
 
 
@@ -748,6 +854,8 @@ def main(argv=None, log: Callable = print) -> int:
     torch.manual_seed(0)
     for network in args.networks:
         measure_network(network, args, results, log)
+        if args.distill_epochs:
+            distill_runs(network, args, results, log)
         write_text_atomic(args.out, json.dumps(results, indent=1))
     write_text_atomic(args.out, json.dumps(results, indent=1))
     write_report(results, args.results_md)

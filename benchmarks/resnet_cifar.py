@@ -51,6 +51,8 @@ def bench_for(model: str) -> Benchmark:
             "sampler": {"channel_sampler": True},
             # The same network through the plan traced from the graph (planner="graph").
             "graph": {"planner": "graph"},
+            # Then a short distillation against the original network (recover="distill").
+            **{f"distill{n}": {"recover": "distill", "recover_epochs": n} for n in (1, 3, 5)},
         },
         script=str(Path(__file__).resolve()),
         script_args=("--model", model),

@@ -326,6 +326,25 @@ def build_parser() -> argparse.ArgumentParser:
             "the Gram matrix, >= 0 (default: %(default)s)"
         ),
     )
+    p.add_argument(
+        "--recover-epochs",
+        type=int,
+        default=0,
+        metavar="N",
+        help=(
+            "after pruning, distil the pruned network for N epochs against the original's "
+            "outputs on the calibration images (no labels; flips and crops), reporting the "
+            "held-out divergence per epoch; 0 keeps the promise of no training at all "
+            "(default: %(default)s)"
+        ),
+    )
+    p.add_argument(
+        "--recover-lr",
+        type=float,
+        default=0.01,
+        metavar="F",
+        help="initial learning rate of --recover-epochs, cosine to 0 (default: %(default)s)",
+    )
     _add_run_options(p, batch_size=100)
     p.add_argument(
         "--max-cache-mb",
@@ -836,9 +855,14 @@ def _check_plan(
     """
     from .prune import plan_widths
 
-    if schedule == "energy":
-        # Its widths need the data; it prunes every layer, as uniform does, so the same
-        # targets are reachable and the same checks apply.
+    if schedule in ("energy", "sensitivity"):
+        # Their widths need the data; they prune every layer, as uniform does, so the
+        # same targets are reachable and the same checks apply (sensitivity: on the graph).
+        if schedule == "sensitivity" and planner == "names":
+            raise ValueError(
+                "--schedule sensitivity runs on the graph planner, not --planner names."
+            )
+        planner = "graph" if schedule == "sensitivity" else planner
         schedule = "uniform"
     plan_widths(
         model, input_shape, speedup=speedup, schedule=schedule,
@@ -911,6 +935,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if args.channel_multiple > 1 and args.planner == "names":
         raise ValueError("--channel-multiple applies to the graph planner, not --planner names.")
     _check_int(args.positions, "--positions", 1)
+    _check_int(args.recover_epochs, "--recover-epochs", 0)
+    if not (math.isfinite(args.recover_lr) and args.recover_lr > 0):
+        raise ValueError(f"--recover-lr must be a finite number > 0; got {args.recover_lr:g}.")
     _check_int(args.batch_size, "--batch-size", 1)
     _check_seed(args.seed)
     if not 0.0 <= args.holdout <= 0.5:
@@ -961,6 +988,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         inplace=True,
+        recover="distill" if args.recover_epochs else None,
+        recover_epochs=max(1, args.recover_epochs),
+        recover_lr=args.recover_lr,
     )
 
     # 4. The outputs, all or nothing.

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -843,20 +844,9 @@ def uniform_widths(
     multiple = check_int_in_range(multiple, "multiple", 1)
     prunable = {n: g for n, g in plan.groups.items() if g.prunable}
     steps = _steps(plan, multiple)
-    if not prunable:
-        raise ValueError(
-            "the plan has no prunable channel group (every group is kept whole; see "
-            "`chanprune info` or Plan.describe() for why)."
-        )
+    _check_reachable(plan, speedup, steps)
     total = plan.macs()
     target = total / speedup
-    smallest = dict(steps)
-    if plan.macs(smallest) > target:
-        raise ValueError(
-            f"speedup={speedup:g} cannot be reached: with every prunable group at its "
-            f"narrowest the speed-up is {total / plan.macs(smallest):.3g}x (the groups kept "
-            "whole carry the rest of the MACs)."
-        )
 
     def at(ratio: float) -> dict[str, int]:
         return {n: _round_width(g.size, steps[n], ratio) for n, g in prunable.items()}
@@ -868,26 +858,137 @@ def uniform_widths(
             hi = mid
         else:
             lo = mid
-    widths = at(lo)
-    # Close the gap one step at a time: add a step to the group that keeps the MACs
-    # under the target, or take one from the widest while above it.
-    for _ in range(4 * len(prunable)):
+    widths = _close_gap(plan, at(lo), steps, target)
+    _achieved(total / plan.macs(widths), speedup, tolerance)  # warns when too far
+    return widths
+
+
+def _close_gap(plan: Plan, widths: dict, steps: Mapping[str, int], target: float) -> dict:
+    """Move single steps while that brings the MACs closer to ``target``: add a step to
+    the group that keeps the MACs under it, or take one from a group while above it."""
+    widths = dict(widths)
+    total = plan.macs()
+    for _ in range(4 * len(widths)):
         gap = plan.macs(widths) - target
         if abs(gap) <= 0.002 * total:
             break
         best = None
-        for n, g in prunable.items():
-            w = widths[n] + (steps[n] if gap < 0 else -steps[n])
-            if not steps[n] <= w <= g.size:
+        for n, w in widths.items():
+            w += steps[n] if gap < 0 else -steps[n]
+            if not steps[n] <= w <= plan.groups[n].size:
                 continue
-            trial = dict(widths, **{n: w})
-            err = abs(plan.macs(trial) - target)
+            err = abs(plan.macs(dict(widths, **{n: w})) - target)
             if best is None or err < best[0]:
                 best = (err, n, w)
         if best is None or best[0] >= abs(gap):
             break
         widths[best[1]] = best[2]
-    _achieved(total / plan.macs(widths), speedup, tolerance)  # warns when too far
+    return widths
+
+
+def _check_reachable(plan: Plan, speedup: float, steps: Mapping[str, int]) -> None:
+    if not steps:
+        raise ValueError(
+            "the plan has no prunable channel group (every group is kept whole; see "
+            "`chanprune info` or Plan.describe() for why)."
+        )
+    total = plan.macs()
+    if plan.macs(dict(steps)) > total / speedup:
+        raise ValueError(
+            f"speedup={speedup:g} cannot be reached: with every prunable group at its "
+            f"narrowest the speed-up is {total / plan.macs(dict(steps)):.3g}x (the groups kept "
+            "whole carry the rest of the MACs)."
+        )
+
+
+def widths_for_cost(
+    plan: Plan,
+    speedup: float,
+    cost: Mapping[str, np.ndarray],
+    *,
+    multiple: int = 1,
+    tolerance: float = 0.02,
+) -> dict[str, int]:
+    """Widths that meet a MAC speed-up at the least predicted cost.
+
+    Starting from the full network, the group whose next step down costs the least per
+    MAC it saves gives it up, until the MACs fall by ``speedup``; single steps then close
+    the rounding gap. Costs are added over groups (each measured with the group alone
+    narrowed), so this is the greedy solution of a knapsack on separable costs.
+
+    Parameters
+    ----------
+    plan : Plan
+    speedup : float
+        Target MAC speed-up (> 1), all convs and linears counted.
+    cost : dict of group -> ndarray of shape (size + 1,)
+        For every prunable group, the predicted cost of keeping ``k`` of its channels at
+        index ``k``: non-increasing, 0 at ``size``, ``inf`` where unaffordable (e.g.
+        :meth:`chanprune.sensitivity.SensitivityCurve.cost`, or ``-log`` of the kept
+        energy).
+    multiple, tolerance
+        As in :func:`uniform_widths`.
+
+    Returns
+    -------
+    dict of group -> int
+
+    Raises
+    ------
+    ValueError
+        A missing group or a cost of the wrong shape; an unreachable speed-up.
+    """
+    speedup = check_real_in_range(speedup, "speedup", 1.0, low_inclusive=False)
+    multiple = check_int_in_range(multiple, "multiple", 1)
+    steps = _steps(plan, multiple)
+    _check_reachable(plan, speedup, steps)
+    costs = {}
+    for name in steps:
+        size = plan.groups[name].size
+        if name not in cost:
+            raise ValueError(f"cost has no entry for the prunable group {name!r}.")
+        values = np.asarray(cost[name], dtype=np.float64)
+        if values.shape != (size + 1,) or np.isnan(values).any():
+            raise ValueError(
+                f"cost[{name!r}] must have shape ({size + 1},) (one value per width 0..size, "
+                f"no NaN); got shape {values.shape}."
+            )
+        costs[name] = values
+    full = {name: g.size for name, g in plan.groups.items()}
+    touching = {name: [c for c in plan.costs if name in c.in_groups + c.out_groups]
+                for name in steps}  # fmt: skip
+
+    def saving(widths: dict, name: str, width: int) -> float:
+        trial = dict(widths, **{name: width})
+        return sum(c.macs(widths) - c.macs(trial) for c in touching[name])
+
+    total = plan.macs()
+    target = total / speedup
+    widths = dict(full)
+    # Whole chunks keep the loop short on wide networks; single steps finish it.
+    chunk = {n: steps[n] * max(1, full[n] // (128 * steps[n])) for n in steps}
+    macs = total
+    while macs > target:
+        best = None
+        for name, step in steps.items():
+            width = widths[name]
+            for down in dict.fromkeys((chunk[name], step)):
+                if width - down >= step:
+                    break
+            else:
+                continue
+            saved = saving(widths, name, width - down)
+            if saved <= 0:
+                continue
+            rate = (costs[name][width - down] - costs[name][width]) / saved
+            if best is None or rate < best[0]:
+                best = (rate, name, width - down, saved)
+        if best is None:
+            break
+        widths[best[1]] = best[2]
+        macs -= best[3]
+    widths = _close_gap(plan, {n: widths[n] for n in steps}, steps, target)
+    _achieved(total / plan.macs(widths), speedup, tolerance)
     return widths
 
 

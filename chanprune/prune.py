@@ -26,6 +26,7 @@ that fitted and each pass recomputes the few layers after it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 import warnings
@@ -42,11 +43,19 @@ from tqdm.auto import tqdm
 from ._validation import check_choice, check_int_in_range, check_real_in_range
 from .exceptions import UnsupportedLayerError
 from .flops import conv_output_sizes, count_macs, count_params
-from .graph import PlanWarning, explicit_widths, trace_plan, uniform_widths
+from .graph import (
+    PlanWarning,
+    explicit_widths,
+    trace_plan,
+    uniform_widths,
+    widths_for_cost,
+)
 from .layer import prune_layer_from_stats
+from .recover import distill
 from .report import LayerReport, PruneReport
 from .sampling import (
     channel_spectra,
+    input_moments,
     record_activations,
 )
 from .schedule import (
@@ -59,6 +68,7 @@ from .schedule import (
     widths_for_speedup,
 )
 from .selection import SELECTORS
+from .sensitivity import group_positions, measure_sensitivity
 from .stats import LayerStats
 from .surgery import (
     SampledConv2d,
@@ -394,6 +404,18 @@ _RESIDUAL_ROLE = {"basic": 1.0, "2a": 2.0 / 3.5, "2b": 4.0 / 3.5, "2c": 3.0 / 3.
 #: for one forward pass over a tenth of 5,000 images.
 ENERGY_IMAGES = 500
 
+#: Images (spread evenly over the fit ones) on which ``schedule="sensitivity"`` measures
+#: each group's output degradation: one forward pass of them per group and width.
+SENSITIVITY_IMAGES = 64
+
+#: What ``prune_model(recover=...)`` can do after pruning.
+RECOVERIES = ("distill",)
+
+#: Schedules only the name-based planners offer (their multipliers come from the names).
+_NAMES_SCHEDULES = ("paper",)
+#: Schedules only the graph planner offers.
+_GRAPH_SCHEDULES = ("sensitivity",)
+
 
 def _multipliers(plan: list[_Consumer], schedule: str) -> dict[str, float]:
     if schedule == "uniform":
@@ -471,11 +493,21 @@ def plan_widths(
     """
     planner = check_choice(planner, "planner", PLANNERS)
     explicit = _check_target(speedup, schedule)
+    if isinstance(schedule, str) and schedule in _GRAPH_SCHEDULES:
+        raise ValueError(
+            f"schedule={schedule!r} allocates the widths from the output degradation "
+            "measured on calibration data; use prune_model, which measures it."
+        )
     plan = None if planner == "graph" else _names_plan(model, channel_sampler, planner)
     if plan is not None and planner == "auto":
         plan = plan if _names_confirmed(model, plan, tuple(input_shape)) else None
     if plan is None:
         _check_graph_options("lasso", schedule, channel_sampler)
+        if schedule == "energy":
+            raise ValueError(
+                "schedule='energy' on the graph planner allocates the widths from the "
+                "channel spectra of calibration data; use prune_model, which computes them."
+            )
         graph = trace_plan(model, tuple(input_shape))
         widths = explicit_widths(graph, schedule) if explicit else uniform_widths(graph, speedup)
         return widths, graph.macs() / graph.macs(widths)
@@ -728,6 +760,9 @@ def prune_model(
     inplace: bool = False,
     max_iter: int = 1000,
     tol: float = 1e-6,
+    recover: Optional[str] = None,
+    recover_epochs: int = 3,
+    recover_lr: float = 0.01,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune the channels of a network, layer by layer, without retraining.
 
@@ -838,6 +873,14 @@ def prune_model(
         Show tqdm progress bars.
     inplace : bool, default=False
         Prune ``model`` itself instead of a copy.
+    recover : {None, "distill"}, default=None
+        ``"distill"``: after pruning, train the pruned network for ``recover_epochs``
+        epochs to reproduce the original's outputs on the fit images (no labels; flips and
+        crops; :func:`chanprune.recover.distill`), reporting the divergence on the
+        held-out ones per epoch in ``report.recovery``. None: no training at all.
+    recover_epochs : int, default=3
+    recover_lr : float, default=0.01
+        Initial learning rate of the distillation (cosine to 0).
 
     Returns
     -------
@@ -861,6 +904,13 @@ def prune_model(
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}.")
     method = check_choice(method, "method", MODEL_METHODS)
     explicit = _check_target(speedup, schedule)
+    if recover is not None:
+        check_choice(recover, "recover", RECOVERIES)
+    recovery = dict(
+        recover=recover,
+        epochs=check_int_in_range(recover_epochs, "recover_epochs", 1),
+        lr=check_real_in_range(recover_lr, "recover_lr", 0.0, low_inclusive=False),
+    )
     if n_images is not None:
         n_images = check_int_in_range(n_images, "n_images", 1)
     if positions_per_image is not None:
@@ -883,6 +933,13 @@ def prune_model(
         if planner == "names":
             raise ValueError(
                 "channel_multiple applies to the graph planner; use planner='auto' or 'graph'."
+            )
+        planner = "graph"
+    if isinstance(schedule, str) and schedule in _GRAPH_SCHEDULES:
+        if planner == "names":
+            raise ValueError(
+                f"schedule={schedule!r} runs on the graph planner; use planner='auto' or "
+                "'graph'."
             )
         planner = "graph"
     plan = None if planner == "graph" else _names_plan(model, channel_sampler, planner)
@@ -942,7 +999,7 @@ def prune_model(
         return _prune_graph(
             model, images, n_total - n_held, options, speedup=speedup, schedule=schedule,
             batch_size=batch_size, progress=progress, inplace=inplace, start=start,
-            channel_multiple=channel_multiple,
+            channel_multiple=channel_multiple, recovery=recovery,
         )  # fmt: skip
 
     reference = copy.deepcopy(model).to(device).eval()
@@ -1013,7 +1070,8 @@ def prune_model(
             seed=seed, widths=widths, max_cache_mb=max_cache_mb, planner="names",
         ),
     )  # fmt: skip
-    return pruned.eval(), report
+    return _recover(pruned.eval(), report, reference, images, n_total - n_held, recovery,
+                    batch_size=batch_size, device=device, seed=seed, progress=progress)  # fmt: skip
 
 
 def _names_plan(model: nn.Module, channel_sampler: bool, planner: str) -> Optional[list]:
@@ -1035,11 +1093,12 @@ def _check_graph_options(method: str, schedule, channel_sampler: bool) -> None:
             f"recognises; with the graph planner (any other network) use one of "
             f"{', '.join(GRAPH_METHODS)}."
         )
-    if not isinstance(schedule, Mapping) and schedule != "uniform":
+    if not isinstance(schedule, Mapping) and schedule in _NAMES_SCHEDULES:
+        offered = [s for s in SCHEDULES if s not in _NAMES_SCHEDULES]
         raise ValueError(
             f"schedule={schedule!r} is available for the VGG and ResNet layouts chanprune "
-            "recognises; with the graph planner use 'uniform' or explicit widths "
-            "{group: keep}."
+            f"recognises; with the graph planner use one of {', '.join(offered)} or "
+            "explicit widths {group: keep}."
         )
     if channel_sampler:
         raise ValueError(
@@ -1085,6 +1144,7 @@ def _prune_graph(
     inplace: bool,
     start: float,
     channel_multiple: int = 1,
+    recovery: Optional[dict] = None,
 ) -> tuple[nn.Module, PruneReport]:
     """:func:`prune_model` through the plan traced from the graph (any network)."""
     device = options.device
@@ -1095,8 +1155,13 @@ def _prune_graph(
     explicit = isinstance(schedule, Mapping)
     if explicit:
         widths = explicit_widths(plan, schedule)
-    else:
+    elif schedule == "uniform":
         widths = uniform_widths(plan, speedup, multiple=channel_multiple)
+    else:
+        measure = images[_spread(n_fit, SENSITIVITY_IMAGES if schedule == "sensitivity"
+                                 else ENERGY_IMAGES)]  # fmt: skip
+        cost = _graph_costs(schedule, plan, measure, batch_size, device, progress)
+        widths = widths_for_cost(plan, speedup, cost, multiple=channel_multiple)
     macs_before = plan.macs()
     params_before = count_params(pruned)
     # no_grad, not inference_mode: parameters created by the surgery must stay ordinary
@@ -1133,7 +1198,68 @@ def _prune_graph(
             kept={name: idx.tolist() for name, idx in kept.items()},
         ),
     )  # fmt: skip
-    return pruned.eval(), report
+    return _recover(pruned.eval(), report, reference, images, n_fit, recovery or {},
+                    batch_size=batch_size, device=device, seed=options.seed,
+                    progress=progress)  # fmt: skip
+
+
+def _recover(
+    pruned: nn.Module, report: PruneReport, teacher: nn.Module, images: torch.Tensor,
+    n_fit: int, recovery: dict, *, batch_size: int, device, seed: int, progress: bool,
+) -> tuple[nn.Module, PruneReport]:
+    """The optional distillation after a prune (``recovery["recover"]``), in place on the
+    pruned network; the teacher is the original network (BatchNorms folded: the same
+    function in eval mode)."""
+    if recovery.get("recover") is None:
+        return pruned, report
+    start = time.perf_counter()
+    held = images[n_fit:] if images.shape[0] > n_fit else None
+    pruned, records = distill(
+        pruned, teacher, images[:n_fit], epochs=recovery["epochs"], lr=recovery["lr"],
+        batch_size=min(batch_size, 64), heldout=held, device=device, seed=seed,
+        progress=progress, inplace=True,
+    )  # fmt: skip
+    options = dict(report.options, recover=recovery["recover"], recover_epochs=recovery["epochs"],
+                   recover_lr=recovery["lr"])  # fmt: skip
+    return pruned, dataclasses.replace(
+        report, recovery=[r.to_dict() for r in records], options=options,
+        wall_time_s=report.wall_time_s + time.perf_counter() - start,
+    )  # fmt: skip
+
+
+def _spread(n: int, k: int) -> torch.Tensor:
+    """``min(n, k)`` indices spread evenly over ``range(n)`` (calibration images may come
+    sorted by class: a prefix would be a few classes)."""
+    return torch.from_numpy(np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(np.int64)))
+
+
+def _graph_costs(
+    schedule: str, plan, images: torch.Tensor, batch_size: int, device, progress: bool
+) -> dict[str, np.ndarray]:
+    """Each prunable group's predicted cost of keeping ``k`` channels, ``k = 0..size``:
+    ``-log`` of the principal-component energy kept (``energy``, from its first
+    consumer's input) or the measured output degradation (``sensitivity``)."""
+    groups = {name: g for name, g in plan.groups.items() if g.prunable}
+    if schedule == "sensitivity":
+        curves = measure_sensitivity(
+            plan, images, batch_size=batch_size, device=device, progress=progress
+        )
+        return {name: curve.cost() for name, curve in curves.items()}
+    consumers = {c.name: c for c in plan.consumers}
+    first = {name: consumers[g.consumers[0]] for name, g in groups.items() if g.consumers}
+    modules = {c.name: plan.graph.get_submodule(c.name) for c in first.values()}
+    moments = input_moments(plan.graph, images, modules, batch_size=batch_size, device=device)
+    cost = {}
+    for name, group in groups.items():
+        if name not in first:  # read by no consumer: free to narrow
+            cost[name] = np.zeros(group.size + 1)
+            continue
+        at = group_positions(first[name].layout, name)
+        cov = moments[first[name].name][1][at][:, at]
+        spectrum = torch.linalg.eigvalsh(cov).flip(0).clamp(min=0.0).numpy()
+        with np.errstate(divide="ignore"):
+            cost[name] = -np.log(np.concatenate([[0.0], energy_fractions(spectrum)]))
+    return cost
 
 
 def _advance(

@@ -68,6 +68,9 @@ class PruneReport:
     device: str
     layers: list = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    #: Distillation after the prune (``recover="distill"``): one dict per epoch, epoch 0
+    #: first (see :class:`chanprune.recover.EpochRecord`); empty without recovery.
+    recovery: list = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -102,4 +105,11 @@ class PruneReport:
                 f"| {r.name} | {r.channels_before} -> {r.channels_after} | {r.rel_error:.4f} "
                 f"| {held} | {r.rel_error_before_refit:.4f} | {r.time_s:.2f} |"
             )
+        if self.recovery:
+            lines += ["", "| distillation epoch | train loss | held-out divergence | time (s) |",
+                      "|---|---|---|---|"]  # fmt: skip
+            for r in self.recovery:
+                loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
+                held = "-" if r["heldout_divergence"] is None else f"{r['heldout_divergence']:.4f}"
+                lines.append(f"| {r['epoch']} | {loss} | {held} | {r['time_s']:.1f} |")
         return "\n".join(lines)

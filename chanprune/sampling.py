@@ -24,6 +24,7 @@ __all__ = [
     "gather_outputs",
     "record_activations",
     "channel_spectra",
+    "input_moments",
 ]
 
 
@@ -183,20 +184,19 @@ def record_activations(
             handle.remove()
 
 
-def channel_spectra(
+def input_moments(
     model: nn.Module,
     images: torch.Tensor,
     consumers: dict[str, nn.Module],
     *,
     batch_size: int = 100,
     device: Optional[torch.device | str] = None,
-) -> dict[str, np.ndarray]:
-    """Eigenvalues of the covariance of each consumer's input channels.
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Mean and covariance of each consumer's input channels, over every spatial position.
 
     Runs ``model`` over ``images`` with a forward pre-hook on every consumer that adds
     its input's channel vectors, at every spatial position, to a float64 sum and Gram
-    matrix. The covariance is centred: the intercept of a refit absorbs a channel's mean,
-    so only the variation around it is information the kept channels must carry.
+    matrix (shards add up: the sums of disjoint image sets are the sums of their union).
 
     Parameters
     ----------
@@ -213,8 +213,14 @@ def channel_spectra(
 
     Returns
     -------
-    dict of name -> ndarray of shape (c,)
-        Eigenvalues of each covariance, largest first, clipped at 0.
+    dict of name -> (mean, cov)
+        float64 CPU tensors of shapes ``(c,)`` and ``(c, c)``; the covariance is the
+        biased (population) one.
+
+    Raises
+    ------
+    ValueError
+        A consumer whose input is not 4-d, or that the forward pass never reaches.
 
     Notes
     -----
@@ -250,10 +256,34 @@ def channel_spectra(
     missing = [name for name in consumers if name not in gram]
     if missing:
         raise ValueError(f"the forward pass never reached {missing}.")
-    spectra = {}
+    moments = {}
     for name in consumers:
-        mean = total[name] / count[name]
-        cov = gram[name] / count[name] - torch.outer(mean, mean)
-        eigenvalues = torch.linalg.eigvalsh(cov.cpu()).flip(0).clamp(min=0.0)
-        spectra[name] = eigenvalues.numpy()
-    return spectra
+        mean = (total[name] / count[name]).cpu()
+        moments[name] = (mean, (gram[name] / count[name]).cpu() - torch.outer(mean, mean))
+    return moments
+
+
+def channel_spectra(
+    model: nn.Module,
+    images: torch.Tensor,
+    consumers: dict[str, nn.Module],
+    *,
+    batch_size: int = 100,
+    device: Optional[torch.device | str] = None,
+) -> dict[str, np.ndarray]:
+    """Eigenvalues of the covariance of each consumer's input channels.
+
+    The covariance is that of :func:`input_moments`, centred: the intercept of a refit
+    absorbs a channel's mean, so only the variation around it is information the kept
+    channels must carry. Parameters as there.
+
+    Returns
+    -------
+    dict of name -> ndarray of shape (c,)
+        Eigenvalues of each covariance, largest first, clipped at 0.
+    """
+    moments = input_moments(model, images, consumers, batch_size=batch_size, device=device)
+    return {
+        name: torch.linalg.eigvalsh(cov).flip(0).clamp(min=0.0).numpy()
+        for name, (_, cov) in moments.items()
+    }

@@ -33,8 +33,10 @@ __all__ = [
 ]
 
 #: Built-in schedule names; an explicit ``{group: keep}`` mapping is also accepted.
-#: ``energy`` needs the channel spectra of calibration data (see :func:`widths_for_energy`).
-SCHEDULES = ("uniform", "paper", "energy")
+#: ``energy`` needs the channel spectra of calibration data (see :func:`widths_for_energy`);
+#: ``sensitivity`` the measured output degradation of each group (see
+#: :mod:`chanprune.sensitivity`; graph planner only).
+SCHEDULES = ("uniform", "paper", "energy", "sensitivity")
 
 
 @dataclass(frozen=True)

@@ -197,6 +197,24 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def unit_activations(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """Rescale each conv and linear layer, in order, so its output on ``images`` has unit
+    spread (a data-dependent init): a random VGG's logits are otherwise near-constant,
+    on which every output divergence is ~0 and every gradient badly scaled."""
+    model.eval()
+    for layer in [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]:
+        seen: list = []
+        handle = layer.register_forward_hook(lambda m, a, out, seen=seen: seen.append(out))
+        with torch.no_grad():
+            model(images)
+            handle.remove()
+            spread = seen[0].std().clamp(min=1e-12)
+            layer.weight.div_(spread)
+            if layer.bias is not None:
+                layer.bias.div_(spread)
+    return model
+
+
 # ---------------------------------------------------------------------------- checks
 def _positions(layout, kept):
     """Kept positions of a value of ``layout`` (segments (group or None, width))."""

@@ -31,7 +31,7 @@ OPTIONS = {
     "prune": [
         "--help", "--model", "--weights", "--preset", "--calib", "--speedup", "--widths",
         "--method", "--schedule", "--channel-sampler", "--planner", "--channel-multiple",
-        "--n-images", "--positions", "--holdout",
+        "--n-images", "--positions", "--holdout", "--recover-epochs", "--recover-lr",
         "--ridge", "--batch-size", "--device", "--max-cache-mb", "--seed", "--out", "--report",
         "--quiet", "--verbose",
     ],
@@ -183,6 +183,20 @@ def test_prune_energy_schedule(tiny, tmp_path, capsys):
     assert code == 0, err
     data = json.loads(report.read_text())
     assert data["schedule"] == "energy" and abs(data["speedup"] / 1.5 - 1) <= 0.02
+
+
+def test_prune_sensitivity_schedule_with_recovery(tiny, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    argv = _prune_argv(tiny, tmp_path, "--speedup", 1.5, "--schedule", "sensitivity")
+    code, _, err = run([*argv, "--recover-epochs", 1, "--report", report, "--quiet"], capsys)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["schedule"] == "sensitivity" and abs(data["speedup"] / 1.5 - 1) <= 0.02
+    assert [r["epoch"] for r in data["recovery"]] == [0, 1]
+    code, _, err = run([*argv, "--recover-epochs", -1], capsys)
+    assert code == 2 and "--recover-epochs must be an integer >= 0" in err
+    code, _, err = run([*argv, "--planner", "names"], capsys)
+    assert code == 2 and "graph planner" in err
 
 
 def test_prune_with_explicit_widths(tiny, tmp_path, capsys):

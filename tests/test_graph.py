@@ -197,7 +197,20 @@ def test_graph_planner_refuses_what_it_does_not_offer():
     with pytest.raises(ValueError, match="graph planner"):
         chanprune.prune_model(Dense(), images, speedup=2.0, method="apoz", progress=False)
     with pytest.raises(ValueError, match="graph planner"):
-        chanprune.prune_model(Dense(), images, speedup=2.0, schedule="energy", progress=False)
+        chanprune.prune_model(Dense(), images, speedup=2.0, schedule="paper", progress=False)
+
+
+@pytest.mark.parametrize("schedule", ["energy", "sensitivity"])
+def test_data_driven_schedules_on_the_graph(schedule):
+    model = randomize(Dense())
+    images = torch.randn(32, *SHAPE, generator=torch.Generator().manual_seed(0))
+    pruned, report = chanprune.prune_model(
+        model, images, speedup=1.6, schedule=schedule, progress=False
+    )
+    assert report.schedule == schedule and report.options["planner"] == "graph"
+    assert abs(report.speedup / 1.6 - 1) <= 0.02
+    with pytest.raises(ValueError, match="use prune_model"):
+        chanprune.plan_widths(model, SHAPE, speedup=1.6, schedule=schedule)
 
 
 def test_explicit_widths_by_group_name():
