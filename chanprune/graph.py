@@ -452,6 +452,13 @@ class _Analysis:
     def binary(self, node: fx.Node, kind: str, tensors: list) -> None:
         shape = _shape(node)
         with_channels = [t for t in tensors if len(_shape(t)) >= 2 and _shape(t)[1] > 1]
+        if not with_channels and len(shape) >= 2 and shape[1] == 1:
+            # A group narrowed to one channel (e.g. h-swish's x * relu6(x + 3) on it):
+            # the tensors that carry it are its channels, not a broadcast.
+            with_channels = [t for t in tensors if len(_shape(t)) >= 2 and self.atoms_of(t)]
+        if not with_channels:
+            self.carry(node, tensors[0])
+            return
         if len(tensors) == 1 or len(with_channels) == 1 and len(shape) >= 2:
             main = with_channels[0] if with_channels else tensors[0]
             for other in tensors:
@@ -968,7 +975,7 @@ def widths_for_cost(
     # Whole chunks keep the loop short on wide networks; single steps finish it.
     chunk = {n: steps[n] * max(1, full[n] // (128 * steps[n])) for n in steps}
     macs = total
-    while macs > target:
+    while macs > target:  # stops early if every further step is ruled out (warned below)
         best = None
         for name, step in steps.items():
             width = widths[name]
@@ -981,6 +988,8 @@ def widths_for_cost(
             if saved <= 0:
                 continue
             rate = (costs[name][width - down] - costs[name][width]) / saved
+            if not np.isfinite(rate):  # a width its cost rules out
+                continue
             if best is None or rate < best[0]:
                 best = (rate, name, width - down, saved)
         if best is None:

@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ._validation import check_choice, check_int_in_range, check_real_in_range
+from .distributed import Shard, check_agreement, model_fingerprint, shard_rows
 from .exceptions import UnsupportedLayerError
 from .flops import conv_output_sizes, count_macs, count_params
 from .graph import (
@@ -435,6 +436,35 @@ def _multipliers(plan: list[_Consumer], schedule: str) -> dict[str, float]:
     return multipliers
 
 
+#: What ``schedule="auto"`` picks, and why: the schedule measured best for each kind of
+#: network without fine-tuning (benchmarks/RESULTS.md).
+AUTO_SCHEDULES = {
+    "chain": (
+        "energy",
+        "a VGG-style chain: 'energy' measured best on VGG-16-BN at 4x and 5x and within 0.3 "
+        "points of the best at 2x",
+    ),
+    "residual": (
+        "paper",
+        "a ResNet recognised by its layout: the paper's schedule measured best on ResNet-56 "
+        "and ResNet-20 at 1.5x and 2x",
+    ),
+    "graph": (
+        "sensitivity",
+        "a network planned from its graph: 'sensitivity' adapts the widths to any "
+        "architecture and measured above 'uniform' and 'energy' on the ResNets",
+    ),
+}
+
+
+def resolve_auto_schedule(plan: Optional[list]) -> tuple[str, str]:
+    """``(schedule, reason)`` for ``schedule="auto"``: by the kind of the name-based plan
+    (a VGG chain or a ResNet), or ``"graph"`` when the graph planner prunes (None)."""
+    if plan is None:
+        return AUTO_SCHEDULES["graph"]
+    return AUTO_SCHEDULES["chain" if plan[0].role == "chain" else "residual"]
+
+
 def _check_target(speedup, schedule) -> bool:
     """Validate the (speedup, schedule) pair; return whether the schedule is explicit."""
     explicit = isinstance(schedule, Mapping)
@@ -493,6 +523,13 @@ def plan_widths(
     """
     planner = check_choice(planner, "planner", PLANNERS)
     explicit = _check_target(speedup, schedule)
+    if schedule == "auto":
+        names = None if planner == "graph" else _names_plan(model, channel_sampler, planner)
+        if names is not None and planner == "auto":
+            names = names if _names_confirmed(model, names, tuple(input_shape)) else None
+        schedule = resolve_auto_schedule(names)[0]
+        if names is None:
+            planner = "graph"
     if isinstance(schedule, str) and schedule in _GRAPH_SCHEDULES:
         raise ValueError(
             f"schedule={schedule!r} allocates the widths from the output degradation "
@@ -562,12 +599,15 @@ def load_calibration_images(
     batch_size: int = 256,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    rows: Optional[np.ndarray] = None,
 ) -> torch.Tensor:
     """Calibration images as one ``dtype`` tensor (n_images, C, H, W).
 
     ``calib`` is a tensor of preprocessed images or a dataset yielding ``image`` or
     ``(image, label)``; ``n_images`` images are drawn with a seeded generator (all when
     None). ``dtype`` is the model's (float64 images stay exact for a float64 model).
+    ``rows``: only these of the drawn images, in this order (a rank's shard; the others
+    are never read).
     """
     from .data import calibration_subset, check_same_shapes, collate_images
 
@@ -582,11 +622,15 @@ def load_calibration_images(
             rng = np.random.default_rng(seed)
             idx = np.sort(rng.choice(calib.shape[0], size=n_images, replace=False))
             calib = calib[torch.from_numpy(idx)]
+        if rows is not None:
+            calib = calib[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
         images = calib.detach().to(dtype)
     elif isinstance(calib, Dataset):
         if len(calib) == 0:
             raise ValueError("the calibration dataset holds no images.")
         subset = calibration_subset(calib, n_images, seed=seed)
+        if rows is not None:
+            subset = torch.utils.data.Subset(calib, [subset.indices[int(r)] for r in rows])
         loader = torch.utils.data.DataLoader(
             subset, batch_size=batch_size, shuffle=False, collate_fn=collate_images
         )  # images of different sizes: a ValueError that says so, per batch...
@@ -602,6 +646,26 @@ def load_calibration_images(
     if not torch.isfinite(images).all():
         raise ValueError("the calibration images contain NaN or Inf values.")
     return images
+
+
+def _n_calibration(calib: Union[Dataset, torch.Tensor], n_images: Optional[int]) -> int:
+    """How many images :func:`load_calibration_images` draws from ``calib``."""
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 4 or calib.shape[0] == 0:
+            raise ValueError(
+                "calib as a tensor must have shape (n_images, C, H, W) with n_images >= 1; "
+                f"got {tuple(calib.shape)}."
+            )
+        n = calib.shape[0]
+    elif isinstance(calib, Dataset):
+        n = len(calib)
+        if n == 0:
+            raise ValueError("the calibration dataset holds no images.")
+    else:
+        raise TypeError(
+            f"calib must be a torch Dataset or a tensor of images; got {type(calib).__name__}."
+        )
+    return n if n_images is None else min(n, n_images)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -737,8 +801,8 @@ def prune_model(
     calib: Union[Dataset, torch.Tensor],
     *,
     speedup: Optional[float] = None,
-    schedule: Union[str, Mapping[str, Union[int, float]]] = "uniform",
-    method: str = "lasso",
+    schedule: Union[str, Mapping[str, Union[int, float]]] = "auto",
+    method: str = "greedy_ls",
     n_images: Optional[int] = None,
     positions_per_image: Optional[int] = 10,
     holdout: float = 0.1,
@@ -763,6 +827,7 @@ def prune_model(
     recover: Optional[str] = None,
     recover_epochs: int = 3,
     recover_lr: float = 0.01,
+    process_group=None,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune the channels of a network, layer by layer, without retraining.
 
@@ -783,7 +848,11 @@ def prune_model(
     speedup : float, optional
         Target MAC speed-up (> 1), turned into per-layer widths by ``schedule``. The
         achieved value is reported (within 2% of the target).
-    schedule : {"uniform", "paper", "energy"} or dict of layer -> keep
+    schedule : {"auto", "uniform", "paper", "energy", "sensitivity"} or dict of layer -> keep
+        ``auto`` (default): the schedule measured best for the kind of network
+        (:data:`AUTO_SCHEDULES`: ``energy`` for a VGG-style chain, ``paper`` for a ResNet
+        recognised by its layout, ``sensitivity`` for anything planned from its graph);
+        the report says which and why (``options["schedule_reason"]``).
         ``uniform``: one kept ratio everywhere; ``paper``: He et al.'s schedules (VGG-16:
         conv1_x-conv3_x : conv4_x kept ratios 1 : 1.5, conv5_x untouched; ResNet: blocks
         of the last stage and blocks that change the map size keep 7/3 the ratio of the
@@ -793,12 +862,20 @@ def prune_model(
         forward pass of the original network over the first ``ENERGY_IMAGES`` = 500 fit
         images, so layers with redundant channels are pruned hardest); or explicit
         widths ``{"features.3": 32, ...}`` (int counts or float ratios), in which case
-        ``speedup`` must be None. :func:`prunable_layers` lists the keys. With
+        ``speedup`` must be None. ``sensitivity`` (graph planner, which it selects under
+        ``planner="auto"``): the output degradation of the network as each channel group
+        alone narrows is measured on ``SENSITIVITY_IMAGES`` = 64 fit images
+        (:mod:`chanprune.sensitivity`), and the widths that meet the MAC target with the
+        least predicted degradation chosen (:func:`chanprune.graph.widths_for_cost`).
+        :func:`prunable_layers` lists the keys. With
         ``channel_sampler``, the paper schedule gives the stream input of a Bottleneck's
         conv1 (2a) 2/3.5 of the block's base ratio (2a : 2b : 2c = 2 : 4 : 3), that of a
         BasicBlock's conv1 the base ratio; ``uniform`` treats it like every other layer.
-    method : str, default="lasso"
-        Channel selector: ``lasso``, ``greedy_ls``, ``thinet``, ``max_response``,
+    method : str, default="greedy_ls"
+        Channel selector: ``greedy_ls`` (the default: greedy least-squares elimination on
+        the same reconstruction objective; at or above LASSO in 37 of the 38 shared
+        configurations measured, see RESULTS.md), ``lasso`` (the paper's), ``thinet``,
+        ``max_response``,
         ``first_k``, ``random`` (see :mod:`chanprune.selection`), or an activation/BN
         criterion: ``apoz`` (keep the channels least often zero), ``entropy`` (of the
         pooled activation), ``bn_scale`` (largest ``|gamma|``, Network Slimming; not with
@@ -881,6 +958,17 @@ def prune_model(
     recover_epochs : int, default=3
     recover_lr : float, default=0.01
         Initial learning rate of the distillation (cosine to 0).
+    process_group : torch.distributed process group, optional
+        Shard the calibration over its ranks (e.g. ``torch.distributed.group.WORLD``
+        under ``torchrun``): every rank calls ``prune_model`` with the same model,
+        options and calibration set, reads only its own contiguous block of the fit and
+        of the held-out images, and runs the forward passes for them; each layer's
+        statistics are all-reduced (SUM, float64) before its selection, which every rank
+        then computes identically. Every rank returns the same pruned network and report
+        (up to the order of float64 additions; wall times are the rank's own); progress
+        shows on rank 0 only. Ranks that disagree on the model, the options or the
+        calibration set raise ``ValueError`` before any work. Graph planner only; not
+        with ``recover``.
 
     Returns
     -------
@@ -906,6 +994,14 @@ def prune_model(
     explicit = _check_target(speedup, schedule)
     if recover is not None:
         check_choice(recover, "recover", RECOVERIES)
+    shard = Shard.of(process_group)
+    if shard is not None:
+        if planner == "names":
+            raise ValueError("process_group runs on the graph planner; use planner='auto'.")
+        if recover is not None:
+            raise ValueError("recover='distill' runs in one process; distil after the prune.")
+        planner = "graph"
+        progress = progress and shard.rank == 0
     recovery = dict(
         recover=recover,
         epochs=check_int_in_range(recover_epochs, "recover_epochs", 1),
@@ -965,6 +1061,53 @@ def prune_model(
                 f"producers of {missing} have none."
             )
 
+    image_ids = None
+    auto_reason = None
+    if shard is not None:
+        if schedule == "auto":
+            schedule, auto_reason = resolve_auto_schedule(None)
+        # The split below, made on every rank without loading anything; each loads its part.
+        n_total = _n_calibration(calib, n_images)
+        n_held = int(round(holdout * n_total)) if n_total > 1 else 0
+        order = np.random.default_rng(seed).permutation(n_total)
+        fit_idx, held_idx = np.sort(order[n_held:]), np.sort(order[:n_held])
+        fit_rows = shard_rows(len(fit_idx), shard.rank, shard.world_size)
+        held_rows = shard_rows(len(held_idx), shard.rank, shard.world_size)
+        check_agreement(
+            dict(
+                model=type(model).__name__, state=model_fingerprint(model), n_total=n_total,
+                speedup=speedup, schedule=repr(schedule), method=method, n_images=n_images,
+                positions_per_image=positions_per_image, holdout=holdout, refit=refit,
+                ridge=ridge, normalize=normalize, alternate=alternate,
+                correct_unpruned=correct_unpruned, residual_correction=residual_correction,
+                channel_multiple=channel_multiple, batch_size=batch_size,
+                stats_dtype=str(stats_dtype), seed=seed, max_iter=max_iter, tol=tol,
+            ),
+            shard,
+        )  # fmt: skip
+        if len(fit_idx) < shard.world_size:
+            raise ValueError(
+                f"{len(fit_idx)} fit images cannot be shared by {shard.world_size} ranks; "
+                "use more calibration images or fewer ranks."
+            )
+        rows = np.concatenate([fit_idx[fit_rows], held_idx[held_rows]])
+        image_ids = torch.from_numpy(np.concatenate([fit_rows, len(fit_idx) + held_rows]))
+        images = load_calibration_images(
+            calib, n_images, seed=seed, progress=progress, dtype=dtype, rows=rows
+        )
+        options = SweepOptions(
+            method=method, refit=refit, ridge=ridge, normalize=normalize, alternate=alternate,
+            correct_unpruned=correct_unpruned, residual_correction=residual_correction,
+            positions_per_image=positions_per_image, stats_dtype=stats_dtype, device=device,
+            seed=seed, max_iter=max_iter, tol=tol,
+        )  # fmt: skip
+        return _prune_graph(
+            model, images, len(fit_rows), options, speedup=speedup, schedule=schedule,
+            batch_size=batch_size, progress=progress, inplace=inplace, start=start,
+            channel_multiple=channel_multiple, image_ids=image_ids, shard=shard,
+            counts=(len(fit_idx), len(held_idx)), auto_reason=auto_reason,
+        )  # fmt: skip
+
     # A float64 model runs (and is refit) in float64, on images never rounded to float32.
     images = load_calibration_images(calib, n_images, seed=seed, progress=progress, dtype=dtype)
     calib_device = images.device
@@ -989,6 +1132,11 @@ def prune_model(
         logger.info("the traced graph does not match the names; using the graph planner")
         _check_graph_options(method, schedule, channel_sampler)
         plan = None
+    if schedule == "auto":
+        schedule, auto_reason = resolve_auto_schedule(plan)
+        logger.info("schedule='auto': %s, for %s", schedule, auto_reason)
+        if plan is not None and schedule in _GRAPH_SCHEDULES:
+            plan = None
     if plan is None:
         options = SweepOptions(
             method=method, refit=refit, ridge=ridge, normalize=normalize, alternate=alternate,
@@ -999,7 +1147,7 @@ def prune_model(
         return _prune_graph(
             model, images, n_total - n_held, options, speedup=speedup, schedule=schedule,
             batch_size=batch_size, progress=progress, inplace=inplace, start=start,
-            channel_multiple=channel_multiple, recovery=recovery,
+            channel_multiple=channel_multiple, recovery=recovery, auto_reason=auto_reason,
         )  # fmt: skip
 
     reference = copy.deepcopy(model).to(device).eval()
@@ -1011,9 +1159,15 @@ def prune_model(
     if schedule == "energy":
         consumers = {c.name: reference.get_submodule(c.name) for c in plan}
         n_spectra = min(ENERGY_IMAGES, n_total - n_held)
-        spectra = channel_spectra(
-            reference, images[:n_spectra], consumers, batch_size=batch_size, device=device
-        )  # fmt: skip
+        try:
+            spectra = channel_spectra(
+                reference, images[:n_spectra], consumers, batch_size=batch_size, device=device
+            )  # fmt: skip
+        except RuntimeError as exc:  # the same words as plan_widths' own check
+            raise ValueError(
+                f"the model does not accept inputs of shape {input_shape}: "
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
     widths, _ = plan_widths(
         reference, input_shape, speedup=speedup, schedule=schedule,
         channel_sampler=channel_sampler, spectra=spectra,
@@ -1068,6 +1222,7 @@ def prune_model(
             normalize=normalize, alternate=alternate, correct_unpruned=correct_unpruned,
             residual_correction=residual_correction, channel_sampler=channel_sampler,
             seed=seed, widths=widths, max_cache_mb=max_cache_mb, planner="names",
+            **({"schedule_reason": auto_reason} if auto_reason else {}),
         ),
     )  # fmt: skip
     return _recover(pruned.eval(), report, reference, images, n_total - n_held, recovery,
@@ -1145,8 +1300,19 @@ def _prune_graph(
     start: float,
     channel_multiple: int = 1,
     recovery: Optional[dict] = None,
+    image_ids: Optional[torch.Tensor] = None,
+    shard: Optional[Shard] = None,
+    counts: Optional[tuple[int, int]] = None,
+    auto_reason: Optional[str] = None,
 ) -> tuple[nn.Module, PruneReport]:
-    """:func:`prune_model` through the plan traced from the graph (any network)."""
+    """:func:`prune_model` through the plan traced from the graph (any network).
+
+    ``images`` are this rank's under a ``shard`` (``n_fit`` of them fit images, with
+    global ``image_ids``); ``counts`` the global numbers of fit and held-out images."""
+    n_fit_all, n_held_all = counts or (n_fit, images.shape[0] - n_fit)
+    if image_ids is None:
+        image_ids = torch.arange(images.shape[0])
+    group = shard.group if shard is not None else None
     device = options.device
     input_shape = tuple(images.shape[1:])
     pruned = (model if inplace else copy.deepcopy(model)).to(device).eval()
@@ -1158,9 +1324,11 @@ def _prune_graph(
     elif schedule == "uniform":
         widths = uniform_widths(plan, speedup, multiple=channel_multiple)
     else:
-        measure = images[_spread(n_fit, SENSITIVITY_IMAGES if schedule == "sensitivity"
-                                 else ENERGY_IMAGES)]  # fmt: skip
-        cost = _graph_costs(schedule, plan, measure, batch_size, device, progress)
+        wanted = SENSITIVITY_IMAGES if schedule == "sensitivity" else ENERGY_IMAGES
+        spread = set(_spread(n_fit_all, wanted).tolist())  # global ids, on every rank
+        local = [i for i, gid in enumerate(image_ids[:n_fit].tolist()) if gid in spread]
+        measure = images[torch.tensor(local, dtype=torch.int64, device=images.device)]
+        cost = _graph_costs(schedule, plan, measure, batch_size, device, progress, group)
         widths = widths_for_cost(plan, speedup, cost, multiple=channel_multiple)
     macs_before = plan.macs()
     params_before = count_params(pruned)
@@ -1169,7 +1337,7 @@ def _prune_graph(
     with torch.no_grad():
         reports, kept = sweep_graph(
             reference, plan, widths, images, n_fit, options, batch_size=batch_size,
-            progress=progress,
+            progress=progress, image_ids=image_ids, shard=shard,
         )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PlanWarning)  # said once, for the original
@@ -1184,8 +1352,8 @@ def _prune_graph(
         macs_after=int(macs_after),
         params_before=int(params_before),
         params_after=int(count_params(pruned)),
-        n_images=int(n_fit),
-        n_heldout=int(images.shape[0] - n_fit),
+        n_images=int(n_fit_all),
+        n_heldout=int(n_held_all),
         wall_time_s=time.perf_counter() - start,
         device=str(device),
         layers=reports,
@@ -1196,6 +1364,8 @@ def _prune_graph(
             residual_correction=options.residual_correction, seed=options.seed,
             widths=widths, planner="graph", channel_multiple=channel_multiple,
             kept={name: idx.tolist() for name, idx in kept.items()},
+            world_size=shard.world_size if shard is not None else 1,
+            **({"schedule_reason": auto_reason} if auto_reason else {}),
         ),
     )  # fmt: skip
     return _recover(pruned.eval(), report, reference, images, n_fit, recovery or {},
@@ -1234,7 +1404,8 @@ def _spread(n: int, k: int) -> torch.Tensor:
 
 
 def _graph_costs(
-    schedule: str, plan, images: torch.Tensor, batch_size: int, device, progress: bool
+    schedule: str, plan, images: torch.Tensor, batch_size: int, device, progress: bool,
+    process_group=None,
 ) -> dict[str, np.ndarray]:
     """Each prunable group's predicted cost of keeping ``k`` channels, ``k = 0..size``:
     ``-log`` of the principal-component energy kept (``energy``, from its first
@@ -1242,13 +1413,17 @@ def _graph_costs(
     groups = {name: g for name, g in plan.groups.items() if g.prunable}
     if schedule == "sensitivity":
         curves = measure_sensitivity(
-            plan, images, batch_size=batch_size, device=device, progress=progress
-        )
+            plan, images, batch_size=batch_size, device=device, progress=progress,
+            process_group=process_group,
+        )  # fmt: skip
         return {name: curve.cost() for name, curve in curves.items()}
     consumers = {c.name: c for c in plan.consumers}
     first = {name: consumers[g.consumers[0]] for name, g in groups.items() if g.consumers}
     modules = {c.name: plan.graph.get_submodule(c.name) for c in first.values()}
-    moments = input_moments(plan.graph, images, modules, batch_size=batch_size, device=device)
+    moments = input_moments(
+        plan.graph, images, modules, batch_size=batch_size, device=device,
+        process_group=process_group,
+    )  # fmt: skip
     cost = {}
     for name, group in groups.items():
         if name not in first:  # read by no consumer: free to narrow

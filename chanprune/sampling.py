@@ -25,6 +25,7 @@ __all__ = [
     "record_activations",
     "channel_spectra",
     "input_moments",
+    "positions_of_images",
 ]
 
 
@@ -77,6 +78,58 @@ def sample_positions(
         keys = torch.rand(n_images, hw, generator=generator)
         flat = keys.argsort(dim=1)[:, :per_image].sort(dim=1).values.reshape(-1)
         image = torch.arange(n_images).repeat_interleave(per_image)
+    return Positions(image=image, row=flat // w, col=flat % w)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply), exact in int64: values stay below 2**32
+    and the odd multipliers below 2**31, so no product overflows."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _MASK32
+    return x ^ (x >> 16)
+
+
+def positions_of_images(
+    image_ids: torch.Tensor,
+    out_size: tuple[int, int],
+    per_image: Optional[int],
+    seed: int,
+    event: int,
+) -> Positions:
+    """``per_image`` distinct positions in each map, drawn by a hash of ``(seed, event,
+    image id, position)``: an image gets the same positions whichever process or batch
+    it is in, so sharded runs sample exactly what one process samples.
+
+    Parameters
+    ----------
+    image_ids : int tensor of shape (n_images,)
+        Global ids of the images (their index in the whole calibration set).
+    out_size : (int, int)
+    per_image : int or None
+        As in :func:`sample_positions`.
+    seed, event : int
+        The run's seed and a counter of sampling events (one per layer visit).
+
+    Returns
+    -------
+    Positions
+        Image-major, ``image`` indexing the rows of ``image_ids`` (0..n_images-1).
+    """
+    h, w = out_size
+    hw = h * w
+    n = int(image_ids.numel())
+    if per_image is None or per_image >= hw:
+        return sample_positions(n, out_size, None, torch.Generator())
+    base = _mix32(torch.tensor(seed & _MASK32) ^ _mix32(torch.tensor(event & _MASK32)))
+    per = _mix32(base ^ _mix32(image_ids.to(torch.int64).cpu() & _MASK32)).view(-1, 1)
+    keys = _mix32(per ^ _mix32(torch.arange(hw, dtype=torch.int64) + 0x9E3779B9 & _MASK32))
+    flat = keys.argsort(dim=1, stable=True)[:, :per_image].sort(dim=1).values.reshape(-1)
+    image = torch.arange(n).repeat_interleave(per_image)
     return Positions(image=image, row=flat // w, col=flat % w)
 
 
@@ -191,6 +244,7 @@ def input_moments(
     *,
     batch_size: int = 100,
     device: Optional[torch.device | str] = None,
+    process_group=None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Mean and covariance of each consumer's input channels, over every spatial position.
 
@@ -210,6 +264,9 @@ def input_moments(
     batch_size : int, default=100
     device : torch.device or str, optional
         Where the model runs; each batch is moved there. Default: the images' device.
+    process_group : torch.distributed process group, optional
+        Each rank passes its own images; the sums are all-reduced (float64) before the
+        moments are formed, so every rank gets the moments of the union.
 
     Returns
     -------
@@ -248,14 +305,21 @@ def input_moments(
             handles.append(module.register_forward_pre_hook(pre_hook(name)))
         with torch.no_grad():
             for start in range(0, images.shape[0], batch_size):
-                batch = images[start : start + batch_size].to(device or images.device)
-                model(batch.contiguous(memory_format=torch.channels_last))
+                # As given, not channels-last: a model may .view() its maps.
+                model(images[start : start + batch_size].to(device or images.device))
     finally:
         for handle in handles:
             handle.remove()
     missing = [name for name in consumers if name not in gram]
     if missing:
         raise ValueError(f"the forward pass never reached {missing}.")
+    if process_group is not None:
+        from .distributed import all_reduce_sum
+
+        for name in consumers:
+            gram[name] = all_reduce_sum(gram[name], process_group)
+            total[name] = all_reduce_sum(total[name], process_group)
+            count[name] = int(all_reduce_sum(torch.tensor(float(count[name])), process_group))
     moments = {}
     for name in consumers:
         mean = (total[name] / count[name]).cpu()

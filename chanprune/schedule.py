@@ -33,10 +33,12 @@ __all__ = [
 ]
 
 #: Built-in schedule names; an explicit ``{group: keep}`` mapping is also accepted.
+#: ``auto`` is the one measured best for the network's kind (see
+#: :func:`chanprune.prune.resolve_auto_schedule`).
 #: ``energy`` needs the channel spectra of calibration data (see :func:`widths_for_energy`);
 #: ``sensitivity`` the measured output degradation of each group (see
 #: :mod:`chanprune.sensitivity`; graph planner only).
-SCHEDULES = ("uniform", "paper", "energy", "sensitivity")
+SCHEDULES = ("auto", "uniform", "paper", "energy", "sensitivity")
 
 
 @dataclass(frozen=True)

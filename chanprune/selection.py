@@ -366,8 +366,11 @@ def select_greedy_gram(gram: np.ndarray, linear: np.ndarray, keep: int) -> Selec
     c = gram.shape[0]
     if keep >= c:
         return Selection(kept=np.arange(c, dtype=np.int64))
+    scale = float(np.trace(gram)) / c
+    if not scale > 1e-250:  # every channel is dead: any choice reconstructs equally (nothing)
+        return Selection(kept=np.arange(keep, dtype=np.int64), info={"removed": []})
     # A relative jitter keeps the inverse defined for dead or duplicate channels.
-    jitter = 1e-10 * max(float(np.trace(gram)) / c, np.finfo(float).tiny)
+    jitter = 1e-10 * scale
     H = np.linalg.inv(gram + jitter * np.eye(c))
     beta = H @ linear
     alive = np.ones(c, dtype=bool)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_sum
 from .graph import Plan
 from .sampling import input_moments
 
@@ -62,16 +63,14 @@ class SensitivityCurve:
         """Predicted degradation at every width ``0..size`` (shape ``(size + 1,)``):
         the measured points made non-increasing in width (a wider group never predicts
         more loss: what it measured otherwise is noise), linear between them, 0 at
-        ``size``, and below the narrowest point rising as ``1 / width`` towards width 0,
-        which is never affordable."""
+        ``size``, and ``inf`` below the narrowest point measured: nothing is known there,
+        and a group cut below an eighth of its width is rarely what a user wants."""
         widths = np.append(self.widths, self.size).astype(np.float64)
         measured = np.append(self.degradation, 0.0)
         envelope = np.maximum.accumulate(measured[::-1])[::-1]
         k = np.arange(self.size + 1, dtype=np.float64)
         cost = np.interp(k, widths, envelope)
-        low = (k > 0) & (k < widths[0])
-        cost[low] = envelope[0] * widths[0] / k[low]
-        cost[0] = np.inf
+        cost[k < widths[0]] = np.inf
         return cost
 
 
@@ -150,6 +149,7 @@ def measure_sensitivity(
     batch_size: int = 64,
     device: Optional[torch.device | str] = None,
     progress: bool = False,
+    process_group=None,
 ) -> dict[str, SensitivityCurve]:
     """Output degradation of the network of ``plan`` as each prunable group narrows alone.
 
@@ -171,6 +171,9 @@ def measure_sensitivity(
         Where the network runs. Default: the images' device.
     progress : bool, default=False
         A tqdm bar over the groups.
+    process_group : torch.distributed process group, optional
+        Each rank passes its own images; moments and divergences are summed over the
+        ranks, so every rank gets the curves of the union.
 
     Returns
     -------
@@ -199,7 +202,13 @@ def measure_sensitivity(
     prunable = [g for g in plan.groups.values() if g.prunable]
     readers = sorted({c for g in prunable for c in g.consumers})
     modules = {name: network.get_submodule(name) for name in readers}
-    moments = input_moments(network, images, modules, batch_size=batch_size, device=device)
+    moments = input_moments(
+        network, images, modules, batch_size=batch_size, device=device,
+        process_group=process_group,
+    )  # fmt: skip
+    n_images = float(images.shape[0])
+    if process_group is not None:
+        n_images = float(all_reduce_sum(torch.tensor(n_images), process_group))
 
     runner = _Runner(network)
     output = _first_node(next(n for n in runner.nodes if n.op == "output").args[0])
@@ -244,7 +253,9 @@ def measure_sensitivity(
             finally:
                 for hook in hooks:
                     hook.remove()
-            degradation.append(total / images.shape[0])
+            if process_group is not None:
+                total = float(all_reduce_sum(torch.tensor(total), process_group))
+            degradation.append(total / n_images)
         curves[group.name] = SensitivityCurve(group.size, widths, np.asarray(degradation))
     return {g.name: curves[g.name] for g in prunable}
 

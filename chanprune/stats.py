@@ -436,6 +436,22 @@ class LayerStats:
         self.n_samples += other.n_samples
         return self
 
+    def all_reduce(self, process_group=None) -> LayerStats:
+        """Sum the statistics over the ranks of ``process_group`` (``torch.distributed``,
+        float64), in place: every rank then holds the statistics of the union of their
+        samples. A no-op without a group."""
+        if process_group is None:
+            return self
+        from .distributed import all_reduce_sum
+
+        self.flush()
+        self._xtx = all_reduce_sum(self._xtx, process_group)
+        self._xty = all_reduce_sum(self._xty, process_group)
+        self._yty = all_reduce_sum(self._yty, process_group)
+        count = torch.tensor(float(self.n_samples), dtype=torch.float64)
+        self.n_samples = int(all_reduce_sum(count, process_group))
+        return self
+
     def __add__(self, other: LayerStats) -> LayerStats:
         self._check_compatible(other)
         out = self.copy()

@@ -31,7 +31,7 @@ import logging
 import operator
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -39,11 +39,18 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import Shard, all_reduce_sum
 from .graph import Consumer, Plan
 from .layer import prune_layer_from_stats
 from .refit import reconstruction_error, refit_with_error
 from .report import LayerReport
-from .sampling import extract_patches, gather_outputs, sample_positions
+from .sampling import (
+    Positions,
+    extract_patches,
+    gather_outputs,
+    positions_of_images,
+    sample_positions,
+)
 from .selection import (
     _top_k,
     channel_gram,
@@ -138,20 +145,35 @@ class HeldOut:
         self.patches.append(X.contiguous())
         self.targets.append(Y.contiguous())
 
-    def rel_error(self, kept: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> Optional[float]:
+    def rel_error(
+        self, kept: np.ndarray, weight: np.ndarray, bias: np.ndarray, process_group=None
+    ) -> Optional[float]:
         """``||Y - X_kept W^T - b||^2 / ||Y||^2`` (sums in float64); None without rows.
+        With a process group, the sums (and the rows) of every rank's held-out images.
 
         ``weight`` has shape (n, len(kept), kh, kw), ``bias`` (n,)."""
+        if process_group is not None:
+            local = torch.tensor([*self._sums(kept, weight, bias), len(self.patches)])
+            r2, y2, parts = all_reduce_sum(local.double(), process_group).tolist()
+            if not parts:
+                return None
+            return r2 / y2 if y2 > 0 else 0.0
         if not self.patches:
             return None
+        r2, y2 = self._sums(kept, weight, bias)
+        return r2 / y2 if y2 > 0 else 0.0
+
+    def _sums(self, kept: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> tuple:
+        """``(||Y - X_kept W^T - b||^2, ||Y||^2)`` over the rows (0, 0 without rows)."""
+        if not self.patches:
+            return 0.0, 0.0
         X = torch.cat(self.patches)
         Y = torch.cat(self.targets)
         X = X[:, torch.from_numpy(kept).to(X.device)].reshape(X.shape[0], -1)
         w = torch.as_tensor(weight, dtype=X.dtype, device=X.device).reshape(len(weight), -1)
         b = torch.as_tensor(bias, dtype=X.dtype, device=X.device)
         residual = torch.addmm(b, X, w.T, beta=1.0).sub_(Y)
-        y2 = float(Y.double().square().sum())
-        return float(residual.double().square().sum()) / y2 if y2 > 0 else 0.0
+        return float(residual.double().square().sum()), float(Y.double().square().sum())
 
 
 def accumulate_samples(
@@ -162,11 +184,14 @@ def accumulate_samples(
     y: torch.Tensor,
     n_fit_here: int,
     positions_per_image: Optional[int],
-    generator: torch.Generator,
+    generator: Union[torch.Generator, Callable[[int, int, tuple], Positions]],
 ) -> None:
     """Sample one chunk of (input maps ``x``, target maps ``y``) of ``conv``: the first
     ``n_fit_here`` images feed the statistics ``fit`` (one per conv group: a grouped conv
-    is ``groups`` independent problems), the others ``held``."""
+    is ``groups`` independent problems), the others ``held``. Positions come from
+    ``generator``, or from a callable ``(first image, n_images, out_size) -> Positions``
+    for the chunk's images from ``first`` on (positions tied to global image ids)."""
+    first = 0  # the chunk's image that the sampled rows start at
     if n_fit_here and len(fit) == 1 and whole_maps_cheaper(
         conv, tuple(x.shape[2:]), tuple(y.shape[2:]), positions_per_image
     ):  # fmt: skip
@@ -175,10 +200,14 @@ def accumulate_samples(
             dilation=conv.dilation,
         )  # fmt: skip
         x, y = x[n_fit_here:], y[n_fit_here:]
-        n_fit_here = 0
+        first, n_fit_here = n_fit_here, 0
     if not x.shape[0]:
         return
-    pos = sample_positions(x.shape[0], tuple(y.shape[2:]), positions_per_image, generator)
+    out_size = tuple(y.shape[2:])
+    if isinstance(generator, torch.Generator):
+        pos = sample_positions(x.shape[0], out_size, positions_per_image, generator)
+    else:
+        pos = generator(first, x.shape[0], out_size)
     X = extract_patches(x, conv, pos)
     Y = gather_outputs(y, pos)
     rows = int((pos.image < n_fit_here).sum())  # positions are image-major
@@ -373,8 +402,14 @@ class _GraphSweep:
         widths: dict[str, int],
         n_fit: int,
         options: SweepOptions,
+        image_ids: list,
+        shard: Optional[Shard] = None,
     ) -> None:
         self.plan = plan
+        self.image_ids = image_ids  # per chunk: the global ids of its images
+        self.shard = shard
+        self.group = shard.group if shard is not None else None
+        self.events = 0  # sampling events, the same count on every rank
         self.gm = plan.graph
         self.options = options
         self.ref = _Runner(reference)
@@ -389,7 +424,6 @@ class _GraphSweep:
         self.cut: set[str] = set()  # consumers whose input lost channels since their refit
         self.kept: dict[str, np.ndarray] = {}
         self.n_fit = n_fit
-        self.generator = torch.Generator().manual_seed(options.seed)
         self.reports: list[LayerReport] = []
         self.diverged = False
         self.step = 0
@@ -439,13 +473,20 @@ class _GraphSweep:
                 pr_targets.append(consumer.addend)
         if not consumers:
             return stats
+        events = []
+        for _ in consumers:
+            self.events += 1
+            events.append(self.events)
         lo = 0
-        for env_r, env_p in zip(envs_ref, envs_pr):
+        for chunk, (env_r, env_p) in enumerate(zip(envs_ref, envs_pr)):
             ref_values = self.ref.evaluate(env_r, list(dict.fromkeys(ref_targets)))
             pr_values = self.pr.evaluate(env_p, list(dict.fromkeys(pr_targets)))
             if keep_first:
                 env_r[self.ref.by_name[consumers[0].node]] = ref_values[consumers[0].node]
-            for consumer, conv, kept_out, st in zip(consumers, convs, out_kept, stats):
+            ids = self.image_ids[chunk]
+            for consumer, conv, kept_out, st, event in zip(
+                consumers, convs, out_kept, stats, events
+            ):
                 x = pr_values[self.pr.by_name[consumer.node].args[0].name]
                 y = ref_values[consumer.node]
                 if kept_out is not None:
@@ -455,11 +496,23 @@ class _GraphSweep:
                 n = x.shape[0]
                 n_fit_here = int(min(max(self.n_fit - lo, 0), n))
                 accumulate_samples(
-                    conv, st.fit, st.held, x, y, n_fit_here,
-                    self.options.positions_per_image, self.generator,
+                    conv, st.fit, st.held, x, y, n_fit_here, self.options.positions_per_image,
+                    self._positions(ids, event),
                 )  # fmt: skip
             lo += x.shape[0]
+        for st in stats:
+            for fit in st.fit:
+                fit.all_reduce(self.group)
         return stats
+
+    def _positions(self, ids: torch.Tensor, event: int):
+        """Positions drawn by global image id (see :func:`positions_of_images`)."""
+        per_image, seed = self.options.positions_per_image, self.options.seed
+
+        def draw(first: int, n: int, out_size: tuple) -> Positions:
+            return positions_of_images(ids[first : first + n], out_size, per_image, seed, event)
+
+        return draw
 
     # -- selection -------------------------------------------------------------------
     def select_group(self, name: str, first: Consumer, first_stats, envs_ref, envs_pr):
@@ -656,7 +709,7 @@ class _GraphSweep:
         self.diverged = True
         self.step += 1
         dense = _dense(weight, kept_pos, c_before, conv.groups)
-        held = stats.held.rel_error(kept_pos, dense, bias)
+        held = stats.held.rel_error(kept_pos, dense, bias, self.group)
         y2 = stats.yty if stats.yty > 0 else 1.0
         self.reports.append(
             LayerReport(
@@ -688,6 +741,8 @@ def sweep_graph(
     *,
     batch_size: int = 100,
     progress: bool = True,
+    image_ids: Optional[torch.Tensor] = None,
+    shard: Optional[Shard] = None,
 ) -> tuple[list[LayerReport], dict[str, np.ndarray]]:
     """Prune the network of ``plan`` (its graph shares the modules of the model being
     pruned, which is changed in place) to ``widths``.
@@ -705,6 +760,12 @@ def sweep_graph(
         Calibration images, the ``n_fit`` fit images first, then the held-out ones.
     n_fit : int
     options : SweepOptions
+    image_ids : int tensor of shape (n_images,), optional
+        Global ids of ``images`` in the whole calibration set (default ``0..n_images-1``):
+        the sampled positions of an image depend on its id only.
+    shard : Shard, optional
+        A sharded run: ``images`` are this rank's, every statistic is all-reduced over
+        ``shard.group`` before it is used.
 
     Returns
     -------
@@ -719,7 +780,11 @@ def sweep_graph(
             bn = reference.get_submodule(consumer.bn)
             reference.set_submodule(consumer.name, fold_batchnorm(conv, bn))
             reference.set_submodule(consumer.bn, nn.Identity())
-    sweep = _GraphSweep(reference, plan, widths, n_fit, options)
+    if image_ids is None:
+        image_ids = torch.arange(images.shape[0])
+    sweep = _GraphSweep(
+        reference, plan, widths, n_fit, options, list(image_ids.cpu().split(batch_size)), shard
+    )
     device = options.device
     chunks = [chunk.to(device) for chunk in images.split(batch_size)]
     envs_ref = [{sweep.ref.placeholder: channels_last(chunk)} for chunk in chunks]

@@ -32,6 +32,7 @@ OPTIONS = {
         "--help", "--model", "--weights", "--preset", "--calib", "--speedup", "--widths",
         "--method", "--schedule", "--channel-sampler", "--planner", "--channel-multiple",
         "--n-images", "--positions", "--holdout", "--recover-epochs", "--recover-lr",
+        "--dist-timeout",
         "--ridge", "--batch-size", "--device", "--max-cache-mb", "--seed", "--out", "--report",
         "--quiet", "--verbose",
     ],
@@ -113,7 +114,7 @@ def test_help_lists_every_exit_code(capsys):
 def test_help_states_defaults(capsys):
     _, out, _ = run(["prune", "--help"], capsys)
     flat = " ".join(out.split())
-    for text in ("(default: 5000)", "(default: 10)", "(default: 0.1)", "(default: lasso)"):
+    for text in ("(default: 5000)", "(default: 10)", "(default: 0.1)", "(default: greedy_ls)"):
         assert text in flat
     for method in MODEL_METHODS:
         assert method in flat
@@ -159,7 +160,8 @@ def test_prune_end_to_end(tiny, tmp_path, capsys):
     model = cio.load(tmp_path / "out.pt")
     report = json.loads((tmp_path / "r.json").read_text())
     assert abs(report["speedup"] / 1.5 - 1) < 0.02
-    assert report["method"] == "lasso"
+    assert report["method"] == "greedy_ls" and report["schedule"] == "energy"  # auto: a chain
+    assert "VGG-style chain" in report["options"]["schedule_reason"]
     assert report["n_images"] + report["n_heldout"] == 40
     assert count_macs(model, (1, 8, 8)) == report["macs_after"]
     assert "|---|" not in out  # --quiet: no table
@@ -738,6 +740,7 @@ def test_prune_a_user_model_from_a_file_callable(tiny, user_file, tmp_path, caps
     argv = [
         "prune", "--model", f"{user_file}:build", "--weights", weights, "--calib",
         tiny / "calib", "--preset", "digits", "--speedup", "1.5", "--out", out, "--quiet",
+        "--schedule", "uniform",
     ]  # fmt: skip
     code, stdout, err = run(argv, capsys)
     assert code == 0, err

@@ -32,7 +32,10 @@ MODELS = [Chain, Residual, Inverted, Dense, Grouped]
 
 def _prune(model, speedup=2.0, **kwargs):
     images = torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(1))
-    options = dict(speedup=speedup, progress=False, positions_per_image=None, planner="graph")
+    options = dict(
+        speedup=speedup, progress=False, positions_per_image=None, planner="graph",
+        schedule="uniform",
+    )  # fmt: skip
     options.update(kwargs)
     return chanprune.prune_model(model, images, **options), images
 
@@ -202,6 +205,7 @@ def test_graph_planner_refuses_what_it_does_not_offer():
 
 @pytest.mark.parametrize("schedule", ["energy", "sensitivity"])
 def test_data_driven_schedules_on_the_graph(schedule):
+    torch.manual_seed(0)
     model = randomize(Dense())
     images = torch.randn(32, *SHAPE, generator=torch.Generator().manual_seed(0))
     pruned, report = chanprune.prune_model(
@@ -255,3 +259,27 @@ def test_channel_multiple_keeps_widths_multiples_where_sizes_allow():
     with pytest.raises(ValueError, match="graph planner"):
         chanprune.prune_model(model, images, speedup=1.4, channel_multiple=8,
                               planner="names", progress=False)  # fmt: skip
+
+
+class _HardSwish(torch.nn.Module):
+    """conv -> x * relu6(x + 3) / 6 -> conv, as MobileNetV3 writes h-swish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        return self.conv2(x * torch.nn.functional.relu6(x + 3.0) / 6.0)
+
+
+def test_a_group_cut_to_one_channel_is_still_traced_through_elementwise_ops():
+    torch.manual_seed(0)
+    model = _HardSwish().eval()
+    images = torch.randn(12, *SHAPE, generator=torch.Generator().manual_seed(0))
+    pruned, report = chanprune.prune_model(model, images, schedule={"conv1": 1}, progress=False)
+    assert pruned.conv1.out_channels == 1 == pruned.conv2.in_channels
+    plan = trace_plan(pruned, SHAPE)  # the one-channel x * relu6(x + 3) is no broadcast
+    assert plan.groups["conv1"].size == 1
+    assert report.macs_after == plan.macs()

@@ -45,8 +45,9 @@ def test_zoo_model_prunes_to_2x_and_equals_its_masked_original(module, name, siz
         warnings.simplefilter("ignore", PlanWarning)  # ShuffleNet's channel shuffle
         plan = trace_plan(model, shape)
         pruned, report = chanprune.prune_model(
-            model, images, speedup=2.0, progress=False, positions_per_image=10, holdout=0.0
-        )
+            model, images, speedup=2.0, progress=False, positions_per_image=10, holdout=0.0,
+            schedule="uniform", method="lasso",  # coverage and exactness, as fast as it gets
+        )  # fmt: skip
     assert report.options["planner"] == "graph"
     macs_before = conv_macs_by_hooks(model, shape, include_linear=True)
     macs_after = conv_macs_by_hooks(pruned, shape, include_linear=True)
@@ -57,3 +58,21 @@ def test_zoo_model_prunes_to_2x_and_equals_its_masked_original(module, name, siz
         out, ref = pruned(images[:2]), masked(images[:2])
         assert out.shape == model(images[:2]).shape
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module,name", [("mobilenetv3", "mobilenetv3_large_w1")])
+def test_sensitivity_schedule_on_a_zoo_model(module, name):
+    model = _build(module, name)
+    images = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanWarning)
+        pruned, report = chanprune.prune_model(
+            model, images, speedup=2.0, progress=False, positions_per_image=10, holdout=0.0
+        )
+    assert report.schedule == "sensitivity" and "graph" in report.options["schedule_reason"]
+    assert abs(report.speedup / 2.0 - 1) <= 0.02
+    plan = trace_plan(model, (3, 224, 224))
+    for group, width in report.options["widths"].items():  # never below the narrowest
+        size, step = plan.groups[group].size, plan.groups[group].step  # width measured
+        assert width >= min(size, max(step, round(0.125 * size / step) * step))

@@ -361,3 +361,14 @@ def test_reduced_selectors_find_the_planted_channels_of_a_group_read_twice():
         G, g, t2 = G + gk / tk, g + lk / tk, t2 + 1.0
     assert select_lasso_gram(G, g, t2, 4).kept.tolist() == support.tolist()
     assert select_greedy_gram(G, g, 4).kept.tolist() == support.tolist()
+
+
+def test_greedy_gram_on_only_dead_channels_keeps_the_first_without_nan():
+    import warnings
+
+    from chanprune.selection import select_greedy_gram
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no inf or NaN on the way
+        selection = select_greedy_gram(np.zeros((5, 5)), np.zeros(5), 2)
+    assert selection.kept.tolist() == [0, 1]
