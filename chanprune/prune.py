@@ -1319,6 +1319,7 @@ def _prune_graph(
     plan = trace_plan(pruned, input_shape)
     reference = torch.fx.symbolic_trace(copy.deepcopy(model).to(device).eval())
     explicit = isinstance(schedule, Mapping)
+    tic = time.perf_counter()
     if explicit:
         widths = explicit_widths(plan, schedule)
     elif schedule == "uniform":
@@ -1330,12 +1331,13 @@ def _prune_graph(
         measure = images[torch.tensor(local, dtype=torch.int64, device=images.device)]
         cost = _graph_costs(schedule, plan, measure, batch_size, device, progress, group)
         widths = widths_for_cost(plan, speedup, cost, multiple=channel_multiple)
+    schedule_s = time.perf_counter() - tic
     macs_before = plan.macs()
     params_before = count_params(pruned)
     # no_grad, not inference_mode: parameters created by the surgery must stay ordinary
     # tensors, so the pruned model can be fine-tuned afterwards.
     with torch.no_grad():
-        reports, kept = sweep_graph(
+        reports, kept, timing = sweep_graph(
             reference, plan, widths, images, n_fit, options, batch_size=batch_size,
             progress=progress, image_ids=image_ids, shard=shard,
         )  # fmt: skip
@@ -1365,6 +1367,7 @@ def _prune_graph(
             widths=widths, planner="graph", channel_multiple=channel_multiple,
             kept={name: idx.tolist() for name, idx in kept.items()},
             world_size=shard.world_size if shard is not None else 1,
+            time_split_s=dict(timing, schedule_s=schedule_s),
             **({"schedule_reason": auto_reason} if auto_reason else {}),
         ),
     )  # fmt: skip

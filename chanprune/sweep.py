@@ -410,6 +410,8 @@ class _GraphSweep:
         self.shard = shard
         self.group = shard.group if shard is not None else None
         self.events = 0  # sampling events, the same count on every rank
+        # Where the time goes: forward passes, statistics, collectives, selection + refit.
+        self.timing = dict.fromkeys(("forward_s", "statistics_s", "all_reduce_s", "solve_s"), 0.0)
         self.gm = plan.graph
         self.options = options
         self.ref = _Runner(reference)
@@ -479,8 +481,10 @@ class _GraphSweep:
             events.append(self.events)
         lo = 0
         for chunk, (env_r, env_p) in enumerate(zip(envs_ref, envs_pr)):
+            tic = time.perf_counter()
             ref_values = self.ref.evaluate(env_r, list(dict.fromkeys(ref_targets)))
             pr_values = self.pr.evaluate(env_p, list(dict.fromkeys(pr_targets)))
+            self.timing["forward_s"] += time.perf_counter() - tic
             if keep_first:
                 env_r[self.ref.by_name[consumers[0].node]] = ref_values[consumers[0].node]
             ids = self.image_ids[chunk]
@@ -495,14 +499,23 @@ class _GraphSweep:
                     y = y + (ref_values[consumer.addend] - pr_values[consumer.addend])
                 n = x.shape[0]
                 n_fit_here = int(min(max(self.n_fit - lo, 0), n))
+                tic = time.perf_counter()
                 accumulate_samples(
                     conv, st.fit, st.held, x, y, n_fit_here, self.options.positions_per_image,
                     self._positions(ids, event),
                 )  # fmt: skip
+                self.timing["statistics_s"] += time.perf_counter() - tic
             lo += x.shape[0]
+        tic = time.perf_counter()
+        for st in stats:
+            for fit in st.fit:
+                fit.flush()  # the buffered products belong to the statistics time
+        self.timing["statistics_s"] += time.perf_counter() - tic
+        tic = time.perf_counter()
         for st in stats:
             for fit in st.fit:
                 fit.all_reduce(self.group)
+        self.timing["all_reduce_s"] += time.perf_counter() - tic
         return stats
 
     def _positions(self, ids: torch.Tensor, event: int):
@@ -649,6 +662,13 @@ class _GraphSweep:
 
     # -- one consumer ----------------------------------------------------------------
     def visit(self, consumer: Consumer, envs_ref, envs_pr) -> None:
+        tic = time.perf_counter()
+        before = sum(self.timing.values())
+        self._visit(consumer, envs_ref, envs_pr)
+        sampled = sum(self.timing.values()) - before
+        self.timing["solve_s"] += time.perf_counter() - tic - sampled
+
+    def _visit(self, consumer: Consumer, envs_ref, envs_pr) -> None:
         options = self.options
         pending = [g for g in dict.fromkeys(consumer.in_groups) if g not in self.decided]
         drifted = options.refit and (
@@ -743,7 +763,7 @@ def sweep_graph(
     progress: bool = True,
     image_ids: Optional[torch.Tensor] = None,
     shard: Optional[Shard] = None,
-) -> tuple[list[LayerReport], dict[str, np.ndarray]]:
+) -> tuple[list[LayerReport], dict[str, np.ndarray], dict[str, float]]:
     """Prune the network of ``plan`` (its graph shares the modules of the model being
     pruned, which is changed in place) to ``widths``.
 
@@ -773,6 +793,10 @@ def sweep_graph(
         One per refit consumer, in graph order.
     kept : dict of group -> ndarray
         The kept channel indices of each pruned group (a replayable plan).
+    timing : dict of str -> float
+        Seconds in the forward passes of both networks (``forward_s``), in the
+        statistics' products (``statistics_s``), in the all-reduces (``all_reduce_s``) and
+        in selection, refit and surgery (``solve_s``).
     """
     for consumer in plan.consumers:
         if consumer.bn is not None:
@@ -794,9 +818,11 @@ def sweep_graph(
     for consumer in bar:
         bar.set_postfix_str(consumer.name)
         stop = sweep.pr.pos[consumer.node]
+        tic = time.perf_counter()
         for env_r, env_p in zip(envs_ref, envs_pr):
             sweep.ref.advance(env_r, position, stop)
             sweep.pr.advance(env_p, position, stop)
+        sweep.timing["forward_s"] += time.perf_counter() - tic
         position = stop
         sweep.visit(consumer, envs_ref, envs_pr)
-    return sweep.reports, sweep.kept
+    return sweep.reports, sweep.kept, sweep.timing

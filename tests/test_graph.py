@@ -283,3 +283,12 @@ def test_a_group_cut_to_one_channel_is_still_traced_through_elementwise_ops():
     plan = trace_plan(pruned, SHAPE)  # the one-channel x * relu6(x + 3) is no broadcast
     assert plan.groups["conv1"].size == 1
     assert report.macs_after == plan.macs()
+
+
+def test_report_splits_the_time_between_passes_statistics_and_solves():
+    (_, report), _ = _prune(randomize(Dense()), speedup=1.5)
+    split = report.options["time_split_s"]
+    assert set(split) == {"forward_s", "statistics_s", "all_reduce_s", "solve_s", "schedule_s"}
+    assert all(v >= 0 for v in split.values()) and split["all_reduce_s"] < 0.05
+    assert split["forward_s"] > 0 and split["solve_s"] > 0
+    assert sum(split.values()) <= report.wall_time_s
