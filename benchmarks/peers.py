@@ -743,7 +743,7 @@ def _distill_rows(entry: dict, cp: dict, base_acc) -> list:
     return [
         "With a short recovery: the pruned network distilled against the original's outputs "
         "on the calibration images for N epochs (`chanprune.recover.distill`: no labels, "
-        "flips and crops, SGD lr 0.01 cosine, batch 64; chanprune trains on its 4,500 fit "
+        "flips and crops, SGD lr 1e-5 cosine, batch 64; chanprune trains on its 4,500 fit "
         "images, TP on all 5,000 after its BN re-estimation). Cells: accuracy (change vs "
         "unpruned) / distillation time.",
         "",

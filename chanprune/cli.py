@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recover-lr",
         type=float,
-        default=0.01,
+        default=1e-5,
         metavar="F",
         help="initial learning rate of --recover-epochs, cosine to 0 (default: %(default)s)",
     )
