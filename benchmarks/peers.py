@@ -63,7 +63,7 @@ from _whole_model import REPO, SHARED, replace_section  # noqa: E402
 RESULTS_DIR = REPO / "benchmarks" / "results"
 INPUT_SHAPE = (3, 32, 32)
 START, END = "<!-- peers:start -->", "<!-- peers:end -->"
-COMMAND = "nice -n 19 python benchmarks/peers.py"
+COMMAND = "nice -n 19 python benchmarks/peers.py --distill-epochs 1 3 5"
 
 
 @dataclass(frozen=True)
@@ -747,7 +747,7 @@ def _distill_rows(entry: dict, cp: dict, base_acc) -> list:
         "images, TP on all 5,000 after its BN re-estimation). Cells: accuracy (change vs "
         "unpruned) / distillation time.",
         "",
-        "| pruned network | " + " | ".join(f"{n} epochs" for n in epochs) + " |",
+        "| pruned network | " + " | ".join(f"{n} epoch{'s' * (n > 1)}" for n in epochs) + " |",
         "|---|" + "---|" * len(epochs),
         *rows,
         "",

@@ -43,7 +43,15 @@ def bench_for(model: str) -> Benchmark:
             f"python benchmarks/resnet_cifar.py --model {model} --methods lasso greedy_ls "
             "--speedups 1.5 2 --schedules energy; "
             f"python benchmarks/resnet_cifar.py --model {model} --methods lasso greedy_ls "
-            "--speedups 2 --variants graph"
+            "--speedups 2 --variants graph; "
+            f"python benchmarks/resnet_cifar.py --model {model} --methods greedy_ls lasso "
+            "--speedups 1.5 2 --schedules sensitivity"
+            + (
+                "; python benchmarks/resnet_cifar.py --model resnet56 --methods greedy_ls "
+                "--speedups 2 --schedules paper --variants distill1 distill3 distill5"
+                if model == "resnet56"
+                else ""
+            )
         ),
         methods=("lasso", "greedy_ls", "max_response", "first_k", "random"),
         variants={

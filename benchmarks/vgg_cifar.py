@@ -30,7 +30,11 @@ BENCH = Benchmark(
         "python benchmarks/vgg_cifar.py --methods lasso --speedups 2 4 5 --schedules energy "
         "--variants alternate --latency; "
         "python benchmarks/vgg_cifar.py --methods lasso greedy_ls --speedups 2 4 "
-        "--schedules uniform --variants graph"
+        "--schedules uniform --variants graph; "
+        "python benchmarks/vgg_cifar.py --methods lasso greedy_ls --speedups 2 4 5 "
+        "--schedules sensitivity; "
+        "python benchmarks/vgg_cifar.py --methods greedy_ls --speedups 4 --schedules energy "
+        "--variants distill1 distill3 distill5"
     ),
     methods=("lasso", "greedy_ls", "max_response", "first_k", "random"),
     # LASSO alternating with the least-squares refit, as in the paper's sparse-coding view.
