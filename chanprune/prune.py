@@ -402,7 +402,9 @@ _RESIDUAL_ROLE = {"basic": 1.0, "2a": 2.0 / 3.5, "2b": 4.0 / 3.5, "2c": 3.0 / 3.
 #: Images (the first fit ones) whose channel spectra drive ``schedule="energy"``: every
 #: position of every map counts, so even the 2x2 maps of VGG-16's conv5 on CIFAR give
 #: 2,000 vectors of 512 channels, enough to tell a fast-falling spectrum from a flat one,
-#: for one forward pass over a tenth of 5,000 images.
+#: for one forward pass over a tenth of 5,000 images. On a class-sorted folder the first
+#: fit images are a few classes; spreading them over all classes measured no better
+#: (RESULTS.md, "defaults" section), so the recorded behaviour stays.
 ENERGY_IMAGES = 500
 
 #: Images (spread evenly over the fit ones) on which ``schedule="sensitivity"`` measures
