@@ -6,8 +6,9 @@ original's on the same calibration images (no labels). Narrowing is simulated th
 pruner will do it, cheaply: keep ``k`` channels (greedily, the ones that explain most of
 the group's covariance) and replace every consumer's view of the group by its best
 linear prediction from the kept channels. A consumer is linear in its input, so its
-least-squares refit can do at least as well as this prediction; the measured degradation
-is that of a refit with exact statistics, without the cost of one.
+least-squares refit on the same channels can only do better at that layer: the measured
+degradation approximates, from the pessimistic side, what the pruner would leave, without
+the cost of a refit.
 
 The curves feed :func:`chanprune.graph.widths_for_cost`, which spends the MAC budget
 where the predicted degradation per MAC saved is smallest (``schedule="sensitivity"``).
