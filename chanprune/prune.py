@@ -56,6 +56,7 @@ from .recover import distill
 from .report import LayerReport, PruneReport
 from .sampling import (
     channel_spectra,
+    covariance_spectrum,
     input_moments,
     record_activations,
 )
@@ -650,6 +651,13 @@ def load_calibration_images(
     return images
 
 
+def _fit_heldout_split(n_total: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices of the fit and of the held-out calibration images (seeded)."""
+    n_held = int(round(holdout * n_total)) if n_total > 1 else 0
+    order = np.random.default_rng(seed).permutation(n_total)
+    return np.sort(order[n_held:]), np.sort(order[:n_held])
+
+
 def _n_calibration(calib: Union[Dataset, torch.Tensor], n_images: Optional[int]) -> int:
     """How many images :func:`load_calibration_images` draws from ``calib``."""
     if isinstance(calib, torch.Tensor):
@@ -1065,27 +1073,30 @@ def prune_model(
                 f"producers of {missing} have none."
             )
 
-    image_ids = None
+    # What the graph sweep does; the name-based driver takes the same values one by one.
+    options = SweepOptions(
+        method=method, refit=refit, ridge=ridge, normalize=normalize, alternate=alternate,
+        correct_unpruned=correct_unpruned, residual_correction=residual_correction,
+        positions_per_image=positions_per_image, stats_dtype=stats_dtype, device=device,
+        seed=seed, max_iter=max_iter, tol=tol,
+    )  # fmt: skip
     auto_reason = None
     if shard is not None:
         if schedule == "auto":
             schedule, auto_reason = resolve_auto_schedule(None)
-        # The split below, made on every rank without loading anything; each loads its part.
+        # The split, made on every rank without loading anything; each loads its part.
         n_total = _n_calibration(calib, n_images)
-        n_held = int(round(holdout * n_total)) if n_total > 1 else 0
-        order = np.random.default_rng(seed).permutation(n_total)
-        fit_idx, held_idx = np.sort(order[n_held:]), np.sort(order[:n_held])
+        fit_idx, held_idx = _fit_heldout_split(n_total, holdout, seed)
         fit_rows = shard_rows(len(fit_idx), shard.rank, shard.world_size)
         held_rows = shard_rows(len(held_idx), shard.rank, shard.world_size)
         check_agreement(
             dict(
+                # device may differ by rank (one GPU each): everything else must not
+                {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+                 if f.name != "device"},
                 model=type(model).__name__, state=model_fingerprint(model), n_total=n_total,
-                speedup=speedup, schedule=repr(schedule), method=method, n_images=n_images,
-                positions_per_image=positions_per_image, holdout=holdout, refit=refit,
-                ridge=ridge, normalize=normalize, alternate=alternate,
-                correct_unpruned=correct_unpruned, residual_correction=residual_correction,
+                speedup=speedup, schedule=repr(schedule), n_images=n_images, holdout=holdout,
                 channel_multiple=channel_multiple, batch_size=batch_size,
-                stats_dtype=str(stats_dtype), seed=seed, max_iter=max_iter, tol=tol,
             ),
             shard,
         )  # fmt: skip
@@ -1099,12 +1110,6 @@ def prune_model(
         images = load_calibration_images(
             calib, n_images, seed=seed, progress=progress, dtype=dtype, rows=rows
         )
-        options = SweepOptions(
-            method=method, refit=refit, ridge=ridge, normalize=normalize, alternate=alternate,
-            correct_unpruned=correct_unpruned, residual_correction=residual_correction,
-            positions_per_image=positions_per_image, stats_dtype=stats_dtype, device=device,
-            seed=seed, max_iter=max_iter, tol=tol,
-        )  # fmt: skip
         return _prune_graph(
             model, images, len(fit_rows), options, speedup=speedup, schedule=schedule,
             batch_size=batch_size, progress=progress, inplace=inplace, start=start,
@@ -1124,10 +1129,9 @@ def prune_model(
     else:
         cache_bytes = int(max_cache_mb * 2**20)
     n_total = images.shape[0]
-    n_held = int(round(holdout * n_total)) if n_total > 1 else 0
     # Held-out images go last, so every chunk splits into fit and held-out rows by slicing.
-    order = np.random.default_rng(seed).permutation(n_total)
-    fit_idx, held_idx = np.sort(order[n_held:]), np.sort(order[:n_held])
+    fit_idx, held_idx = _fit_heldout_split(n_total, holdout, seed)
+    n_held = len(held_idx)
     images = images[torch.from_numpy(np.concatenate([fit_idx, held_idx])).to(images.device)]
     input_shape = tuple(images.shape[1:])
     if plan is not None and planner == "auto" and not _names_confirmed(model, plan, input_shape):
@@ -1142,12 +1146,6 @@ def prune_model(
         if plan is not None and schedule in _GRAPH_SCHEDULES:
             plan = None
     if plan is None:
-        options = SweepOptions(
-            method=method, refit=refit, ridge=ridge, normalize=normalize, alternate=alternate,
-            correct_unpruned=correct_unpruned, residual_correction=residual_correction,
-            positions_per_image=positions_per_image, stats_dtype=stats_dtype, device=device,
-            seed=seed, max_iter=max_iter, tol=tol,
-        )  # fmt: skip
         return _prune_graph(
             model, images, n_total - n_held, options, speedup=speedup, schedule=schedule,
             batch_size=batch_size, progress=progress, inplace=inplace, start=start,
@@ -1438,7 +1436,7 @@ def _graph_costs(
             continue
         at = group_positions(first[name].layout, name)
         cov = moments[first[name].name][1][at][:, at]
-        spectrum = torch.linalg.eigvalsh(cov).flip(0).clamp(min=0.0).numpy()
+        spectrum = covariance_spectrum(cov)
         with np.errstate(divide="ignore"):
             cost[name] = -np.log(np.concatenate([[0.0], energy_fractions(spectrum)]))
     return cost

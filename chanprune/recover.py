@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._validation import check_int_in_range, check_real_in_range
-from .sensitivity import output_divergence
+from .sensitivity import first_output, output_divergence
 
 __all__ = ["EpochRecord", "augment", "distill", "distillation_loss"]
 
@@ -89,10 +89,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
+    return first_output(model(x))
 
 
 def _heldout(student: nn.Module, teacher_outs, heldout, batch_size: int) -> Optional[float]:

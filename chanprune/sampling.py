@@ -25,6 +25,7 @@ __all__ = [
     "record_activations",
     "channel_spectra",
     "input_moments",
+    "covariance_spectrum",
     "positions_of_images",
 ]
 
@@ -347,7 +348,9 @@ def channel_spectra(
         Eigenvalues of each covariance, largest first, clipped at 0.
     """
     moments = input_moments(model, images, consumers, batch_size=batch_size, device=device)
-    return {
-        name: torch.linalg.eigvalsh(cov).flip(0).clamp(min=0.0).numpy()
-        for name, (_, cov) in moments.items()
-    }
+    return {name: covariance_spectrum(cov) for name, (_, cov) in moments.items()}
+
+
+def covariance_spectrum(cov: torch.Tensor) -> np.ndarray:
+    """Eigenvalues of a covariance, largest first, round-off below 0 clipped to 0."""
+    return torch.linalg.eigvalsh(cov).flip(0).clamp(min=0.0).numpy()

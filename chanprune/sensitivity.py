@@ -212,7 +212,7 @@ def measure_sensitivity(
         n_images = float(all_reduce_sum(torch.tensor(n_images), process_group))
 
     runner = _Runner(network)
-    output = _first_node(next(n for n in runner.nodes if n.op == "output").args[0])
+    output = first_output(next(n for n in runner.nodes if n.op == "output").args[0])
     envs = [{runner.placeholder: b.to(device)} for b in images.split(batch_size)]
     with torch.no_grad():
         references = [runner.evaluate(env, [output.name])[output.name] for env in envs]
@@ -261,9 +261,9 @@ def measure_sensitivity(
     return {g.name: curves[g.name] for g in prunable}
 
 
-def _first_node(value):
-    """The first node of a (possibly nested) output structure: the logits of a model
-    that also returns auxiliary outputs."""
+def first_output(value):
+    """The first entry of a (possibly nested) output structure, tensors or traced nodes:
+    the logits of a model that also returns auxiliary outputs."""
     while isinstance(value, (tuple, list)):
         value = value[0]
     if isinstance(value, dict):
