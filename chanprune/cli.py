@@ -283,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
             "how the channels to prune are found: 'graph' traces the network (torch.fx) and "
             "derives its channel groups, for any CNN; 'names' recognises chanprune's and "
             "torchvision's VGG and ResNet layouts by their attribute names (the only planner "
-            "for --method apoz/entropy/bn_scale/thinet, --schedule paper/energy and "
-            "--channel-sampler); 'auto' uses the names where the traced graph confirms them, "
+            "for --method apoz/entropy/bn_scale/thinet and --channel-sampler); "
+            "'auto' uses the names where the traced graph confirms them, "
             "else the graph (default: %(default)s)"
         ),
     )

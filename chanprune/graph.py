@@ -39,7 +39,18 @@ from ._validation import check_int_in_range, check_real_in_range
 from .exceptions import UnsupportedLayerError
 from .schedule import MacModel, _achieved, resolve_explicit
 
-__all__ = ["ChannelGroup", "Consumer", "Plan", "LayerCost", "trace_plan", "PlanWarning"]
+__all__ = [
+    "ChannelGroup",
+    "Consumer",
+    "Plan",
+    "LayerCost",
+    "trace_plan",
+    "PlanWarning",
+    "uniform_widths",
+    "paper_multipliers",
+    "widths_for_cost",
+    "explicit_widths",
+]
 
 
 class PlanWarning(UserWarning):
@@ -831,7 +842,12 @@ def _steps(plan: Plan, multiple: int) -> dict[str, int]:
 
 
 def uniform_widths(
-    plan: Plan, speedup: float, *, multiple: int = 1, tolerance: float = 0.02
+    plan: Plan,
+    speedup: float,
+    *,
+    multiple: int = 1,
+    tolerance: float = 0.02,
+    multipliers: Optional[Mapping[str, float]] = None,
 ) -> dict[str, int]:
     """One kept ratio for every prunable group, found by bisection so that the MACs of
     all convs and linears fall by ``speedup``; then single steps between groups close the
@@ -841,6 +857,10 @@ def uniform_widths(
     ONNX Runtime and oneDNN use their channel-blocked convolution kernels); coarser
     steps make the target harder to hit exactly.
 
+    ``multipliers``: relative kept ratios per group (group ``g`` keeps ``min(1, m_g r)``
+    of its channels for the one ratio ``r``; 0 or absent: the group is not pruned), as
+    :func:`paper_multipliers` gives them. None: 1 for every prunable group.
+
     Raises
     ------
     ValueError
@@ -849,16 +869,22 @@ def uniform_widths(
     """
     speedup = check_real_in_range(speedup, "speedup", 1.0, low_inclusive=False)
     multiple = check_int_in_range(multiple, "multiple", 1)
-    prunable = {n: g for n, g in plan.groups.items() if g.prunable}
     steps = _steps(plan, multiple)
+    if multipliers is None:
+        multipliers = dict.fromkeys(steps, 1.0)
+    steps = {n: step for n, step in steps.items() if multipliers.get(n, 0.0) > 0}
+    prunable = {n: plan.groups[n] for n in steps}
     _check_reachable(plan, speedup, steps)
     total = plan.macs()
     target = total / speedup
 
     def at(ratio: float) -> dict[str, int]:
-        return {n: _round_width(g.size, steps[n], ratio) for n, g in prunable.items()}
+        return {
+            n: _round_width(g.size, steps[n], min(1.0, multipliers[n] * ratio))
+            for n, g in prunable.items()
+        }
 
-    lo, hi = 0.0, 1.0
+    lo, hi = 0.0, 1.0 / min(multipliers[n] for n in steps)
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         if plan.macs(at(mid)) > target:
@@ -868,6 +894,118 @@ def uniform_widths(
     widths = _close_gap(plan, at(lo), steps, target)
     _achieved(total / plan.macs(widths), speedup, tolerance)  # warns when too far
     return widths
+
+
+# The paper's schedules (He, Zhang and Sun 2017, section 4). VGG-16: conv1_x to conv3_x
+# and conv4_x keep ratios 1 : 1.5, conv5_x is not pruned. ResNets: blocks in the last
+# stage or changing the shape keep 70%, the others 30% (7 : 3); inside a Bottleneck the
+# inputs of its second and third conv keep 4 : 3, as multiples of their mean.
+_PAPER_CHAIN = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.5}
+_PAPER_ROLE = {"basic": 1.0, "2b": 4.0 / 3.5, "2c": 3.0 / 3.5}
+
+
+def paper_multipliers(plan: Plan) -> dict[str, float]:
+    """The paper's relative kept ratios for the prunable groups of a traced VGG-style
+    chain or ResNet, derived from the graph (shapes and residual additions), not names.
+
+    A network without residual additions is a chain: a group's stage is one plus the
+    halvings of the input's spatial size before the conv that reads it. Otherwise every
+    prunable group must sit inside a residual branch of one or two such groups (a
+    BasicBlock or a Bottleneck), each produced by one conv and read by one conv, or feed
+    the stream (read by several convs: left whole, as the paper does). A branch is
+    sensitive when it is in the last stage (the smallest output) or its output's shape
+    differs from its input's (a strided or projection block).
+
+    Returns
+    -------
+    dict of group -> float
+        For :func:`uniform_widths` (``multipliers=``); 0 for groups the schedule leaves
+        whole.
+
+    Raises
+    ------
+    ValueError
+        A residual network whose prunable groups do not form Basic or Bottleneck
+        branches (the schedule is not defined for it: use ``uniform``, ``energy`` or
+        ``sensitivity``).
+    """
+    nodes = {n.name: n for n in plan.graph.graph.nodes}
+    module_nodes: dict[str, fx.Node] = {}
+    for node in plan.graph.graph.nodes:
+        if node.op == "call_module":
+            module_nodes.setdefault(str(node.target), node)
+    consumers = {c.name: c for c in plan.consumers}
+    prunable = [g for g in plan.groups.values() if g.prunable]
+    size_in = plan.input_shape[1:]
+
+    def spatial(node: fx.Node) -> tuple:
+        return tuple((_shape(node) or ())[2:])
+
+    def refuse(group: ChannelGroup, why: str) -> ValueError:
+        return ValueError(
+            f"schedule='paper' is defined for VGG-style chains and ResNets of Basic or "
+            f"Bottleneck blocks; group {group.name!r} {why}. Use schedule='uniform', "
+            "'energy' or 'sensitivity' for this network."
+        )
+
+    def reader(group: ChannelGroup) -> Consumer:
+        if len(group.producers) != 1 or len(group.consumers) != 1 or group.parts != 1:
+            raise refuse(group, "is not one conv's output read by one conv")
+        if any(not isinstance(plan.graph.get_submodule(m), _BATCHNORMS)
+               for m, _ in group.carriers):  # fmt: skip
+            raise refuse(group, "passes through a layer other than BatchNorm")
+        return consumers[group.consumers[0]]
+
+    if not any(c.addend for c in plan.consumers):
+        out = {}
+        for g in prunable:
+            # The stage of the conv reading the group (after any pooling in between).
+            shape = spatial(nodes[reader(g).node].args[0])
+            halvings = max(
+                (round(math.log2(a / b)) for a, b in zip(size_in, shape) if b > 0), default=0
+            )
+            out[g.name] = _PAPER_CHAIN.get(1 + halvings, 0.0)
+        return out
+
+    # A group read by several convs (e.g. a stem's output read by a block's first conv
+    # and its projection shortcut) feeds the residual stream: the paper keeps it whole.
+    stream = [g for g in prunable if len(g.consumers) > 1]
+    prunable = [g for g in prunable if len(g.consumers) == 1]
+    # A branch: groups each read by the conv producing the next, the last one's reader
+    # adding its output to the stream.
+    produced_by = {g.producers[0]: g for g in prunable}
+    follows = {}
+    for g in prunable:
+        if reader(g).addend is None:
+            if reader(g).name not in produced_by:
+                raise refuse(g, "is read by a conv that adds to no residual stream")
+            follows[g.name] = produced_by[reader(g).name]
+    second = {g.name for g in follows.values()}
+    branches = []
+    for g in prunable:
+        if g.name in second:
+            continue
+        branch = [g]
+        while branch[-1].name in follows:
+            branch.append(follows[branch[-1].name])
+        if len(branch) > 2:
+            raise refuse(g, f"starts a branch of {len(branch)} pruned groups (at most 2)")
+        branches.append(branch)
+
+    def ends(branch: list) -> tuple:
+        first = module_nodes[branch[0].producers[0]]
+        last = nodes[reader(branch[-1]).node]
+        return _shape(first.args[0]), _shape(last)
+
+    smallest = min(math.prod(ends(b)[1][2:]) for b in branches)
+    out = dict.fromkeys((g.name for g in stream), 0.0)
+    for branch in branches:
+        shape_in, shape_out = ends(branch)
+        sensitive = shape_in != shape_out or math.prod(shape_out[2:]) == smallest
+        roles = ("basic",) if len(branch) == 1 else ("2b", "2c")
+        for g, role in zip(branch, roles):
+            out[g.name] = (0.7 if sensitive else 0.3) * _PAPER_ROLE[role]
+    return out
 
 
 def _close_gap(plan: Plan, widths: dict, steps: Mapping[str, int], target: float) -> dict:
@@ -972,17 +1110,12 @@ def widths_for_cost(
     total = plan.macs()
     target = total / speedup
     widths = dict(full)
-    # Whole chunks keep the loop short on wide networks; single steps finish it.
-    chunk = {n: steps[n] * max(1, full[n] // (128 * steps[n])) for n in steps}
     macs = total
     while macs > target:  # stops early if every further step is ruled out (warned below)
         best = None
-        for name, step in steps.items():
+        for name, down in steps.items():
             width = widths[name]
-            for down in dict.fromkeys((chunk[name], step)):
-                if width - down >= step:
-                    break
-            else:
+            if width - down < down:
                 continue
             saved = saving(widths, name, width - down)
             if saved <= 0:

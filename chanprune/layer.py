@@ -29,6 +29,7 @@ from .selection import (
     select_by_score,
     select_first_k,
     select_greedy_ls,
+    select_greedy_swap,
     select_lasso,
     select_max_response,
     select_random,
@@ -173,8 +174,10 @@ def prune_layer(
         The layer's current bias (BN folded); None means zero.
     keep : int
         Number of input channels to keep, in ``[1, c]``.
-    method : {"lasso", "greedy_ls", "thinet", "max_response", "first_k", "random", "by_score"}
-        The selector; see :mod:`chanprune.selection`.
+    method : str, default="lasso"
+        The selector, one of :data:`chanprune.selection.SELECTORS`: "lasso",
+        "greedy_ls", "greedy_swap", "thinet", "max_response", "first_k", "random",
+        "by_score"; see :mod:`chanprune.selection`.
     refit : bool, default=True
         Refit the kept weights and bias by least squares. With False the kept channels
         keep their original weights (LASSO: scaled by ``beta``) and the original bias.
@@ -314,6 +317,8 @@ def _select(
         return select_lasso(moments, w3, b, keep, normalize=normalize, max_iter=max_iter, tol=tol)
     if method == "greedy_ls":
         return select_greedy_ls(moments, keep, ridge=ridge)
+    if method == "greedy_swap":
+        return select_greedy_swap(moments, keep, ridge=ridge)
     if method == "thinet":
         return select_thinet(moments, w3, b, keep)
     if method == "max_response":

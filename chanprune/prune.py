@@ -47,6 +47,7 @@ from .flops import conv_output_sizes, count_macs, count_params
 from .graph import (
     PlanWarning,
     explicit_widths,
+    paper_multipliers,
     trace_plan,
     uniform_widths,
     widths_for_cost,
@@ -415,8 +416,6 @@ SENSITIVITY_IMAGES = 64
 #: What ``prune_model(recover=...)`` can do after pruning.
 RECOVERIES = ("distill",)
 
-#: Schedules only the name-based planners offer (their multipliers come from the names).
-_NAMES_SCHEDULES = ("paper",)
 #: Schedules only the graph planner offers.
 _GRAPH_SCHEDULES = ("sensitivity",)
 
@@ -549,7 +548,11 @@ def plan_widths(
                 "channel spectra of calibration data; use prune_model, which computes them."
             )
         graph = trace_plan(model, tuple(input_shape))
-        widths = explicit_widths(graph, schedule) if explicit else uniform_widths(graph, speedup)
+        if explicit:
+            widths = explicit_widths(graph, schedule)
+        else:
+            multipliers = paper_multipliers(graph) if schedule == "paper" else None
+            widths = uniform_widths(graph, speedup, multipliers=multipliers)
         return widths, graph.macs() / graph.macs(widths)
     if explicit and not channel_sampler:
         _check_no_stream_layers(model, plan, schedule)
@@ -866,7 +869,9 @@ def prune_model(
         ``uniform``: one kept ratio everywhere; ``paper``: He et al.'s schedules (VGG-16:
         conv1_x-conv3_x : conv4_x kept ratios 1 : 1.5, conv5_x untouched; ResNet: blocks
         of the last stage and blocks that change the map size keep 7/3 the ratio of the
-        others, Bottleneck 2b : 2c inputs 4 : 3); ``energy``: from the data, the widths
+        others, Bottleneck 2b : 2c inputs 4 : 3; on the graph planner the stages, blocks
+        and roles come from the traced shapes and residual additions,
+        :func:`chanprune.graph.paper_multipliers`); ``energy``: from the data, the widths
         that keep the most principal-component energy of each layer's input channels per
         MAC (:func:`chanprune.schedule.widths_for_energy`; the spectra come from one
         forward pass of the original network over the first ``ENERGY_IMAGES`` = 500 fit
@@ -884,7 +889,9 @@ def prune_model(
     method : str, default="greedy_ls"
         Channel selector: ``greedy_ls`` (the default: greedy least-squares elimination on
         the same reconstruction objective; at or above LASSO in 37 of the 38 shared
-        configurations measured, see RESULTS.md), ``lasso`` (the paper's), ``thinet``,
+        configurations measured, see RESULTS.md), ``greedy_swap`` (``greedy_ls``, then
+        exchanges of a kept and a dropped channel while the refit error falls: lower layer
+        errors, no better accuracy measured), ``lasso`` (the paper's), ``thinet``,
         ``max_response``,
         ``first_k``, ``random`` (see :mod:`chanprune.selection`), or an activation/BN
         criterion: ``apoz`` (keep the channels least often zero), ``entropy`` (of the
@@ -1250,13 +1257,6 @@ def _check_graph_options(method: str, schedule, channel_sampler: bool) -> None:
             f"recognises; with the graph planner (any other network) use one of "
             f"{', '.join(GRAPH_METHODS)}."
         )
-    if not isinstance(schedule, Mapping) and schedule in _NAMES_SCHEDULES:
-        offered = [s for s in SCHEDULES if s not in _NAMES_SCHEDULES]
-        raise ValueError(
-            f"schedule={schedule!r} is available for the VGG and ResNet layouts chanprune "
-            f"recognises; with the graph planner use one of {', '.join(offered)} or "
-            "explicit widths {group: keep}."
-        )
     if channel_sampler:
         raise ValueError(
             "channel_sampler=True applies to the ResNet layouts chanprune recognises; the "
@@ -1324,12 +1324,17 @@ def _prune_graph(
     tic = time.perf_counter()
     if explicit:
         widths = explicit_widths(plan, schedule)
-    elif schedule == "uniform":
-        widths = uniform_widths(plan, speedup, multiple=channel_multiple)
+    elif schedule in ("uniform", "paper"):
+        multipliers = paper_multipliers(plan) if schedule == "paper" else None
+        widths = uniform_widths(
+            plan, speedup, multiple=channel_multiple, multipliers=multipliers
+        )
     else:
-        wanted = SENSITIVITY_IMAGES if schedule == "sensitivity" else ENERGY_IMAGES
-        spread = set(_spread(n_fit_all, wanted).tolist())  # global ids, on every rank
-        local = [i for i, gid in enumerate(image_ids[:n_fit].tolist()) if gid in spread]
+        if schedule == "sensitivity":
+            wanted = set(_spread(n_fit_all, SENSITIVITY_IMAGES).tolist())  # global ids
+        else:  # the first fit images, as the name-based planner takes them
+            wanted = set(range(min(n_fit_all, ENERGY_IMAGES)))
+        local = [i for i, gid in enumerate(image_ids[:n_fit].tolist()) if gid in wanted]
         measure = images[torch.tensor(local, dtype=torch.int64, device=images.device)]
         cost = _graph_costs(schedule, plan, measure, batch_size, device, progress, group)
         widths = widths_for_cost(plan, speedup, cost, multiple=channel_multiple)

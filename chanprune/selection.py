@@ -9,6 +9,9 @@ int64 channel indices. The selectors work on arrays only (statistics from
   problem, with the penalty found by bisection so that exactly ``keep`` channels survive.
 - ``greedy_ls``: backward elimination on the least-squares refit objective itself, with
   exact block downdates of the inverse Gram (Optimal Brain Surgeon for a weight group).
+- ``greedy_swap``: ``greedy_ls``, then exchanges of a kept and a dropped channel while
+  the refit error falls, every pair scored exactly (a local search as in OSSCAR, Meng et
+  al., ICML 2024).
 - ``thinet``: ThiNet's greedy removal of the channels whose summed contribution is
   smallest (Luo et al., ICCV 2017).
 - ``max_response`` (largest ``||W_i||_1``), ``first_k``, ``random`` and ``by_score``
@@ -41,6 +44,7 @@ __all__ = [
     "select_lasso_gram",
     "select_greedy_gram",
     "select_greedy_ls",
+    "select_greedy_swap",
     "select_thinet",
     "select_max_response",
     "select_first_k",
@@ -54,6 +58,7 @@ logger = logging.getLogger(__name__)
 SELECTORS = (
     "lasso",
     "greedy_ls",
+    "greedy_swap",
     "thinet",
     "max_response",
     "first_k",
@@ -343,7 +348,15 @@ def select_lasso_gram(
     )
 
 
-def select_greedy_gram(gram: np.ndarray, linear: np.ndarray, keep: int) -> Selection:
+def select_greedy_gram(
+    gram: np.ndarray,
+    linear: np.ndarray,
+    keep: int,
+    *,
+    t2: float = 0.0,
+    max_swaps: int = 0,
+    tol: float = 1e-4,
+) -> Selection:
     """Backward elimination on the reduced problem ``min_beta t2 - 2 beta.g + beta^T G beta``.
 
     The channel-level analogue of :func:`select_greedy_ls`: each channel's original
@@ -357,11 +370,17 @@ def select_greedy_gram(gram: np.ndarray, linear: np.ndarray, keep: int) -> Selec
     gram : ndarray of shape (c, c)
     linear : ndarray of shape (c,)
     keep : int
+    t2 : float, default=0.0
+        ``||T||^2``; only shifts the objective, used by the swap search's relative stop.
+    max_swaps, tol : int, float
+        Swap search after the elimination, as in :func:`select_greedy_swap` (off by
+        default).
 
     Returns
     -------
     Selection
-        ``info["removed"]`` lists the channels in removal order.
+        ``info["removed"]`` lists the channels in removal order; with swaps,
+        ``info["errors"]`` and ``info["swaps"]`` as in :func:`select_greedy_swap`.
     """
     c = gram.shape[0]
     if keep >= c:
@@ -386,9 +405,14 @@ def select_greedy_gram(gram: np.ndarray, linear: np.ndarray, keep: int) -> Selec
         H[i, :] = H[:, i] = 0.0
         beta[i] = 0.0
         removed.append(i)
-    return Selection(
-        kept=np.flatnonzero(alive).astype(np.int64), n_iter=c - keep, info={"removed": removed}
-    )
+    kept = np.flatnonzero(alive).astype(np.int64)
+    info = {"removed": removed}
+    if max_swaps > 0:
+        kept, errors, swaps = _swap_search(
+            gram, linear[:, None], t2, 1, kept, max_swaps=max_swaps, tol=tol
+        )
+        info.update(errors=errors, swaps=swaps)
+    return Selection(kept=kept, n_iter=c - keep, info=info)
 
 
 # ---------------------------------------------------------------------------- greedy LS
@@ -524,6 +548,166 @@ def select_greedy_ls(moments: Moments, keep: int, *, ridge: float = 0.0) -> Sele
             where[held] = np.arange(held.size)
     kept = np.flatnonzero(alive).astype(np.int64)
     return Selection(kept=kept, n_iter=n_steps, info={"removed": removed, "cost": costs})
+
+
+# ---------------------------------------------------------------------------- swaps
+#: Pairs (kept block, dropped block) evaluated at once by the swap search: bounds its
+#: temporaries to a few tens of MB (each pair holds a few k x k float64 matrices).
+_SWAP_CHUNK = 8192
+
+
+def _psd_inverse(gram: np.ndarray) -> np.ndarray:
+    """Inverse of a symmetric positive definite ``gram``; a relative jitter for a
+    numerically singular one (dead or duplicate channels: the swap search only compares
+    errors, which the jitter moves by rounding)."""
+    scale = float(np.mean(np.diag(gram))) or 1.0
+    jitter = 0.0
+    for _ in range(8):
+        factor = cholesky_factor(gram + jitter * np.eye(gram.shape[0]) if jitter else gram)
+        if factor is not None:
+            return torch.cholesky_inverse(factor).numpy()
+        jitter = max(jitter * 100.0, 1e-12 * scale)
+    raise np.linalg.LinAlgError("the Gram matrix of the kept channels is singular.")
+
+
+def _swap_search(
+    gram: np.ndarray,
+    cross: np.ndarray,
+    t2: float,
+    block_size: int,
+    kept: np.ndarray,
+    *,
+    max_swaps: int,
+    tol: float,
+) -> tuple[np.ndarray, list[float], list[tuple[int, int]]]:
+    """Exchange a kept and a dropped channel block while the least-squares error falls.
+
+    The problem is ``E(S) = t2 - tr(B_S^T G_SS^-1 B_S)``: the error of the best linear
+    fit of the targets from the kept blocks ``S`` plus any trailing columns of ``gram``
+    past ``c * block_size`` (the ones column), which are always kept. Every pair is
+    scored exactly, from the kept set's inverse ``H`` and solution ``W = H B_S``:
+    removing block ``i`` raises ``E`` by ``tr(W_i^T H_ii^-1 W_i)``; adding block ``j`` to
+    ``S \\ i`` then lowers it by ``tr(R_j'^T Sc_j'^-1 R_j')``, where, with ``C = G_jS
+    H_:i`` and ``Q = H_ii^-1``, the residual and Schur complement of ``j`` given ``S \\
+    i`` are those given ``S`` plus a rank-``k`` correction: ``R_j' = R_j + C Q W_i``,
+    ``Sc_j' = Sc_j + C Q C^T``. The best pair is applied if it lowers ``E`` by more
+    than ``tol * E``; at most ``max_swaps`` times.
+
+    Returns the kept blocks (sorted), the error of ``kept`` as given and after each
+    accepted swap, and the swaps as (removed, added) pairs.
+    """
+    k = block_size
+    c = (gram.shape[0]) // k
+    fixed = np.arange(c * k, gram.shape[0])
+    kept = previous = np.sort(np.asarray(kept, dtype=np.int64))
+    errors: list[float] = []
+    swaps: list[tuple[int, int]] = []
+    scale = float(np.mean(np.diag(gram)[: c * k])) or 1.0
+    jitter = 1e-12 * scale * np.eye(k)
+    for _ in range(max_swaps + 1):
+        dropped = np.setdiff1d(np.arange(c), kept)
+        cols = np.append((kept[:, None] * k + np.arange(k)).ravel(), fixed)
+        H = _psd_inverse(gram[np.ix_(cols, cols)])
+        W = H @ cross[cols]  # (m, n)
+        errors.append(t2 - float(np.sum(W * cross[cols])))
+        if len(errors) > 1 and errors[-1] >= errors[-2]:
+            # Rounding made the predicted gain of the last swap vanish: undo it, stop.
+            errors.pop()
+            swaps.pop()
+            kept = previous
+            break
+        if len(errors) > max_swaps or not dropped.size or not kept.size:
+            break
+        n_kept = kept.size
+        blocks = np.arange(n_kept * k).reshape(n_kept, k)  # rows of each kept block in cols
+        Q = np.linalg.inv(H[blocks[:, :, None], blocks[:, None, :]])  # (kept, k, k)
+        W_i = W[blocks]  # (kept, k, n)
+        V = Q @ W_i
+        removal = np.einsum("ikn,ikn->i", W_i, V)
+        VV = V @ V.transpose(0, 2, 1)
+        best = (0.0, -1, -1)
+        per_chunk = max(1, _SWAP_CHUNK // n_kept)
+        for start in range(0, dropped.size, per_chunk):
+            drop = dropped[start : start + per_chunk]
+            n_drop = drop.size
+            rows = (drop[:, None] * k + np.arange(k)).ravel()
+            G_jS = gram[np.ix_(rows, cols)]  # (drop k, m)
+            A = (G_jS @ H).reshape(n_drop, k, -1)
+            R = (cross[rows] - G_jS @ W).reshape(n_drop, k, -1)  # (drop, k, n)
+            blocks_j = rows.reshape(n_drop, k)
+            G_jj = gram[blocks_j[:, :, None], blocks_j[:, None, :]]  # (drop, k, k)
+            schur = G_jj - np.einsum("jpm,jqm->jpq", A, G_jS.reshape(n_drop, k, -1))
+            RR = R @ R.transpose(0, 2, 1)
+            C = A[:, :, blocks].transpose(0, 2, 1, 3)  # (drop, kept, k, k): G_jS H_:i
+            P = (V.reshape(n_kept * k, -1) @ R.reshape(n_drop * k, -1).T).reshape(
+                n_kept, k, n_drop, k
+            ).transpose(2, 0, 1, 3)  # V_i R_j^T
+            CP = C @ P
+            Ct = C.transpose(0, 1, 3, 2)
+            N = RR[:, None] + CP + CP.transpose(0, 1, 3, 2) + C @ VV[None] @ Ct
+            S = schur[:, None] + C @ Q[None] @ Ct + jitter
+            gain = np.einsum("jipp->ji", np.linalg.solve(S, N))
+            delta = removal[None, :] - gain  # (drop, kept)
+            j, i = np.unravel_index(int(np.argmin(delta)), delta.shape)
+            if delta[j, i] < best[0]:
+                best = (float(delta[j, i]), int(kept[i]), int(drop[j]))
+        if not best[0] < -tol * abs(errors[-1]):
+            break
+        previous = kept
+        kept = np.sort(np.append(kept[kept != best[1]], best[2]))
+        swaps.append((best[1], best[2]))
+    return kept, errors, swaps
+
+
+#: Default cap on the exchanges of :func:`select_greedy_swap`; each costs about one
+#: inverse of the kept Gram plus ``O(c^2 k^3)`` pair scores.
+MAX_SWAPS = 16
+
+
+def select_greedy_swap(
+    moments: Moments,
+    keep: int,
+    *,
+    ridge: float = 0.0,
+    max_swaps: int = MAX_SWAPS,
+    tol: float = 1e-4,
+) -> Selection:
+    """:func:`select_greedy_ls`, then swap search on the same refit objective.
+
+    Backward elimination never revisits a removal: a channel dropped early, while a
+    correlated one was still kept, stays dropped after that one goes too. The swap search
+    scores every (kept, dropped) pair exactly and applies the exchange that lowers the
+    least-squares error most, until none lowers it by more than ``tol`` times the error,
+    or ``max_swaps`` exchanges were made.
+
+    Parameters
+    ----------
+    moments : Moments
+    keep : int
+    ridge : float, default=0.0
+        Relative ridge of the refit objective, as in :func:`select_greedy_ls`.
+    max_swaps : int, default=MAX_SWAPS
+        At most this many exchanges (0: ``greedy_ls`` alone).
+    tol : float, default=1e-4
+        Stop when the best exchange lowers the error by less than ``tol`` times it.
+
+    Returns
+    -------
+    Selection
+        ``info["errors"]`` is the (ridge-regularised) squared error of the greedy set and
+        after each exchange; ``info["swaps"]`` the exchanges made, as (out, in) pairs.
+    """
+    greedy = select_greedy_ls(moments, keep, ridge=ridge)
+    if keep >= moments.n_channels or max_swaps <= 0:
+        return greedy
+    d = moments.n_features
+    gram = regularized_gram(moments, np.arange(d + 1), ridge)
+    kept, errors, swaps = _swap_search(
+        gram, moments.xty, moments.yty, moments.block_size, greedy.kept,
+        max_swaps=max_swaps, tol=tol,
+    )  # fmt: skip
+    info = {**greedy.info, "errors": errors, "swaps": swaps}
+    return Selection(kept=kept.astype(np.int64), n_iter=greedy.n_iter + len(swaps), info=info)
 
 
 # ---------------------------------------------------------------------------- ThiNet

@@ -52,6 +52,7 @@ from .sampling import (
     sample_positions,
 )
 from .selection import (
+    MAX_SWAPS,
     _top_k,
     channel_gram,
     select_first_k,
@@ -76,7 +77,7 @@ logger = logging.getLogger(__name__)
 
 #: Selectors that work on any channel group (several consumers, concatenated inputs,
 #: grouped convs): those that need only the summed reduced problem or the weights.
-GRAPH_METHODS = ("lasso", "greedy_ls", "max_response", "first_k", "random")
+GRAPH_METHODS = ("lasso", "greedy_ls", "greedy_swap", "max_response", "first_k", "random")
 
 
 @dataclass(frozen=True)
@@ -486,7 +487,13 @@ class _GraphSweep:
             pr_values = self.pr.evaluate(env_p, list(dict.fromkeys(pr_targets)))
             self.timing["forward_s"] += time.perf_counter() - tic
             if keep_first:
-                env_r[self.ref.by_name[consumers[0].node]] = ref_values[consumers[0].node]
+                first = self.ref.by_name[consumers[0].node]
+                env_r[first] = ref_values[consumers[0].node]
+                # Its inputs in the original network serve nothing else: freed now, not at
+                # the next advance, so the cache never holds a layer's input and output.
+                for arg in first.all_input_nodes:
+                    if self.ref.last_use.get(arg.name, -1) <= self.ref.pos[first.name]:
+                        env_r.pop(arg, None)
             ids = self.image_ids[chunk]
             for consumer, conv, kept_out, st, event in zip(
                 consumers, convs, out_kept, stats, events
@@ -592,8 +599,9 @@ class _GraphSweep:
         gs = lin[subset] - G[np.ix_(subset, np.flatnonzero(rest))].sum(axis=1)
         if options.method == "max_response":
             return _top_k(l1[subset], keep)
-        if options.method == "greedy_ls":
-            return select_greedy_gram(Gs, gs, keep).kept
+        if options.method in ("greedy_ls", "greedy_swap"):
+            swaps = MAX_SWAPS if options.method == "greedy_swap" else 0
+            return select_greedy_gram(Gs, gs, keep, t2=t2, max_swaps=swaps).kept
         w_norm = np.sqrt(wn2[subset]) if options.normalize else None
         return select_lasso_gram(
             Gs, gs, t2, keep, w_norm=w_norm, max_iter=options.max_iter, tol=options.tol

@@ -199,7 +199,8 @@ def test_graph_planner_refuses_what_it_does_not_offer():
     images = torch.randn(4, *SHAPE)
     with pytest.raises(ValueError, match="graph planner"):
         chanprune.prune_model(Dense(), images, speedup=2.0, method="apoz", progress=False)
-    with pytest.raises(ValueError, match="graph planner"):
+    # The paper's schedule runs on the graph, for the chains and ResNets it defines.
+    with pytest.raises(ValueError, match="schedule='paper' is defined for VGG-style"):
         chanprune.prune_model(Dense(), images, speedup=2.0, schedule="paper", progress=False)
 
 
@@ -292,3 +293,70 @@ def test_report_splits_the_time_between_passes_statistics_and_solves():
     assert all(v >= 0 for v in split.values()) and split["all_reduce_s"] < 0.05
     assert split["forward_s"] > 0 and split["solve_s"] > 0
     assert sum(split.values()) <= report.wall_time_s
+
+
+# ---------------------------------------------------------------------------- paper schedule
+def _names_paper_multipliers(model):
+    """The name-based planner's paper multipliers (an independent derivation from the
+    attribute names), keyed by the group each consumer reads (its producer)."""
+    from chanprune.prune import _multipliers, _plan
+
+    plan = _plan(model)
+    by_consumer = _multipliers(plan, "paper")
+    return {c.producer: by_consumer[c.name] for c in plan}
+
+
+@pytest.mark.parametrize(
+    "builder,shape",
+    [("vgg16_bn_cifar10", (3, 32, 32)), ("resnet56_cifar10", (3, 32, 32)),
+     ("resnet18", (3, 64, 64)), ("resnet50", (3, 64, 64))],
+)  # fmt: skip
+def test_paper_multipliers_from_the_graph_equal_the_name_based_ones(builder, shape):
+    """Stages from the traced shapes, branches and roles from the residual additions:
+    the same multipliers as the names give (0 where the schedule leaves a group whole)."""
+    from chanprune.graph import paper_multipliers
+
+    model = getattr(chanprune.models, builder)()
+    graph = paper_multipliers(trace_plan(model, shape))
+    names = _names_paper_multipliers(model)
+    assert {k: v for k, v in graph.items() if v > 0} == pytest.approx(
+        {k: v for k, v in names.items() if v > 0}
+    )
+    # Groups the names do not know (ResNet-50's stem output, read by a block and its
+    # projection) feed the residual stream: left whole.
+    assert all(graph[k] == 0 for k in set(graph) - set(names))
+    assert sorted(set(np.round(list(names.values()), 6))) == sorted(
+        set(np.round([graph.get(k, 0.0) for k in names], 6))
+    )
+
+
+def test_paper_schedule_on_the_graph_meets_the_target_with_the_name_based_widths():
+    """VGG-16-BN at 4x: within 2% of the target, every group within 2 channels of the
+    width the name-based planner gives (the graph counts the linear head's MACs too)."""
+    from chanprune.prune import _plan, plan_widths
+
+    model = chanprune.models.vgg16_bn_cifar10()
+    names, _ = plan_widths(model, (3, 32, 32), speedup=4, schedule="paper", planner="names")
+    graph, achieved = plan_widths(
+        model, (3, 32, 32), speedup=4, schedule="paper", planner="graph"
+    )
+    assert achieved == pytest.approx(4.0, rel=0.02)
+    producer = {c.name: c.producer for c in _plan(model)}
+    for consumer, width in names.items():
+        assert abs(graph.get(producer[consumer], width) - width) <= 2
+
+
+def test_paper_schedule_refuses_a_network_it_does_not_define():
+    from chanprune.graph import paper_multipliers
+
+    for model in (Inverted(), Dense()):
+        with pytest.raises(ValueError, match="schedule='paper' is defined for VGG-style"):
+            paper_multipliers(trace_plan(model, SHAPE))
+
+
+def test_paper_schedule_prunes_a_residual_model_through_the_graph():
+    model = randomize(Residual())
+    (pruned, report), images = _prune(model, schedule="paper")
+    assert report.schedule == "paper" and report.options["planner"] == "graph"
+    assert report.speedup == pytest.approx(2.0, rel=0.02)
+    assert pruned(images).shape == model(images).shape

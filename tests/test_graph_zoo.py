@@ -76,3 +76,22 @@ def test_sensitivity_schedule_on_a_zoo_model(module, name):
     for group, width in report.options["widths"].items():  # never below the narrowest
         size, step = plan.groups[group].size, plan.groups[group].step  # width measured
         assert width >= min(size, max(step, round(0.125 * size / step) * step))
+
+
+@pytest.mark.parametrize(
+    "module,name,size,ours",
+    [("resnet_cifar", "resnet56_cifar10", 32, "resnet56_cifar10"),
+     ("vgg", "bn_vgg16", 224, "vgg16_bn"), ("resnet", "resnet18", 224, "resnet18")],
+)  # fmt: skip
+def test_paper_schedule_on_a_zoo_model_equals_ours(module, name, size, ours):
+    """The same architecture written by someone else (nested blocks, other names) gets
+    the multipliers of chanprune's own definition, in graph order."""
+    from chanprune.graph import paper_multipliers
+
+    shape = (3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanWarning)
+        theirs = paper_multipliers(trace_plan(_build(module, name), shape))
+        mine = paper_multipliers(trace_plan(getattr(chanprune.models, ours)(), shape))
+    assert list(theirs.values()) == pytest.approx(list(mine.values()))
+    assert sum(v > 0 for v in mine.values()) >= 8
