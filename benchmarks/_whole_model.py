@@ -201,7 +201,7 @@ def remeasure_latency(bench: Benchmark, results: dict, rounds: int = LATENCY_ROU
     hits every network alike instead of a few of them.
     """
     import numpy as np
-    from peers import chanprune_architecture
+    from peers import chanprune_architecture, consumer_widths
 
     from chanprune.flops import measure_latency
     from chanprune.models import get_model
@@ -211,16 +211,8 @@ def remeasure_latency(bench: Benchmark, results: dict, rounds: int = LATENCY_ROU
         raise ValueError(f"--latency-only knows no architecture rebuild for {bench.model}")
     models = {"unpruned": get_model(bench.model).eval()}
     arch_of = {}
-    plan = None
     for k, run in results.get("runs", {}).items():
-        options = run["report"].get("options", {})
-        widths = options.get("widths")
-        if widths and options.get("planner") == "graph":
-            # Keyed by channel group (its producer): the rebuild wants the consuming layer.
-            from chanprune.graph import trace_plan
-
-            plan = plan or trace_plan(models["unpruned"], (3, 32, 32))
-            widths = {c: w for g, w in widths.items() for c in plan.groups[g].consumers}
+        widths = consumer_widths(run["report"].get("options", {}), models["unpruned"])
         if widths:
             arch_of[k] = json.dumps(widths, sort_keys=True)
             if arch_of[k] not in models:

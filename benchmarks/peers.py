@@ -244,7 +244,10 @@ def planned_ratio_dict(network: str, model: nn.Module, speedup: float) -> tuple[
     """
     from chanprune.prune import plan_widths
 
-    widths, _ = plan_widths(model, INPUT_SHAPE, speedup=speedup, schedule="uniform")
+    # Keyed by consuming layer, the name-based planner's keys, which the ratios map from.
+    widths, _ = plan_widths(
+        model, INPUT_SHAPE, speedup=speedup, schedule="uniform", planner="names"
+    )
     if network == "vgg":
         convs = [(f"features.{n}", m) for n, m in model.features.named_children()
                  if isinstance(m, nn.Conv2d)]  # fmt: skip
@@ -266,6 +269,18 @@ def tp_count(model: nn.Module) -> tuple[int, int]:
     model.eval()
     macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, *INPUT_SHAPE))
     return int(macs), int(params)
+
+
+def consumer_widths(options: dict, reference: nn.Module) -> dict:
+    """A report's recorded widths keyed by consuming layer, as the name-based planner
+    records them; the graph planner keys them by channel group (its producing conv)."""
+    widths = options.get("widths") or {}
+    if widths and options.get("planner") == "graph":
+        from chanprune.graph import trace_plan
+
+        plan = trace_plan(reference, INPUT_SHAPE)
+        widths = {c: w for g, w in widths.items() for c in plan.groups[g].consumers}
+    return widths
 
 
 def chanprune_architecture(network: str, widths: dict) -> nn.Module:
@@ -497,8 +512,10 @@ def _chanprune_cell(network: str, run: dict, base: float | None, counts: bool) -
     mac = f"{rep['macs_after'] / 1e6:.1f}M"
     if counts:
         from chanprune.flops import count_macs
+        from chanprune.models import get_model
 
-        arch = chanprune_architecture(network, rep["options"]["widths"])
+        reference = get_model(NETWORKS[network].model)
+        arch = chanprune_architecture(network, consumer_widths(rep["options"], reference))
         rebuilt = count_macs(arch, INPUT_SHAPE)
         tp_macs, _ = tp_count(arch)
         tp_before, _ = tp_count(chanprune_architecture(network, {}))

@@ -252,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "how --speedup is spread over layers: 'auto' (the schedule measured best for the "
             "kind of network, named in the report: energy for a VGG-style chain, paper for a "
-            "ResNet recognised by its layout, sensitivity for any other network), 'uniform' "
-            "(one kept ratio everywhere), 'paper' (He et al.'s VGG-16 schedule: conv4_x "
+            "ResNet of Basic or Bottleneck blocks, sensitivity for any other network), "
+            "'uniform' (one kept ratio everywhere), 'paper' (He et al.'s VGG-16 schedule: "
+            "conv4_x "
             "keeps 1.5x the ratio of conv1_x-conv3_x, conv5_x untouched; ResNets: the last "
             "stage and blocks that change the map size keep 7/3 the ratio of the others, "
             "Bottleneck 2a : 2b : 2c inputs 2 : 4 : 3), 'energy' (from the data: layers "
@@ -283,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
             "how the channels to prune are found: 'graph' traces the network (torch.fx) and "
             "derives its channel groups, for any CNN; 'names' recognises chanprune's and "
             "torchvision's VGG and ResNet layouts by their attribute names (the only planner "
-            "for --method apoz/entropy/bn_scale/thinet and --channel-sampler); "
-            "'auto' uses the names where the traced graph confirms them, "
-            "else the graph (default: %(default)s)"
+            "for --method apoz/entropy/bn_scale/thinet and --channel-sampler); 'auto' uses "
+            "the graph wherever it offers what is asked, else the names where the traced "
+            "graph confirms them (default: %(default)s)"
         ),
     )
     p.add_argument(
@@ -371,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MB",
         help=(
-            "VGG-style models: memory for the activations cached between layers, in MB; "
+            "VGG-style models, name-based planner (given, it selects it under --planner "
+            "auto): memory for the activations cached between layers, in MB; "
             "where a layer's maps do not fit, the layers before it are recomputed in each "
             "pass instead, with the same result (default: 3/4 of the free GPU memory, or "
             "half the available RAM on a CPU)"
@@ -1177,6 +1179,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"prunable, {graph.macs() / 1e6:.2f}M MACs of convs and linears"
     )
     print(graph.describe())
+    from .prune import resolve_auto_schedule
+
+    auto, reason = resolve_auto_schedule(graph)
+    print(f"--schedule auto picks {auto!r}: {reason}")
     return 0
 
 

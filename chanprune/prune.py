@@ -45,6 +45,7 @@ from .distributed import Shard, check_agreement, model_fingerprint, shard_rows
 from .exceptions import UnsupportedLayerError
 from .flops import conv_output_sizes, count_macs, count_params
 from .graph import (
+    Plan,
     PlanWarning,
     explicit_widths,
     paper_multipliers,
@@ -448,23 +449,41 @@ AUTO_SCHEDULES = {
     ),
     "residual": (
         "paper",
-        "a ResNet recognised by its layout: the paper's schedule measured best on ResNet-56 "
-        "and ResNet-20 at 1.5x and 2x",
+        "a ResNet of Basic or Bottleneck blocks: the paper's schedule measured best on "
+        "ResNet-56 and ResNet-20 at 1.5x and 2x",
     ),
     "graph": (
         "sensitivity",
-        "a network planned from its graph: 'sensitivity' adapts the widths to any "
-        "architecture and measured above 'uniform' and 'energy' on the ResNets",
+        "a network neither a VGG-style chain nor a ResNet: 'sensitivity' adapts the widths "
+        "to any architecture and measured above 'uniform' and 'energy' on the ResNets",
     ),
 }
 
 
-def resolve_auto_schedule(plan: Optional[list]) -> tuple[str, str]:
-    """``(schedule, reason)`` for ``schedule="auto"``: by the kind of the name-based plan
-    (a VGG chain or a ResNet), or ``"graph"`` when the graph planner prunes (None)."""
-    if plan is None:
-        return AUTO_SCHEDULES["graph"]
-    return AUTO_SCHEDULES["chain" if plan[0].role == "chain" else "residual"]
+def network_kind(plan: Union[Plan, list]) -> str:
+    """The :data:`AUTO_SCHEDULES` key of a network: ``"chain"`` (VGG-style: no residual
+    addition, the paper's schedule defined), ``"residual"`` (Basic or Bottleneck
+    branches) or ``"graph"`` (anything else); from a traced :class:`~chanprune.graph.Plan`
+    or a name-based plan."""
+    if isinstance(plan, list):
+        return "chain" if plan[0].role == "chain" else "residual"
+    try:
+        paper_multipliers(plan)
+    except ValueError:
+        return "graph"
+    return "residual" if any(c.addend for c in plan.consumers) else "chain"
+
+
+def resolve_auto_schedule(plan: Union[Plan, list]) -> tuple[str, str]:
+    """``(schedule, reason)`` for ``schedule="auto"``, by :func:`network_kind`."""
+    return AUTO_SCHEDULES[network_kind(plan)]
+
+
+def _names_only(method: str, schedule, spectra=None) -> bool:
+    """Whether a request needs the name-based planner under ``planner="auto"``: a
+    criterion only it offers, or widths or spectra keyed by its layers. (The channel
+    sampler and the activation-cache budget, also its own, are checked by the caller.)"""
+    return method not in GRAPH_METHODS or isinstance(schedule, Mapping) or spectra is not None
 
 
 def _check_target(speedup, schedule) -> bool:
@@ -525,13 +544,16 @@ def plan_widths(
     """
     planner = check_choice(planner, "planner", PLANNERS)
     explicit = _check_target(speedup, schedule)
+    if planner == "auto" and not channel_sampler and not _names_only("lasso", schedule, spectra):
+        planner = "graph"
     if schedule == "auto":
         names = None if planner == "graph" else _names_plan(model, channel_sampler, planner)
         if names is not None and planner == "auto":
             names = names if _names_confirmed(model, names, tuple(input_shape)) else None
-        schedule = resolve_auto_schedule(names)[0]
         if names is None:
             planner = "graph"
+            names = trace_plan(model, tuple(input_shape))
+        schedule = resolve_auto_schedule(names)[0]
     if isinstance(schedule, str) and schedule in _GRAPH_SCHEDULES:
         raise ValueError(
             f"schedule={schedule!r} allocates the widths from the output degradation "
@@ -863,9 +885,9 @@ def prune_model(
         achieved value is reported (within 2% of the target).
     schedule : {"auto", "uniform", "paper", "energy", "sensitivity"} or dict of layer -> keep
         ``auto`` (default): the schedule measured best for the kind of network
-        (:data:`AUTO_SCHEDULES`: ``energy`` for a VGG-style chain, ``paper`` for a ResNet
-        recognised by its layout, ``sensitivity`` for anything planned from its graph);
-        the report says which and why (``options["schedule_reason"]``).
+        (:data:`AUTO_SCHEDULES`, :func:`network_kind`: ``energy`` for a VGG-style chain,
+        ``paper`` for a ResNet of Basic or Bottleneck blocks, ``sensitivity`` for any
+        other network); the report says which and why (``options["schedule_reason"]``).
         ``uniform``: one kept ratio everywhere; ``paper``: He et al.'s schedules (VGG-16:
         conv1_x-conv3_x : conv4_x kept ratios 1 : 1.5, conv5_x untouched; ResNet: blocks
         of the last stage and blocks that change the map size keep 7/3 the ratio of the
@@ -936,10 +958,11 @@ def prune_model(
         any CNN as its author wrote it, its residual streams kept whole; explicit schedule
         keys are then group names (the first producing conv's path), the MAC target counts
         every conv and linear, and the selectors are those of
-        :data:`chanprune.sweep.GRAPH_METHODS` with the ``uniform`` schedule or explicit
-        widths. ``names`` recognises the VGG and ResNet layouts above by their attribute
-        names. ``auto`` uses the names where the traced graph confirms them (so the
-        results recorded for those layouts stand), else the graph.
+        :data:`chanprune.sweep.GRAPH_METHODS`, with every schedule. ``names`` recognises
+        the VGG and ResNet layouts above by their attribute names; it alone offers the
+        activation criteria, ``thinet`` and the channel sampler, and explicit widths keyed
+        by its layers (:func:`prunable_layers`). ``auto`` takes the graph wherever it
+        offers what is asked, else the names where the traced graph confirms them.
     channel_multiple : int, default=1
         Graph planner: the kept widths of ``speedup`` are multiples of this in every group
         whose size is one (8: the channel-blocked kernels of ONNX Runtime and oneDNN stay
@@ -948,13 +971,15 @@ def prune_model(
     batch_size : int, default=100
         Images per forward chunk (memory).
     max_cache_mb : float, optional
-        VGG-style chains: memory, in MB, for the activations cached between layers (both
-        networks' maps at one point, for every calibration image; they live on
-        ``device``). Where a layer's input maps would not fit, the caches stay at the last
-        point that did and each pass recomputes the layers from there: less memory for
-        a little more compute, with the same result. None: 3/4 of the memory free on a
-        CUDA device, half the RAM available on a CPU. (ResNets cache the block inputs on
-        the device of ``calib``, whatever this budget.)
+        Name-based planner (``auto`` takes it when this is given), VGG-style chains:
+        memory, in MB, for the activations cached between layers (both networks' maps at
+        one point, for every calibration image; they live on ``device``). Where a
+        layer's input maps would not fit, the caches stay at the last point that did and
+        each pass recomputes the layers from there: less memory for a little more
+        compute, with the same result. None: 3/4 of the memory free on a CUDA device,
+        half the RAM available on a CPU. (ResNets cache the block inputs on the device of
+        ``calib``, whatever this budget.) The graph planner caches the maps of every
+        image at the current layer, both networks', whatever this budget.
     stats_dtype : torch.float32, torch.float64 or None
         Precision of each chunk's products ``X^T X`` (the running sums are float64
         either way; see :class:`chanprune.LayerStats`). None: float32 for a float32 model
@@ -1057,6 +1082,14 @@ def prune_model(
                 "'graph'."
             )
         planner = "graph"
+    if (
+        planner == "auto"
+        and not channel_sampler
+        and max_cache_mb is None
+        and not _names_only(method, schedule)
+    ):
+        # One driver: the graph planner, wherever it offers what is asked.
+        planner = "graph"
     plan = None if planner == "graph" else _names_plan(model, channel_sampler, planner)
     if plan is None:
         _check_graph_options(method, schedule, channel_sampler)
@@ -1089,8 +1122,6 @@ def prune_model(
     )  # fmt: skip
     auto_reason = None
     if shard is not None:
-        if schedule == "auto":
-            schedule, auto_reason = resolve_auto_schedule(None)
         # The split, made on every rank without loading anything; each loads its part.
         n_total = _n_calibration(calib, n_images)
         fit_idx, held_idx = _fit_heldout_split(n_total, holdout, seed)
@@ -1147,11 +1178,9 @@ def prune_model(
         logger.info("the traced graph does not match the names; using the graph planner")
         _check_graph_options(method, schedule, channel_sampler)
         plan = None
-    if schedule == "auto":
+    if schedule == "auto" and plan is not None:
         schedule, auto_reason = resolve_auto_schedule(plan)
         logger.info("schedule='auto': %s, for %s", schedule, auto_reason)
-        if plan is not None and schedule in _GRAPH_SCHEDULES:
-            plan = None
     if plan is None:
         return _prune_graph(
             model, images, n_total - n_held, options, speedup=speedup, schedule=schedule,
@@ -1179,7 +1208,7 @@ def prune_model(
             ) from exc
     widths, _ = plan_widths(
         reference, input_shape, speedup=speedup, schedule=schedule,
-        channel_sampler=channel_sampler, spectra=spectra,
+        channel_sampler=channel_sampler, spectra=spectra, planner="names",
     )  # fmt: skip
     macs_before = count_macs(reference, input_shape)
     params_before = count_params(reference)
@@ -1320,6 +1349,9 @@ def _prune_graph(
     pruned = (model if inplace else copy.deepcopy(model)).to(device).eval()
     plan = trace_plan(pruned, input_shape)
     reference = torch.fx.symbolic_trace(copy.deepcopy(model).to(device).eval())
+    if schedule == "auto":
+        schedule, auto_reason = resolve_auto_schedule(plan)
+        logger.info("schedule='auto': %s, for %s", schedule, auto_reason)
     explicit = isinstance(schedule, Mapping)
     tic = time.perf_counter()
     if explicit:

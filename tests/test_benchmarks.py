@@ -193,7 +193,7 @@ def test_peers_planned_ratio_dict_gives_chanprune_widths(peers, network, name, s
     from chanprune.prune import plan_widths
 
     model = get_model(name).eval()
-    widths, achieved = plan_widths(model, (3, 32, 32), speedup=speedup)
+    widths, achieved = plan_widths(model, (3, 32, 32), speedup=speedup, planner="names")
     macs0 = count_macs(model, (3, 32, 32))
     ratios, planned = peers.planned_ratio_dict(network, model, speedup)
     assert planned == widths
@@ -265,7 +265,9 @@ def test_peers_chanprune_architecture_has_the_recorded_macs(peers, network, spee
     from chanprune.prune import plan_widths
 
     reference = get_model(peers.NETWORKS[network].model)
-    widths, achieved = plan_widths(reference, (3, 32, 32), speedup=speedup, channel_sampler=sampler)
+    widths, achieved = plan_widths(
+        reference, (3, 32, 32), speedup=speedup, channel_sampler=sampler, planner="names"
+    )
     macs0 = count_macs(reference, (3, 32, 32))
     rebuilt = peers.chanprune_architecture(network, widths)
     assert macs0 / count_macs(rebuilt, (3, 32, 32)) == pytest.approx(achieved)

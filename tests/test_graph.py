@@ -360,3 +360,31 @@ def test_paper_schedule_prunes_a_residual_model_through_the_graph():
     assert report.schedule == "paper" and report.options["planner"] == "graph"
     assert report.speedup == pytest.approx(2.0, rel=0.02)
     assert pruned(images).shape == model(images).shape
+
+
+# ---------------------------------------------------------------------------- one driver
+def test_the_default_planner_is_the_graph_with_the_schedule_of_the_network_kind():
+    """VGG-style chains get `energy`, ResNets `paper`, anything else `sensitivity`, all
+    through the traced graph; what only the names offer still goes to them."""
+    from chanprune.models import CifarResNet, vgg_digits
+    from chanprune.prune import network_kind
+
+    torch.manual_seed(0)
+    images = torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    vgg = randomize(vgg_digits())
+    _, report = chanprune.prune_model(vgg, images, speedup=1.5, progress=False)
+    assert report.options["planner"] == "graph" and report.schedule == "energy"
+    assert "VGG-style chain" in report.options["schedule_reason"]
+    resnet = randomize(CifarResNet(depth=8, num_classes=10))
+    rgb = torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    _, report = chanprune.prune_model(resnet, rgb, speedup=1.3, progress=False)
+    assert report.options["planner"] == "graph" and report.schedule == "paper"
+    assert "Basic or Bottleneck" in report.options["schedule_reason"]
+    assert network_kind(trace_plan(Inverted(), SHAPE)) == "graph"
+    # The criteria, the sampler and the layer-keyed widths of the name-based planner.
+    _, report = chanprune.prune_model(vgg, images, speedup=1.5, method="apoz", progress=False)
+    assert report.options["planner"] == "names"
+    _, report = chanprune.prune_model(
+        resnet, rgb, speedup=1.3, channel_sampler=True, progress=False
+    )
+    assert report.options["planner"] == "names"

@@ -26,7 +26,10 @@ def _images(n: int = 60, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
-QUIET = dict(progress=False)
+# This file tests the name-based driver: the default planner routes VGG-style chains
+# through the graph (tests/test_graph.py), so each call here names the planner.
+QUIET = dict(progress=False, planner="names")
+DEFAULT = dict(progress=False)
 
 
 @pytest.mark.parametrize("schedule", ["uniform", "paper", "energy"])
@@ -58,7 +61,9 @@ def test_energy_schedule_prunes_the_redundant_layer_hardest():
         for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
             t[3:] = t[:3].repeat(3)
     sizes = prunable_layers(model)
-    uniform, _ = plan_widths(model, (3, 16, 16), speedup=1.6, schedule="uniform")
+    uniform, _ = plan_widths(
+        model, (3, 16, 16), speedup=1.6, schedule="uniform", planner="names"
+    )
     assert all(uniform[name] < size for name, size in sizes.items())
     _, report = prune_model(
         model, _images(), speedup=1.6, schedule="energy", method="greedy_ls", **QUIET
@@ -72,7 +77,7 @@ def test_energy_schedule_prunes_the_redundant_layer_hardest():
 
 def test_energy_schedule_needs_spectra_outside_prune_model():
     with pytest.raises(ValueError, match=r"schedule='energy' allocates the widths from"):
-        plan_widths(_tiny_vgg(), (3, 16, 16), speedup=2.0, schedule="energy")
+        plan_widths(_tiny_vgg(), (3, 16, 16), speedup=2.0, schedule="energy", planner="names")
 
 
 def test_input_model_is_not_modified():
@@ -218,10 +223,10 @@ def test_unsupported_models_are_refused_with_names_by_the_name_planner():
         prune_model(grouped, _images(4), speedup=2, **names)
     # The default planner takes them through the traced graph instead.
     for model in (upsample, grouped):
-        _, report = prune_model(model, _images(), speedup=1.3, **QUIET)
+        _, report = prune_model(model, _images(), speedup=1.3, **DEFAULT)
         assert report.options["planner"] == "graph" and abs(report.speedup / 1.3 - 1) <= 0.02
     with pytest.raises(ValueError, match="no prunable channel group"):  # its only group is
-        prune_model(nn.Sequential(nn.Conv2d(3, 4, 3)), _images(4), speedup=2, **QUIET)  # output
+        prune_model(nn.Sequential(nn.Conv2d(3, 4, 3)), _images(4), speedup=2, **DEFAULT)  # output
 
 
 def test_pruned_model_can_be_fine_tuned():
@@ -450,6 +455,7 @@ def test_explicit_widths_accept_numpy_scalars():
         _tiny_vgg(),
         (3, 16, 16),
         schedule={"features.3": np.int64(6), "features.7": np.float32(0.5)},
+        planner="names",
     )
     assert widths["features.3"] == 6 and widths["features.7"] == 6
     assert all(type(w) is int for w in widths.values())

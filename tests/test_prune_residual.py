@@ -16,7 +16,10 @@ from chanprune.flops import count_macs
 from chanprune.models import VGG, CifarResNet, ResNet, build_model, resnet18, resnet50
 from chanprune.surgery import SampledConv2d
 
-QUIET = dict(progress=False)
+# This file tests the name-based driver: the default planner routes ResNets through the
+# graph (tests/test_graph.py), so each call here names the planner.
+QUIET = dict(progress=False, planner="names")
+DEFAULT = dict(progress=False)
 
 
 def _cifar_resnet(depth: int = 14, seed: int = 0) -> CifarResNet:
@@ -152,10 +155,10 @@ def test_unknown_branch_pattern_is_refused_with_the_block_name():
 
     model.layer2[1] = Odd()
     with pytest.raises(UnsupportedLayerError, match=r"block layer2.1 \(Odd\) is not a branch"):
-        prune_model(model, _images(), speedup=1.5, planner="names", **QUIET)
+        prune_model(model, _images(), speedup=1.5, **QUIET)
     # The default planner reads the block from the graph instead: Odd's conv has no
     # residual addition, so its output group is tied to nothing and is prunable.
-    pruned, report = prune_model(model, _images(), speedup=1.5, **QUIET)
+    pruned, report = prune_model(model, _images(), speedup=1.5, **DEFAULT)
     assert report.options["planner"] == "graph"
     assert "layer2.0.conv2" not in report.options["widths"]  # the stream stays whole
     assert pruned(_images(2)).shape == (2, 10)
