@@ -247,9 +247,14 @@ def markdown(bench: Benchmark, results: dict) -> str:
         "Top-1 accuracy on the whole `test` split (10,000 JPEG images) after pruning with "
         "`chanprune.prune_model` on the `train5k` calibration images (90% fit, 10% held out "
         "for the held-out errors), 10 positions per image and layer, ridge 1e-4, seed 0, **no "
-        "fine-tuning**. Speed-up = conv MACs before / after (the original channel-pruning "
-        "code's count). Each configuration runs in its own process: wall time is the whole "
-        "`prune_model` call (loading the 5,000 JPEGs included), peak = max RSS.",
+        "fine-tuning**. Speed-up = MACs before / after as the run's planner counts them: "
+        "convs only for the name-based planner (the original channel-pruning code's count), "
+        "convs and linears for the graph planner (rows labelled `graph`). Rows without a "
+        "label ran with `planner=\"auto\"`, which chose the name-based planner for these "
+        "networks until the graph planner became the default (each run records its "
+        "`options.planner`); `--variants names` runs them that way now. Each configuration "
+        "runs in its own process: wall time is the whole `prune_model` call (loading the "
+        "5,000 JPEGs included), peak = max RSS.",
         "",
         "```",
         bench.command,

@@ -49,11 +49,14 @@ def bench_for(model: str) -> Benchmark:
             + (
                 "; python benchmarks/resnet_cifar.py --model resnet56 --methods greedy_ls "
                 "--speedups 2 --schedules paper --variants distill1 distill3 distill5"
+                "; python benchmarks/resnet_cifar.py --model resnet56 --methods greedy_swap "
+                "--speedups 2 --schedules paper; python benchmarks/resnet_cifar.py --model "
+                "resnet56 --methods greedy_ls --speedups 2 --schedules paper --variants graph"
                 if model == "resnet56"
                 else ""
             )
         ),
-        methods=("lasso", "greedy_ls", "max_response", "first_k", "random"),
+        methods=("lasso", "greedy_ls", "greedy_swap", "max_response", "first_k", "random"),
         variants={
             "nocorr": {"residual_correction": False},
             "sampler": {"channel_sampler": True},

@@ -35,8 +35,11 @@ BENCH = Benchmark(
         "--schedules sensitivity; "
         "python benchmarks/vgg_cifar.py --methods greedy_ls --speedups 4 --schedules energy "
         "--variants distill1 distill3 distill5"
+        "; python benchmarks/vgg_cifar.py --methods greedy_swap --speedups 4 --schedules energy; "
+        "python benchmarks/vgg_cifar.py --methods greedy_ls --speedups 4 --schedules energy "
+        "--variants graph"
     ),
-    methods=("lasso", "greedy_ls", "max_response", "first_k", "random"),
+    methods=("lasso", "greedy_ls", "greedy_swap", "max_response", "first_k", "random"),
     # LASSO alternating with the least-squares refit, as in the paper's sparse-coding view.
     variants={
         "alternate": {"alternate": True},
