@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
             "how the channels to prune are found: 'graph' traces the network (torch.fx) and "
             "derives its channel groups, for any CNN; 'names' recognises chanprune's and "
             "torchvision's VGG and ResNet layouts by their attribute names (the only planner "
-            "for --method apoz/entropy/bn_scale/thinet and --channel-sampler); 'auto' uses "
+            "for --channel-sampler and --max-cache-mb); 'auto' uses "
             "the graph wherever it offers what is asked, else the names where the traced "
             "graph confirms them (default: %(default)s)"
         ),

@@ -84,10 +84,12 @@ from .surgery import (
     set_conv_params,
 )
 from .sweep import (
-    GRAPH_METHODS,
+    ACTIVATION_METHODS,
+    ActivationScores,
     HeldOut,
     SweepOptions,
     accumulate_samples,
+    bn_scales,
     channels_last,
     folded_params,
     sweep_graph,
@@ -103,11 +105,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Criteria that need the activations or BatchNorm of the model, on top of SELECTORS.
-ACTIVATION_METHODS = ("apoz", "entropy", "bn_scale")
 #: ``planner=`` of :func:`prune_model`: ``names`` recognises VGG and ResNet layouts by
 #: their attribute names, ``graph`` derives the channel groups of any network from its
-#: traced graph, ``auto`` uses the names where the traced graph confirms them.
+#: traced graph, ``auto`` takes the graph wherever it offers what is asked.
 PLANNERS = ("auto", "graph", "names")
 #: Every ``method=`` accepted by :func:`prune_model`.
 MODEL_METHODS = tuple(m for m in SELECTORS if m != "by_score") + ACTIVATION_METHODS
@@ -479,11 +479,11 @@ def resolve_auto_schedule(plan: Union[Plan, list]) -> tuple[str, str]:
     return AUTO_SCHEDULES[network_kind(plan)]
 
 
-def _names_only(method: str, schedule, spectra=None) -> bool:
-    """Whether a request needs the name-based planner under ``planner="auto"``: a
-    criterion only it offers, or widths or spectra keyed by its layers. (The channel
-    sampler and the activation-cache budget, also its own, are checked by the caller.)"""
-    return method not in GRAPH_METHODS or isinstance(schedule, Mapping) or spectra is not None
+def _names_only(schedule, spectra=None) -> bool:
+    """Whether a request needs the name-based planner under ``planner="auto"``: widths or
+    spectra keyed by its layers (every criterion runs on the graph too). The channel
+    sampler and the activation-cache budget, also its own, are checked by the caller."""
+    return isinstance(schedule, Mapping) or spectra is not None
 
 
 def _check_target(speedup, schedule) -> bool:
@@ -544,7 +544,7 @@ def plan_widths(
     """
     planner = check_choice(planner, "planner", PLANNERS)
     explicit = _check_target(speedup, schedule)
-    if planner == "auto" and not channel_sampler and not _names_only("lasso", schedule, spectra):
+    if planner == "auto" and not channel_sampler and not _names_only(schedule, spectra):
         planner = "graph"
     if schedule == "auto":
         names = None if planner == "graph" else _names_plan(model, channel_sampler, planner)
@@ -563,7 +563,7 @@ def plan_widths(
     if plan is not None and planner == "auto":
         plan = plan if _names_confirmed(model, plan, tuple(input_shape)) else None
     if plan is None:
-        _check_graph_options("lasso", schedule, channel_sampler)
+        _check_graph_options(channel_sampler)
         if schedule == "energy":
             raise ValueError(
                 "schedule='energy' on the graph planner allocates the widths from the "
@@ -815,21 +815,6 @@ def _fold_reference(reference: nn.Module, plan: list[_Consumer]) -> None:
         reference.set_submodule(bn_name, nn.Identity())
 
 
-def _entropy_scores(gap: torch.Tensor, n_bins: int = 32) -> np.ndarray:
-    """Entropy of each channel's global-average-pooled activation over images.
-
-    ``gap`` has shape (n_images, c); each channel's values are binned over their own range
-    (Luo and Wu, 2017). A constant channel has entropy 0.
-    """
-    values = gap.double().cpu().numpy()
-    scores = np.zeros(values.shape[1])
-    for i in range(values.shape[1]):
-        hist, _ = np.histogram(values[:, i], bins=n_bins)
-        p = hist[hist > 0] / hist.sum()
-        scores[i] = float(-(p * np.log(p)).sum())
-    return scores
-
-
 # ---------------------------------------------------------------------------- the driver
 def prune_model(
     model: nn.Module,
@@ -957,12 +942,11 @@ def prune_model(
         :mod:`torch.fx` and derives its channel groups (:func:`chanprune.graph.trace_plan`):
         any CNN as its author wrote it, its residual streams kept whole; explicit schedule
         keys are then group names (the first producing conv's path), the MAC target counts
-        every conv and linear, and the selectors are those of
-        :data:`chanprune.sweep.GRAPH_METHODS`, with every schedule. ``names`` recognises
-        the VGG and ResNet layouts above by their attribute names; it alone offers the
-        activation criteria, ``thinet`` and the channel sampler, and explicit widths keyed
-        by its layers (:func:`prunable_layers`). ``auto`` takes the graph wherever it
-        offers what is asked, else the names where the traced graph confirms them.
+        every conv and linear, and every method runs with every schedule. ``names``
+        recognises the VGG and ResNet layouts above by their attribute names; it alone
+        offers the channel sampler, ``max_cache_mb`` and explicit widths keyed by its
+        layers (:func:`prunable_layers`). ``auto`` takes the graph wherever it offers
+        what is asked, else the names where the traced graph confirms them.
     channel_multiple : int, default=1
         Graph planner: the kept widths of ``speedup`` are multiples of this in every group
         whose size is one (8: the channel-blocked kernels of ONNX Runtime and oneDNN stay
@@ -1044,6 +1028,11 @@ def prune_model(
             raise ValueError("process_group runs on the graph planner; use planner='auto'.")
         if recover is not None:
             raise ValueError("recover='distill' runs in one process; distil after the prune.")
+        if method in ("apoz", "entropy"):
+            raise ValueError(
+                f"method={method!r} ranks channels by activation statistics that are not "
+                "shared across ranks; use it in one process, or another method."
+            )
         planner = "graph"
         progress = progress and shard.rank == 0
     recovery = dict(
@@ -1086,13 +1075,13 @@ def prune_model(
         planner == "auto"
         and not channel_sampler
         and max_cache_mb is None
-        and not _names_only(method, schedule)
+        and not _names_only(schedule)
     ):
         # One driver: the graph planner, wherever it offers what is asked.
         planner = "graph"
     plan = None if planner == "graph" else _names_plan(model, channel_sampler, planner)
     if plan is None:
-        _check_graph_options(method, schedule, channel_sampler)
+        _check_graph_options(channel_sampler)
     else:
         _check_consumers(model, plan)
     if plan is not None and method == "bn_scale" and channel_sampler:
@@ -1176,7 +1165,7 @@ def prune_model(
         # The attribute names look like a known architecture but the traced graph says
         # otherwise (e.g. a pre-activation ResNet): the graph planner is right.
         logger.info("the traced graph does not match the names; using the graph planner")
-        _check_graph_options(method, schedule, channel_sampler)
+        _check_graph_options(channel_sampler)
         plan = None
     if schedule == "auto" and plan is not None:
         schedule, auto_reason = resolve_auto_schedule(plan)
@@ -1278,14 +1267,8 @@ def _names_plan(model: nn.Module, channel_sampler: bool, planner: str) -> Option
         return None
 
 
-def _check_graph_options(method: str, schedule, channel_sampler: bool) -> None:
-    """Refuse, up front, what the graph planner does not offer yet."""
-    if method not in GRAPH_METHODS:
-        raise ValueError(
-            f"method={method!r} is available for the VGG and ResNet layouts chanprune "
-            f"recognises; with the graph planner (any other network) use one of "
-            f"{', '.join(GRAPH_METHODS)}."
-        )
+def _check_graph_options(channel_sampler: bool) -> None:
+    """Refuse, up front, what the graph planner does not offer."""
     if channel_sampler:
         raise ValueError(
             "channel_sampler=True applies to the ResNet layouts chanprune recognises; the "
@@ -1371,6 +1354,9 @@ def _prune_graph(
         cost = _graph_costs(schedule, plan, measure, batch_size, device, progress, group)
         widths = widths_for_cost(plan, speedup, cost, multiple=channel_multiple)
     schedule_s = time.perf_counter() - tic
+    # The BatchNorm criterion reads the original scales: a refit turns a BN into the
+    # identity before the group it scales is selected.
+    bn_scale = bn_scales(plan) if options.method == "bn_scale" else None
     macs_before = plan.macs()
     params_before = count_params(pruned)
     # no_grad, not inference_mode: parameters created by the surgery must stay ordinary
@@ -1378,7 +1364,7 @@ def _prune_graph(
     with torch.no_grad():
         reports, kept, timing = sweep_graph(
             reference, plan, widths, images, n_fit, options, batch_size=batch_size,
-            progress=progress, image_ids=image_ids, shard=shard,
+            progress=progress, image_ids=image_ids, shard=shard, bn_scale=bn_scale,
         )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PlanWarning)  # said once, for the original
@@ -1549,7 +1535,7 @@ class _Sweep:
         self,
         consumer: _Consumer,
         stats: tuple[LayerStats, HeldOut],
-        scores: _Scores,
+        scores: ActivationScores,
         x: torch.Tensor,
         y: torch.Tensor,
         lo: int,
@@ -1569,7 +1555,7 @@ class _Sweep:
         self,
         consumer: _Consumer,
         stats: tuple[LayerStats, HeldOut],
-        scores: _Scores,
+        scores: ActivationScores,
         start: float,
     ) -> torch.Tensor:
         """Select, refit and cut one layer; return the kept channel indices."""
@@ -1698,7 +1684,7 @@ class _Sweep:
             to_target = list(ref_features[index:target_end])
             after_target = list(ref_features[target_end:nxt]) if move else []
             stats = self.new_stats(consumer)
-            scores = _Scores(self.method, features[index].in_channels)
+            scores = ActivationScores(self.method, features[index].in_channels)
             next_ref = []
             pairs = zip(cache_ref.batches(self.device), cache_pruned.batches(self.device))
             for (lo, x_ref), (_, x) in pairs:
@@ -1755,7 +1741,7 @@ class _Sweep:
                 conv = block.get_submodule(consumer.name[len(path) + 1 :])
                 ref_target = self.reference.get_submodule(consumer.bn)
                 stats = self.new_stats(consumer)
-                scores = _Scores(self.method, conv.in_channels)
+                scores = ActivationScores(self.method, conv.in_channels)
                 outputs = [] if next_ref is None else None  # the block's outputs, once
                 pairs = zip(cache_ref.batches(self.device), cache_pruned.batches(self.device))
                 for (lo, x_ref), (_, x_pruned) in pairs:
@@ -1790,36 +1776,3 @@ class _Sweep:
             else:
                 cache_pruned = next_ref
             cache_ref = next_ref
-
-
-class _Scores:
-    """Activation and BatchNorm criteria for ``method`` in ACTIVATION_METHODS.
-
-    ``apoz``: keep the channels whose input activation is least often zero (Hu et al.,
-    2016); ``entropy``: of each channel's global-average-pooled activation over images
-    (Luo and Wu, 2017); ``bn_scale``: ``|gamma|`` of the producer's original BatchNorm
-    (Network Slimming).
-    """
-
-    def __init__(self, method: str, n_channels: int) -> None:
-        self.method = method
-        self.zeros = torch.zeros(n_channels, dtype=torch.float64)
-        self.count = 0
-        self.gaps: list[torch.Tensor] = []
-
-    def update(self, x: torch.Tensor) -> None:
-        if self.method == "apoz":
-            self.zeros += (x == 0).sum(dim=(0, 2, 3)).double().cpu()
-            self.count += x.shape[0] * x.shape[2] * x.shape[3]
-        elif self.method == "entropy":
-            self.gaps.append(x.mean(dim=(2, 3)).cpu())
-
-    def scores(self, bn_scale: Optional[np.ndarray]) -> np.ndarray:
-        """The channels' scores (higher is kept); ``bn_scale`` is ``|gamma|`` of the
-        producer's BatchNorm, used by ``bn_scale`` (never with a stream consumer, which
-        has no producer: prune_model refuses that combination)."""
-        if self.method == "apoz":
-            return -(self.zeros.numpy() / max(self.count, 1))
-        if self.method == "entropy":
-            return _entropy_scores(torch.cat(self.gaps))
-        return bn_scale

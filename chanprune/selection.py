@@ -46,6 +46,7 @@ __all__ = [
     "select_greedy_ls",
     "select_greedy_swap",
     "select_thinet",
+    "select_thinet_gram",
     "select_max_response",
     "select_first_k",
     "select_random",
@@ -731,8 +732,14 @@ def select_thinet(
     -------
     Selection
     """
-    c = weight.shape[1]
     gram, _, _ = channel_gram(moments, weight, bias)
+    return select_thinet_gram(gram, keep)
+
+
+def select_thinet_gram(gram: np.ndarray, keep: int) -> Selection:
+    """:func:`select_thinet` on the contribution Gram ``G`` (c, c) itself, e.g. the sum of
+    the Grams of all the layers reading a channel group."""
+    c = gram.shape[0]
     diag = np.diag(gram).copy()
     removed_mask = np.zeros(c, dtype=bool)
     g_sum = np.zeros(c)  # G @ 1_T

@@ -40,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distributed import Shard, all_reduce_sum
+from .exceptions import UnsupportedLayerError
 from .graph import Consumer, Plan
 from .layer import prune_layer_from_stats
 from .refit import reconstruction_error, refit_with_error
@@ -55,10 +56,12 @@ from .selection import (
     MAX_SWAPS,
     _top_k,
     channel_gram,
+    select_by_score,
     select_first_k,
     select_greedy_gram,
     select_lasso_gram,
     select_random,
+    select_thinet_gram,
 )
 from .stats import LayerStats
 from .surgery import (
@@ -71,13 +74,13 @@ from .surgery import (
     set_conv_params,
 )
 
-__all__ = ["SweepOptions", "GRAPH_METHODS", "sweep_graph"]
+__all__ = ["SweepOptions", "ACTIVATION_METHODS", "sweep_graph"]
 
 logger = logging.getLogger(__name__)
 
-#: Selectors that work on any channel group (several consumers, concatenated inputs,
-#: grouped convs): those that need only the summed reduced problem or the weights.
-GRAPH_METHODS = ("lasso", "greedy_ls", "greedy_swap", "max_response", "first_k", "random")
+#: Criteria that read the activations or the BatchNorm scales, not the reconstruction
+#: (the other methods are :data:`chanprune.selection.SELECTORS`).
+ACTIVATION_METHODS = ("apoz", "entropy", "bn_scale")
 
 
 @dataclass(frozen=True)
@@ -289,6 +292,93 @@ class _Runner:
         return {t: local[self.by_name[t]] for t in targets}
 
 
+# ---------------------------------------------------------------------------- criteria
+def entropy_scores(gap: torch.Tensor, n_bins: int = 32) -> np.ndarray:
+    """Entropy of each channel's global-average-pooled activation over images.
+
+    ``gap`` has shape (n_images, c); each channel's values are binned over their own range
+    (Luo and Wu, 2017). A constant channel has entropy 0.
+    """
+    values = gap.double().cpu().numpy()
+    scores = np.zeros(values.shape[1])
+    for i in range(values.shape[1]):
+        hist, _ = np.histogram(values[:, i], bins=n_bins)
+        p = hist[hist > 0] / hist.sum()
+        scores[i] = float(-(p * np.log(p)).sum())
+    return scores
+
+
+class ActivationScores:
+    """Activation and BatchNorm criteria for ``method`` in ACTIVATION_METHODS.
+
+    ``apoz``: keep the channels whose input activation is least often zero (Hu et al.,
+    2016); ``entropy``: of each channel's global-average-pooled activation over images
+    (Luo and Wu, 2017); ``bn_scale``: ``|gamma|`` of the producer's original BatchNorm
+    (Network Slimming).
+    """
+
+    def __init__(self, method: str, n_channels: int) -> None:
+        self.method = method
+        self.zeros = torch.zeros(n_channels, dtype=torch.float64)
+        self.count = 0
+        self.gaps: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the activations ``x`` (n, c, h, w) of fit images."""
+        if self.method == "apoz":
+            self.zeros += (x == 0).sum(dim=(0, 2, 3)).double().cpu()
+            self.count += x.shape[0] * x.shape[2] * x.shape[3]
+        elif self.method == "entropy":
+            self.gaps.append(x.mean(dim=(2, 3)).cpu())
+
+    def scores(self, bn_scale: Optional[np.ndarray]) -> np.ndarray:
+        """The channels' scores (higher is kept); ``bn_scale`` is ``|gamma|`` of the
+        producer's BatchNorm, used by ``bn_scale`` (never with a stream consumer, which
+        has no producer: prune_model refuses that combination)."""
+        if self.method == "apoz":
+            return -(self.zeros.numpy() / max(self.count, 1))
+        if self.method == "entropy":
+            return entropy_scores(torch.cat(self.gaps))
+        return bn_scale
+
+
+def bn_scales(plan: Plan) -> dict[str, np.ndarray]:
+    """``|gamma|`` of each prunable group's channels, from the first affine BatchNorm the
+    group passes through (read before any refit turns it into the identity).
+
+    Raises
+    ------
+    UnsupportedLayerError
+        A prunable group that passes through no affine BatchNorm (the criterion has no
+        value for its channels); the message names the groups.
+    """
+    out, missing = {}, []
+    for name, group in plan.groups.items():
+        if not group.prunable:
+            continue
+        for module_name, node in group.carriers:
+            bn = plan.graph.get_submodule(module_name)
+            if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or not bn.affine:
+                continue
+            offset = 0
+            for g, width in plan.layouts[node]:
+                if g == name:
+                    gamma = bn.weight.detach()[offset : offset + width]
+                    out[name] = gamma.abs().double().cpu().numpy()
+                    break
+                offset += width
+            if name in out:
+                break
+        else:
+            missing.append(name)
+    if missing:
+        raise UnsupportedLayerError(
+            f"method='bn_scale' needs an affine BatchNorm on every pruned channel group; "
+            f"the groups {missing} pass through none."
+        )
+    return out
+
+
 # ---------------------------------------------------------------------------- statistics
 class _ConsumerStats:
     """One consumer's samples: float64 statistics per conv group, held-out rows."""
@@ -305,6 +395,9 @@ class _ConsumerStats:
         ]
         self.held = HeldOut()
         self.c, self.n = conv.in_channels, conv.out_channels
+        # APoZ and entropy read the fit images' input activations of the consumer.
+        wanted = options.method in ("apoz", "entropy")
+        self.activations = ActivationScores(options.method, self.c) if wanted else None
 
     @property
     def n_samples(self) -> int:
@@ -405,8 +498,10 @@ class _GraphSweep:
         options: SweepOptions,
         image_ids: list,
         shard: Optional[Shard] = None,
+        bn_scale: Optional[dict] = None,
     ) -> None:
         self.plan = plan
+        self.bn_scale = bn_scale or {}
         self.image_ids = image_ids  # per chunk: the global ids of its images
         self.shard = shard
         self.group = shard.group if shard is not None else None
@@ -511,6 +606,8 @@ class _GraphSweep:
                     conv, st.fit, st.held, x, y, n_fit_here, self.options.positions_per_image,
                     self._positions(ids, event),
                 )  # fmt: skip
+                if st.activations is not None and n_fit_here:
+                    st.activations.update(x[:n_fit_here])
                 self.timing["statistics_s"] += time.perf_counter() - tic
             lo += x.shape[0]
         tic = time.perf_counter()
@@ -571,7 +668,19 @@ class _GraphSweep:
             t2 += scale * (tk - 2.0 * lk @ others + others @ gk @ others)
             wn2 += scale * where @ wk
             l1 += where @ (l1k / max(l1k.sum(), np.finfo(float).tiny))
-        return self._parts(name, keep, (G, lin, t2, wn2, l1))
+        first_here = self.positions(first.layout, name)[:size]
+        scores = self.scores(name, sampled.get(first.name, first_stats), first_here)
+        return self._parts(name, keep, (G, lin, t2, wn2, l1, scores))
+
+    def scores(self, name: str, stats: _ConsumerStats, here: np.ndarray):
+        """The activation or BatchNorm criterion of group ``name``'s channels (None for
+        the other methods); ``here``: their positions in ``stats``' consumer input."""
+        method = self.options.method
+        if method == "bn_scale":
+            return self.bn_scale[name]
+        if method in ("apoz", "entropy"):
+            return stats.activations.scores(None)[here]
+        return None
 
     def _parts(self, name: str, keep: int, problem) -> np.ndarray:
         """Select ``keep`` channels of group ``name``, the same number in each part."""
@@ -592,13 +701,17 @@ class _GraphSweep:
             return select_first_k(n, keep).kept
         if options.method == "random":
             return select_random(n, keep, options.seed + self.step).kept
-        G, lin, t2, wn2, l1 = problem
+        G, lin, t2, wn2, l1, scores = problem
+        if options.method in ACTIVATION_METHODS:
+            return select_by_score(scores[subset], keep).kept
         rest = np.ones(len(lin), dtype=bool)
         rest[subset] = False
         Gs = G[np.ix_(subset, subset)]
         gs = lin[subset] - G[np.ix_(subset, np.flatnonzero(rest))].sum(axis=1)
         if options.method == "max_response":
             return _top_k(l1[subset], keep)
+        if options.method == "thinet":
+            return select_thinet_gram(Gs, keep).kept
         if options.method in ("greedy_ls", "greedy_swap"):
             swaps = MAX_SWAPS if options.method == "greedy_swap" else 0
             return select_greedy_gram(Gs, gs, keep, t2=t2, max_swaps=swaps).kept
@@ -704,8 +817,10 @@ class _GraphSweep:
         if simple:
             # One consumer reading exactly the group: the layer-level solver as it is.
             name = pending[0]
+            scores = self.scores(name, stats, np.arange(c_before))
             result = prune_layer_from_stats(
-                stats.fit[0], weight0, bias0, keep=self.target[name], method=options.method,
+                stats.fit[0], weight0, bias0, keep=self.target[name],
+                method="by_score" if scores is not None else options.method, scores=scores,
                 refit=options.refit, ridge=options.ridge, normalize=options.normalize,
                 alternate=options.alternate and options.method == "lasso",
                 random_state=options.seed + self.step, max_iter=options.max_iter,
@@ -771,6 +886,7 @@ def sweep_graph(
     progress: bool = True,
     image_ids: Optional[torch.Tensor] = None,
     shard: Optional[Shard] = None,
+    bn_scale: Optional[dict[str, np.ndarray]] = None,
 ) -> tuple[list[LayerReport], dict[str, np.ndarray], dict[str, float]]:
     """Prune the network of ``plan`` (its graph shares the modules of the model being
     pruned, which is changed in place) to ``widths``.
@@ -794,6 +910,9 @@ def sweep_graph(
     shard : Shard, optional
         A sharded run: ``images`` are this rank's, every statistic is all-reduced over
         ``shard.group`` before it is used.
+    bn_scale : dict of group -> ndarray, optional
+        ``method="bn_scale"``: each prunable group's ``|gamma|`` (:func:`bn_scales` of
+        the plan before any change).
 
     Returns
     -------
@@ -815,8 +934,9 @@ def sweep_graph(
     if image_ids is None:
         image_ids = torch.arange(images.shape[0])
     sweep = _GraphSweep(
-        reference, plan, widths, n_fit, options, list(image_ids.cpu().split(batch_size)), shard
-    )
+        reference, plan, widths, n_fit, options, list(image_ids.cpu().split(batch_size)), shard,
+        bn_scale,
+    )  # fmt: skip
     device = options.device
     chunks = [chunk.to(device) for chunk in images.split(batch_size)]
     envs_ref = [{sweep.ref.placeholder: channels_last(chunk)} for chunk in chunks]

@@ -3,6 +3,7 @@ networks written the way other people write them."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -197,8 +198,10 @@ def test_preactivation_resnet_goes_to_the_graph_planner():
 
 def test_graph_planner_refuses_what_it_does_not_offer():
     images = torch.randn(4, *SHAPE)
-    with pytest.raises(ValueError, match="graph planner"):
-        chanprune.prune_model(Dense(), images, speedup=2.0, method="apoz", progress=False)
+    with pytest.raises(ValueError, match="graph planner keeps residual streams whole"):
+        chanprune.prune_model(
+            Dense(), images, speedup=2.0, channel_sampler=True, progress=False
+        )
     # The paper's schedule runs on the graph, for the chains and ResNets it defines.
     with pytest.raises(ValueError, match="schedule='paper' is defined for VGG-style"):
         chanprune.prune_model(Dense(), images, speedup=2.0, schedule="paper", progress=False)
@@ -381,10 +384,73 @@ def test_the_default_planner_is_the_graph_with_the_schedule_of_the_network_kind(
     assert report.options["planner"] == "graph" and report.schedule == "paper"
     assert "Basic or Bottleneck" in report.options["schedule_reason"]
     assert network_kind(trace_plan(Inverted(), SHAPE)) == "graph"
-    # The criteria, the sampler and the layer-keyed widths of the name-based planner.
+    # Every criterion runs on the graph; the sampler, the cache budget and layer-keyed
+    # widths are the name-based planner's.
     _, report = chanprune.prune_model(vgg, images, speedup=1.5, method="apoz", progress=False)
+    assert report.options["planner"] == "graph"
+    _, report = chanprune.prune_model(
+        vgg, images, schedule={"features.3": 6}, progress=False
+    )
     assert report.options["planner"] == "names"
     _, report = chanprune.prune_model(
         resnet, rgb, speedup=1.3, channel_sampler=True, progress=False
     )
     assert report.options["planner"] == "names"
+
+
+# ---------------------------------------------------------------------------- criteria
+def _first_group_input(model, images):
+    """The input of body.b (which reads group body.a.0) in the original network."""
+    seen = []
+    handle = model.body["b"][0].register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    return torch.cat(seen)
+
+
+@pytest.mark.parametrize("method", ["apoz", "entropy", "bn_scale"])
+def test_activation_and_bn_criteria_on_the_graph_keep_the_best_scored_channels(method):
+    """Against scores computed here from the original network: the first group's kept
+    channels are the top-scored ones (APoZ: least often zero; entropy of the pooled
+    activation; |gamma| of its BatchNorm)."""
+    from chanprune.sweep import entropy_scores
+
+    model = randomize(Chain())
+    images = torch.randn(40, *SHAPE, generator=torch.Generator().manual_seed(2))
+    _, report = chanprune.prune_model(
+        copy.deepcopy(model), images, schedule={"body.a.0": 12}, method=method, holdout=0.0,
+        progress=False, planner="graph",
+    )
+    x = _first_group_input(model, images)
+    if method == "apoz":
+        scores = -(x == 0).double().mean(dim=(0, 2, 3)).numpy()
+    elif method == "entropy":
+        scores = entropy_scores(x.mean(dim=(2, 3)))
+    else:
+        scores = model.body["a"][1].weight.detach().abs().double().numpy()
+    expected = np.sort(np.lexsort((np.arange(32), -scores))[:12])
+    assert report.options["kept"]["body.a.0"] == expected.tolist()
+    assert report.options["planner"] == "graph" and report.method == method
+
+
+def test_thinet_and_the_criteria_run_on_groups_read_by_several_layers():
+    model = randomize(Dense())
+    for method in ("thinet", "apoz", "entropy", "bn_scale"):
+        (pruned, report), images = _prune(copy.deepcopy(model), speedup=1.5, method=method)
+        assert abs(report.speedup / 1.5 - 1) <= 0.02
+        assert pruned(images).shape == model(images).shape
+
+
+def test_bn_scale_on_the_graph_refuses_groups_without_a_batchnorm():
+    with pytest.raises(UnsupportedLayerError, match="pass through none"):
+        _prune(randomize(Inverted()), method="bn_scale")
+
+
+@pytest.mark.parametrize("method", chanprune.prune.MODEL_METHODS)
+def test_every_method_runs_on_the_graph_planner(method):
+    model = randomize(Residual())
+    (pruned, report), images = _prune(copy.deepcopy(model), speedup=1.5, method=method)
+    assert report.method == method and report.options["planner"] == "graph"
+    assert abs(report.speedup / 1.5 - 1) <= 0.02
+    assert pruned(images).shape == model(images).shape
