@@ -35,7 +35,8 @@ BENCH = Benchmark(
         "--schedules sensitivity; "
         "python benchmarks/vgg_cifar.py --methods greedy_ls --speedups 4 --schedules energy "
         "--variants distill1 distill3 distill5"
-        "; python benchmarks/vgg_cifar.py --methods greedy_swap --speedups 4 --schedules energy; "
+        "; python benchmarks/vgg_cifar.py --methods greedy_swap --speedups 4 --schedules energy "
+        "--variants '' names; "
         "python benchmarks/vgg_cifar.py --methods greedy_ls --speedups 4 --schedules energy "
         "--variants graph"
     ),

@@ -1059,8 +1059,9 @@ def _prune_and_write(args, model, dataset, schedule, device, out, report_path, g
     if not args.quiet:
         print(report.to_markdown())
         print()
+    counted = "MACs" if report.options.get("planner") == "graph" else "conv MACs"
     print(
-        f"Pruned {args.model} with {report.method}: {report.speedup:.2f}x fewer conv MACs "
+        f"Pruned {args.model} with {report.method}: {report.speedup:.2f}x fewer {counted} "
         f"({report.macs_before / 1e6:.2f}M -> {report.macs_after / 1e6:.2f}M), "
         f"{report.params_before / 1e6:.3f}M -> {report.params_after / 1e6:.3f}M parameters. "
         f"Wrote {out}" + (f" and {report_path}." if report_path is not None else ".")
