@@ -37,7 +37,7 @@ BENCH = Benchmark(
         "--variants distill1 distill3 distill5"
         "; python benchmarks/vgg_cifar.py --methods greedy_swap --speedups 4 --schedules energy "
         "--variants '' names; "
-        "python benchmarks/vgg_cifar.py --methods greedy_ls --speedups 4 --schedules energy "
+        "python benchmarks/vgg_cifar.py --methods greedy_ls --speedups 2 4 5 --schedules energy "
         "--variants graph"
     ),
     methods=("lasso", "greedy_ls", "greedy_swap", "max_response", "first_k", "random"),
