@@ -85,6 +85,7 @@ from .surgery import (
 )
 from .sweep import (
     ACTIVATION_METHODS,
+    ACTIVATION_STATISTICS,
     ActivationScores,
     HeldOut,
     SweepOptions,
@@ -1028,7 +1029,7 @@ def prune_model(
             raise ValueError("process_group runs on the graph planner; use planner='auto'.")
         if recover is not None:
             raise ValueError("recover='distill' runs in one process; distil after the prune.")
-        if method in ("apoz", "entropy"):
+        if method in ACTIVATION_STATISTICS:
             raise ValueError(
                 f"method={method!r} ranks channels by activation statistics that are not "
                 "shared across ranks; use it in one process, or another method."

@@ -81,6 +81,8 @@ logger = logging.getLogger(__name__)
 #: Criteria that read the activations or the BatchNorm scales, not the reconstruction
 #: (the other methods are :data:`chanprune.selection.SELECTORS`).
 ACTIVATION_METHODS = ("apoz", "entropy", "bn_scale")
+#: Those of them accumulated from the fit images' activations (:class:`ActivationScores`).
+ACTIVATION_STATISTICS = ("apoz", "entropy")
 
 
 @dataclass(frozen=True)
@@ -396,7 +398,7 @@ class _ConsumerStats:
         self.held = HeldOut()
         self.c, self.n = conv.in_channels, conv.out_channels
         # APoZ and entropy read the fit images' input activations of the consumer.
-        wanted = options.method in ("apoz", "entropy")
+        wanted = options.method in ACTIVATION_STATISTICS
         self.activations = ActivationScores(options.method, self.c) if wanted else None
 
     @property
@@ -678,7 +680,7 @@ class _GraphSweep:
         method = self.options.method
         if method == "bn_scale":
             return self.bn_scale[name]
-        if method in ("apoz", "entropy"):
+        if method in ACTIVATION_STATISTICS:
             return stats.activations.scores(None)[here]
         return None
 
