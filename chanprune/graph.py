@@ -22,6 +22,7 @@ network's input, its outputs and linear layers are fixed too.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import operator
@@ -38,6 +39,7 @@ from torch import nn
 from ._validation import check_int_in_range, check_real_in_range
 from .exceptions import UnsupportedLayerError
 from .schedule import MacModel, _achieved, resolve_explicit
+from .surgery import SampledConv2d
 
 __all__ = [
     "ChannelGroup",
@@ -45,6 +47,10 @@ __all__ = [
     "Plan",
     "LayerCost",
     "trace_plan",
+    "symbolic_trace",
+    "with_channel_samplers",
+    "group_of_key",
+    "INPUT_SUFFIX",
     "PlanWarning",
     "uniform_widths",
     "paper_multipliers",
@@ -92,6 +98,7 @@ _BINARY_METHODS = {
     "add": "add", "add_": "add", "sub": "add", "sub_": "add", "mul": "mul", "mul_": "mul",
     "div": "mul", "div_": "mul",
 }  # fmt: skip
+_RESIDUAL = "residual addition"  # in the reasons of the groups a residual stream fixes
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
@@ -119,6 +126,10 @@ class Consumer:
         the target becomes ``Y + S - S'`` (residual correction).
     groups : int
         The conv's ``groups`` (1, or a grouped conv: the refit is block-diagonal).
+    stream : bool
+        Whether it reads only channels kept whole because they are tied to a residual
+        addition (a residual stream): a channel sampler may select its input
+        (:func:`with_channel_samplers`).
     """
 
     name: str
@@ -127,6 +138,7 @@ class Consumer:
     bn: Optional[str] = None
     addend: Optional[str] = None
     groups: int = 1
+    stream: bool = False
 
     @property
     def in_groups(self) -> list[str]:
@@ -156,6 +168,10 @@ class ChannelGroup:
         keeps the same number of channels in each.
     fixed : tuple of str
         Why the group is kept whole; empty when it is pruned.
+    sampler : bool
+        The input of one consumer that reads a residual stream, selected by a channel
+        sampler (:func:`with_channel_samplers`): named ``"<consumer>:in"``, it has no
+        producers or carriers, and the stream itself keeps every channel.
     """
 
     name: str
@@ -165,6 +181,7 @@ class ChannelGroup:
     consumers: tuple
     parts: int = 1
     fixed: tuple = ()
+    sampler: bool = False
 
     @property
     def prunable(self) -> bool:
@@ -208,6 +225,7 @@ class Plan:
 
     graph: fx.GraphModule
     input_shape: tuple
+    model: Optional[nn.Module] = None  # the traced model (a channel sampler replaces a conv)
     groups: dict = field(default_factory=dict)  # name -> ChannelGroup, in graph order
     consumers: list = field(default_factory=list)  # Consumer, in graph order
     costs: list = field(default_factory=list)  # LayerCost
@@ -393,6 +411,11 @@ class _Analysis:
 
     def conv(self, node: fx.Node, conv: nn.Conv2d, source: Any) -> None:
         name = node.target
+        if isinstance(conv, SampledConv2d):
+            # It reads some channels of its input through an index: those stay whole.
+            self.fix(self.atoms_of(source), f"read through the channel sampler of {name}")
+            self.layout[node.name] = (self.new_atom(conv.out_channels, producer=name),)
+            return
         c_in, c_out, g = conv.in_channels, conv.out_channels, conv.groups
         if g > 1 and g == c_in == c_out:  # depthwise: one filter per channel
             self.carry(node, source)
@@ -484,7 +507,7 @@ class _Analysis:
             s != sizes[0] for s in sizes
         ):
             reason = (
-                "a residual addition of differently composed tensors"
+                f"a {_RESIDUAL} of differently composed tensors"
                 if kind == "add"
                 else f"{_describe(node, self.modules)} of differently composed tensors"
             )
@@ -497,7 +520,7 @@ class _Analysis:
                 self.uf.union(a, b)
         if kind == "add":
             for layout in layouts:
-                self.fix(layout, "tied to a residual addition")
+                self.fix(layout, f"tied to a {_RESIDUAL}")
         self.layout[node.name] = layouts[0]
 
     def concat(self, node: fx.Node) -> None:
@@ -608,6 +631,22 @@ def _addend(out: fx.Node) -> Optional[fx.Node]:
     return None
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer with :class:`~chanprune.surgery.SampledConv2d` as a leaf: its
+    forward checks the input's shape, which a symbolic trace cannot."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, SampledConv2d) or super().is_leaf_module(m, module_qualified_name)
+
+
+def symbolic_trace(model: nn.Module, concrete_args: Optional[dict] = None) -> fx.GraphModule:
+    """:func:`torch.fx.symbolic_trace`, with chanprune's channel samplers as leaves."""
+    tracer = _Tracer()
+    graph = tracer.trace(model, concrete_args=concrete_args)
+    name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
 def trace_plan(
     model: nn.Module, input_shape: tuple[int, ...], *, concrete_args: Optional[dict] = None
 ) -> Plan:
@@ -639,7 +678,7 @@ def trace_plan(
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}.")
     input_shape = tuple(int(s) for s in input_shape)
     try:
-        gm = fx.symbolic_trace(model, concrete_args=concrete_args)
+        gm = symbolic_trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedLayerError(
@@ -727,11 +766,15 @@ def trace_plan(
         out = bn if bn is not None else node
         addend = _addend(out)
         layout = group_layout(atoms)
+        stream = bool(atoms) and all(
+            any(_RESIDUAL in why for why in reasons.get(uf.find(a), ())) for a in atoms
+        )
         consumers.append(
             Consumer(
                 name=node.target, node=node.name, layout=layout,
                 bn=None if bn is None else bn.target,
                 addend=None if addend is None else addend.name, groups=conv.groups,
+                stream=stream,
             )
         )  # fmt: skip
         for root in {uf.find(a) for a in atoms}:
@@ -763,7 +806,8 @@ def trace_plan(
 
     costs = _costs(gm, analysis, uf, reasons, name_of)
     plan = Plan(
-        graph=gm, input_shape=input_shape, groups=groups, consumers=consumers, costs=costs,
+        graph=gm, input_shape=input_shape, model=model, groups=groups, consumers=consumers,
+        costs=costs,
         unknown_ops={
             name_of[r]: sorted(set(v)) for r, v in unknown.items() if name_of[r] in groups
         },
@@ -806,6 +850,8 @@ def _costs(gm, analysis: _Analysis, uf: _UnionFind, reasons, name_of) -> list[La
             kh, kw = module.kernel_size
             hw = math.prod(out_shape[2:])
             in_groups, in_fixed = split(analysis.atoms_of(node.args[0]))
+            if isinstance(module, SampledConv2d):  # reads in_channels of its input
+                in_groups, in_fixed = (), module.in_channels
             g = module.groups
             if g > 1 and g == module.in_channels == module.out_channels:  # depthwise
                 costs.append(LayerCost(node.target, hw * kh * kw, in_groups, in_fixed, (), 1))
@@ -821,6 +867,98 @@ def _costs(gm, analysis: _Analysis, uf: _UnionFind, reasons, name_of) -> list[La
                 LayerCost(node.target, rows, (), module.in_features, (), module.out_features)
             )
     return costs
+
+
+#: The suffix of a channel-sampler group's name, and of an explicit width keyed by the
+#: input of a conv: ``"layer1.0.conv1:in"``.
+INPUT_SUFFIX = ":in"
+
+
+def with_channel_samplers(plan: Plan) -> Plan:
+    """The plan with the input of every conv that reads a residual stream made a group.
+
+    He et al. (2017, Sec. 4.2): the first conv of a residual branch reads the stream,
+    which the shortcut needs whole, so its producers cannot lose channels; a channel
+    sampler lets that conv alone read fewer of them. Every ordinary conv whose input is
+    all stream (:attr:`Consumer.stream`) and whose output is not added back to it (not a
+    projection shortcut) gets a group ``"<conv>:in"`` of its own (:attr:`ChannelGroup.sampler`),
+    pruned like any other; the sweep then replaces the conv with a
+    :class:`~chanprune.surgery.SampledConv2d`.
+
+    Raises
+    ------
+    ValueError
+        No conv of the network reads a residual stream.
+    """
+    readers = [c for c in plan.consumers if c.stream and c.groups == 1 and c.addend is None]
+    if not readers:
+        raise ValueError(
+            "channel_sampler=True selects the input channels of the convs that read a "
+            "residual stream; no conv of this network reads one (it has no residual "
+            "addition): use channel_sampler=False."
+        )
+    sampled: dict[str, ChannelGroup] = {}
+    for c in readers:
+        name = c.name + INPUT_SUFFIX
+        size = sum(width for _, width in c.layout)
+        sampled[c.name] = ChannelGroup(
+            name=name, size=size, producers=(), carriers=(), consumers=(c.name,), sampler=True
+        )
+    groups: dict[str, ChannelGroup] = {}
+    for name, group in plan.groups.items():
+        for producer in group.producers:  # graph order: just before the reader's output
+            if producer in sampled:
+                extra = sampled.pop(producer)
+                groups[extra.name] = extra
+        groups[name] = group
+    groups.update((g.name, g) for g in sampled.values())
+    layouts = {c.name: ((c.name + INPUT_SUFFIX, sum(w for _, w in c.layout)),) for c in readers}
+    consumers = [
+        dataclasses.replace(c, layout=layouts[c.name]) if c.name in layouts else c
+        for c in plan.consumers
+    ]
+    costs = [
+        dataclasses.replace(cost, in_groups=(cost.name + INPUT_SUFFIX,), in_fixed=0)
+        if cost.name in layouts else cost
+        for cost in plan.costs
+    ]  # fmt: skip
+    return dataclasses.replace(plan, groups=groups, consumers=consumers, costs=costs)
+
+
+def group_of_key(plan: Plan, key: str) -> str:
+    """The group an explicit width's key names: a group (its first producer's path), or
+    ``"<conv>:in"``, the input of a conv that reads exactly one prunable group (or its
+    channel-sampler group).
+
+    Raises
+    ------
+    ValueError
+        The key names neither (the message lists the groups), or a conv whose input is not
+        one prunable group.
+    """
+    if key in plan.groups:
+        return key
+    if key.endswith(INPUT_SUFFIX):
+        conv = key[: -len(INPUT_SUFFIX)]
+        consumer = next((c for c in plan.consumers if c.name == conv), None)
+        if consumer is not None:
+            if consumer.stream and not consumer.in_groups:
+                raise ValueError(
+                    f"{key!r}: {conv} reads a residual stream, which the shortcut needs "
+                    "whole, so its input channels can be pruned only through a channel "
+                    "sampler: pass channel_sampler=True (CLI: --channel-sampler)."
+                )
+            names = set(consumer.in_groups)
+            if len(names) == 1 and all(g is not None for g, _ in consumer.layout):
+                return names.pop()
+            raise ValueError(
+                f"{key!r}: the input of {conv} is not one prunable channel group "
+                f"({consumer.layout}); name the groups instead."
+            )
+    raise ValueError(
+        f"{key!r} is not a channel group of this model, nor '<conv>:in' for a conv reading "
+        f"one; groups: {', '.join(plan.prunable) or 'none prunable'}."
+    )
 
 
 # ---------------------------------------------------------------------------- widths
@@ -901,7 +1039,7 @@ def uniform_widths(
 # stage or changing the shape keep 70%, the others 30% (7 : 3); inside a Bottleneck the
 # inputs of its second and third conv keep 4 : 3, as multiples of their mean.
 _PAPER_CHAIN = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.5}
-_PAPER_ROLE = {"basic": 1.0, "2b": 4.0 / 3.5, "2c": 3.0 / 3.5}
+_PAPER_ROLE = {"basic": 1.0, "2a": 2.0 / 3.5, "2b": 4.0 / 3.5, "2c": 3.0 / 3.5}
 
 
 def paper_multipliers(plan: Plan) -> dict[str, float]:
@@ -935,7 +1073,8 @@ def paper_multipliers(plan: Plan) -> dict[str, float]:
         if node.op == "call_module":
             module_nodes.setdefault(str(node.target), node)
     consumers = {c.name: c for c in plan.consumers}
-    prunable = [g for g in plan.groups.values() if g.prunable]
+    # Channel-sampler groups take their branch's ratio (below), as its role "2a" or "basic".
+    prunable = [g for g in plan.groups.values() if g.prunable and not g.sampler]
     size_in = plan.input_shape[1:]
 
     def spatial(node: fx.Node) -> tuple:
@@ -1002,9 +1141,16 @@ def paper_multipliers(plan: Plan) -> dict[str, float]:
     for branch in branches:
         shape_in, shape_out = ends(branch)
         sensitive = shape_in != shape_out or math.prod(shape_out[2:]) == smallest
+        base = 0.7 if sensitive else 0.3
         roles = ("basic",) if len(branch) == 1 else ("2b", "2c")
         for g, role in zip(branch, roles):
-            out[g.name] = (0.7 if sensitive else 0.3) * _PAPER_ROLE[role]
+            out[g.name] = base * _PAPER_ROLE[role]
+        sampler = plan.groups.get(branch[0].producers[0] + INPUT_SUFFIX)
+        if sampler is not None:  # the input of the branch's first conv
+            out[sampler.name] = base * _PAPER_ROLE["basic" if len(branch) == 1 else "2a"]
+    for g in plan.groups.values():
+        if g.sampler:
+            out.setdefault(g.name, 0.0)
     return out
 
 
@@ -1140,12 +1286,14 @@ def explicit_widths(plan: Plan, keep: Mapping[str, Union[int, float]]) -> dict[s
     in a group split by grouped convs a count must be a multiple of its step (a ratio is
     rounded to one)."""
     if isinstance(keep, Mapping):
+        resolved: dict = {}
+        for key, value in keep.items():
+            name = group_of_key(plan, key)
+            if name in resolved:
+                raise ValueError(f"{key!r} names group {name!r}, which another key names too.")
+            resolved[name] = value
+        keep = resolved
         for name in keep:
-            if name not in plan.groups:
-                raise ValueError(
-                    f"{name!r} is not a channel group of this model; groups: "
-                    f"{', '.join(plan.prunable) or 'none prunable'}."
-                )
             group = plan.groups[name]
             if not group.prunable:
                 raise ValueError(f"group {name!r} is kept whole: {'; '.join(group.fixed)}.")

@@ -49,9 +49,11 @@ from .graph import (
     PlanWarning,
     explicit_widths,
     paper_multipliers,
+    symbolic_trace,
     trace_plan,
     uniform_widths,
     widths_for_cost,
+    with_channel_samplers,
 )
 from .layer import prune_layer_from_stats
 from .recover import distill
@@ -545,7 +547,7 @@ def plan_widths(
     """
     planner = check_choice(planner, "planner", PLANNERS)
     explicit = _check_target(speedup, schedule)
-    if planner == "auto" and not channel_sampler and not _names_only(schedule, spectra):
+    if planner == "auto" and not _names_only(schedule, spectra):
         planner = "graph"
     if schedule == "auto":
         names = None if planner == "graph" else _names_plan(model, channel_sampler, planner)
@@ -564,13 +566,14 @@ def plan_widths(
     if plan is not None and planner == "auto":
         plan = plan if _names_confirmed(model, plan, tuple(input_shape)) else None
     if plan is None:
-        _check_graph_options(channel_sampler)
         if schedule == "energy":
             raise ValueError(
                 "schedule='energy' on the graph planner allocates the widths from the "
                 "channel spectra of calibration data; use prune_model, which computes them."
             )
         graph = trace_plan(model, tuple(input_shape))
+        if channel_sampler:
+            graph = with_channel_samplers(graph)
         if explicit:
             widths = explicit_widths(graph, schedule)
         else:
@@ -1072,20 +1075,13 @@ def prune_model(
                 "'graph'."
             )
         planner = "graph"
-    if (
-        planner == "auto"
-        and not channel_sampler
-        and max_cache_mb is None
-        and not _names_only(schedule)
-    ):
+    if planner == "auto" and max_cache_mb is None and not _names_only(schedule):
         # One driver: the graph planner, wherever it offers what is asked.
         planner = "graph"
     plan = None if planner == "graph" else _names_plan(model, channel_sampler, planner)
-    if plan is None:
-        _check_graph_options(channel_sampler)
-    else:
+    if plan is not None:
         _check_consumers(model, plan)
-    if plan is not None and method == "bn_scale" and channel_sampler:
+    if method == "bn_scale" and channel_sampler:
         raise ValueError(
             "method='bn_scale' ranks channels by the |gamma| of the BatchNorm that produces "
             "them; the residual stream that a channel sampler selects from is a sum of branch "
@@ -1143,6 +1139,7 @@ def prune_model(
             batch_size=batch_size, progress=progress, inplace=inplace, start=start,
             channel_multiple=channel_multiple, image_ids=image_ids, shard=shard,
             counts=(len(fit_idx), len(held_idx)), auto_reason=auto_reason,
+            channel_sampler=channel_sampler,
         )  # fmt: skip
 
     # A float64 model runs (and is refit) in float64, on images never rounded to float32.
@@ -1166,7 +1163,6 @@ def prune_model(
         # The attribute names look like a known architecture but the traced graph says
         # otherwise (e.g. a pre-activation ResNet): the graph planner is right.
         logger.info("the traced graph does not match the names; using the graph planner")
-        _check_graph_options(channel_sampler)
         plan = None
     if schedule == "auto" and plan is not None:
         schedule, auto_reason = resolve_auto_schedule(plan)
@@ -1176,6 +1172,7 @@ def prune_model(
             model, images, n_total - n_held, options, speedup=speedup, schedule=schedule,
             batch_size=batch_size, progress=progress, inplace=inplace, start=start,
             channel_multiple=channel_multiple, recovery=recovery, auto_reason=auto_reason,
+            channel_sampler=channel_sampler,
         )  # fmt: skip
 
     reference = copy.deepcopy(model).to(device).eval()
@@ -1268,15 +1265,6 @@ def _names_plan(model: nn.Module, channel_sampler: bool, planner: str) -> Option
         return None
 
 
-def _check_graph_options(channel_sampler: bool) -> None:
-    """Refuse, up front, what the graph planner does not offer."""
-    if channel_sampler:
-        raise ValueError(
-            "channel_sampler=True applies to the ResNet layouts chanprune recognises; the "
-            "graph planner keeps residual streams whole."
-        )
-
-
 def _names_confirmed(model: nn.Module, plan: list[_Consumer], input_shape) -> bool:
     """Whether the traced graph confirms the name-based plan: each consumer reads exactly
     its producer's channels, and the BatchNorms named after them really follow them."""
@@ -1319,6 +1307,7 @@ def _prune_graph(
     shard: Optional[Shard] = None,
     counts: Optional[tuple[int, int]] = None,
     auto_reason: Optional[str] = None,
+    channel_sampler: bool = False,
 ) -> tuple[nn.Module, PruneReport]:
     """:func:`prune_model` through the plan traced from the graph (any network).
 
@@ -1332,7 +1321,9 @@ def _prune_graph(
     input_shape = tuple(images.shape[1:])
     pruned = (model if inplace else copy.deepcopy(model)).to(device).eval()
     plan = trace_plan(pruned, input_shape)
-    reference = torch.fx.symbolic_trace(copy.deepcopy(model).to(device).eval())
+    if channel_sampler:
+        plan = with_channel_samplers(plan)
+    reference = symbolic_trace(copy.deepcopy(model).to(device).eval())
     if schedule == "auto":
         schedule, auto_reason = resolve_auto_schedule(plan)
         logger.info("schedule='auto': %s, for %s", schedule, auto_reason)
@@ -1391,6 +1382,7 @@ def _prune_graph(
             correct_unpruned=options.correct_unpruned,
             residual_correction=options.residual_correction, seed=options.seed,
             widths=widths, planner="graph", channel_multiple=channel_multiple,
+            channel_sampler=channel_sampler,
             kept={name: idx.tolist() for name, idx in kept.items()},
             world_size=shard.world_size if shard is not None else 1,
             time_split_s=dict(timing, schedule_s=schedule_s),

@@ -333,6 +333,8 @@ def module_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
                 "in_channels": module.in_channels, "out_channels": module.out_channels,
                 "groups": module.groups,
             }  # fmt: skip
+            if isinstance(module, SampledConv2d):  # a channel sampler replaced the conv
+                shapes[name]["stream_channels"] = module.stream_channels
         elif isinstance(module, _BatchNorm):
             shapes[name] = {"num_features": module.num_features}
         elif isinstance(module, nn.Linear):
@@ -360,6 +362,12 @@ def apply_shapes(model: nn.Module, shapes: Mapping[str, Mapping[str, int]]) -> n
         keys = set(module_shapes(module)[""]) if module is not None and isinstance(
             module, (nn.Conv2d, _BatchNorm, nn.Linear, nn.PReLU)
         ) else None  # fmt: skip
+        if keys is not None and "stream_channels" in shape and type(module) is nn.Conv2d:
+            if shape["stream_channels"] != module.in_channels or shape["groups"] != 1:
+                keys = None  # not the conv the sampler was inserted at
+            else:  # a placeholder index: the saved state_dict holds the real one
+                module = insert_channel_sampler(model, name, range(shape["in_channels"]))
+                keys = set(module_shapes(module)[""])
         if keys is None or keys != set(shape):
             found = "missing" if module is None else type(module).__name__
             raise ValueError(

@@ -66,6 +66,7 @@ from .selection import (
 from .stats import LayerStats
 from .surgery import (
     fold_batchnorm,
+    insert_channel_sampler,
     prune_batchnorm,
     prune_conv_in_channels,
     prune_conv_out_channels,
@@ -747,7 +748,13 @@ class _GraphSweep:
             consumer = self.consumers[consumer_name]
             conv = self.gm.get_submodule(consumer_name)
             pos = torch.from_numpy(self.positions(consumer.layout, name, kept))
-            if conv.groups == 1:
+            if group.sampler:
+                # The stream keeps every channel: the conv reads the kept ones by index,
+                # in the trace and in the model (the two hold their own parents).
+                sampled = insert_channel_sampler(self.gm, consumer_name, pos)
+                if self.plan.model is not None:
+                    self.plan.model.set_submodule(consumer_name, sampled)
+            elif conv.groups == 1:
                 prune_conv_in_channels(conv, pos)
             else:
                 prune_grouped_conv(conv, in_kept=pos)
@@ -861,7 +868,7 @@ class _GraphSweep:
                 name=consumer.name,
                 producer=", ".join(pending) or None,
                 channels_before=c_before,
-                channels_after=conv.in_channels,
+                channels_after=len(kept_pos),
                 rel_error=float(err / y2),
                 rel_error_heldout=None if held is None else float(held),
                 rel_error_before_refit=float(err_before / y2),
@@ -871,8 +878,8 @@ class _GraphSweep:
             )
         )
         logger.info(
-            "%s: %d -> %d channels, rel. error %.4f", consumer.name, c_before,
-            conv.in_channels, err / y2,
+            "%s: %d -> %d channels, rel. error %.4f", consumer.name, c_before, len(kept_pos),
+            err / y2,
         )  # fmt: skip
 
 

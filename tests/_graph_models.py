@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chanprune.surgery import SampledConv2d
+
 
 def conv_bn(c_in, c_out, k=3, stride=1, groups=1):
     return nn.Sequential(
@@ -243,6 +245,8 @@ def masked_equivalent(original: nn.Module, pruned: nn.Module, plan, kept) -> nn.
         if isinstance(mod, nn.Conv2d):
             in_layout = plan.layouts[node.args[0].name]
             in_pos, out_pos = _positions(in_layout, kept), _positions(out_layout, kept)
+            if isinstance(src, SampledConv2d):  # reads only in_index of its input
+                in_pos = in_pos[src.in_index]
             g = mod.groups
             w = torch.zeros_like(mod.weight)
             if g == 1:

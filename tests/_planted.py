@@ -65,7 +65,7 @@ def conv_macs_by_hooks(model, input_shape, *, include_linear: bool = False) -> i
             total.append(out[0].numel() * args[0].shape[-1])
             return
         kh, kw = layer.kernel_size
-        c_in = args[0].shape[1] // layer.groups
+        c_in = layer.weight.shape[1]  # per group; a channel sampler's input is wider
         total.append(out.shape[2] * out.shape[3] * out.shape[1] * c_in * kh * kw)
 
     kinds = (nn.Conv2d, nn.Linear) if include_linear else nn.Conv2d

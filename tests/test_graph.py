@@ -25,7 +25,14 @@ from _planted import conv_macs_by_hooks
 
 import chanprune
 from chanprune.exceptions import UnsupportedLayerError
-from chanprune.graph import PlanWarning, explicit_widths, trace_plan, uniform_widths
+from chanprune.graph import (
+    PlanWarning,
+    explicit_widths,
+    trace_plan,
+    uniform_widths,
+    with_channel_samplers,
+)
+from chanprune.surgery import SampledConv2d
 
 SHAPE = (3, 16, 16)
 MODELS = [Chain, Residual, Inverted, Dense, Grouped]
@@ -198,7 +205,7 @@ def test_preactivation_resnet_goes_to_the_graph_planner():
 
 def test_graph_planner_refuses_what_it_does_not_offer():
     images = torch.randn(4, *SHAPE)
-    with pytest.raises(ValueError, match="graph planner keeps residual streams whole"):
+    with pytest.raises(ValueError, match="no conv of this network reads one"):
         chanprune.prune_model(
             Dense(), images, speedup=2.0, channel_sampler=True, progress=False
         )
@@ -384,8 +391,8 @@ def test_the_default_planner_is_the_graph_with_the_schedule_of_the_network_kind(
     assert report.options["planner"] == "graph" and report.schedule == "paper"
     assert "Basic or Bottleneck" in report.options["schedule_reason"]
     assert network_kind(trace_plan(Inverted(), SHAPE)) == "graph"
-    # Every criterion runs on the graph; the sampler, the cache budget and layer-keyed
-    # widths are the name-based planner's.
+    # Every criterion and the channel sampler run on the graph; the cache budget and
+    # layer-keyed widths are the name-based planner's.
     _, report = chanprune.prune_model(vgg, images, speedup=1.5, method="apoz", progress=False)
     assert report.options["planner"] == "graph"
     _, report = chanprune.prune_model(
@@ -395,7 +402,7 @@ def test_the_default_planner_is_the_graph_with_the_schedule_of_the_network_kind(
     _, report = chanprune.prune_model(
         resnet, rgb, speedup=1.3, channel_sampler=True, progress=False
     )
-    assert report.options["planner"] == "names"
+    assert report.options["planner"] == "graph"
 
 
 # ---------------------------------------------------------------------------- criteria
@@ -454,3 +461,98 @@ def test_every_method_runs_on_the_graph_planner(method):
     assert report.method == method and report.options["planner"] == "graph"
     assert abs(report.speedup / 1.5 - 1) <= 0.02
     assert pruned(images).shape == model(images).shape
+
+
+# ---------------------------------------------------------------------------- channel sampler
+def test_channel_sampler_groups_are_the_inputs_of_the_convs_reading_the_stream():
+    plan = with_channel_samplers(trace_plan(randomize(Residual()), SHAPE))
+    samplers = {name for name, g in plan.groups.items() if g.sampler}
+    # Each block's first conv reads the stream (the stem's output, then the sums); the
+    # stem reads the image and the second convs read their branch.
+    assert samplers == {f"stages.{i}.one.0:in" for i in range(3)}
+    assert plan.groups["stages.1.one.0:in"].size == 8 and not plan.groups[
+        "stages.1.one.0:in"].producers  # fmt: skip
+    consumer = next(c for c in plan.consumers if c.name == "stages.1.one.0")
+    assert consumer.layout == (("stages.1.one.0:in", 8),)
+    # Its MACs now scale with the sampled width.
+    full = plan.macs()
+    assert plan.macs({"stages.1.one.0:in": 4}) < full
+    with pytest.raises(ValueError, match="no conv of this network reads one"):
+        with_channel_samplers(trace_plan(Chain(), SHAPE))
+
+
+@pytest.mark.parametrize("builder,shape", [("resnet56_cifar10", (3, 32, 32)),
+                                           ("resnet50", (3, 64, 64))])  # fmt: skip
+def test_channel_sampler_paper_multipliers_equal_the_name_based_ones(builder, shape):
+    """The stream input of a block's first conv gets its branch's ratio (BasicBlock) or
+    2/3.5 of it (Bottleneck 2a), as the names give; a projection shortcut is not sampled."""
+    from chanprune.graph import paper_multipliers
+    from chanprune.prune import _multipliers, _plan
+
+    model = getattr(chanprune.models, builder)()
+    graph = paper_multipliers(with_channel_samplers(trace_plan(model, shape)))
+    names_plan = _plan(model, channel_sampler=True)
+    names = _multipliers(names_plan, "paper")
+    expected = {c.name + ":in": names[c.name] for c in names_plan if c.role == "stream"}
+    if builder == "resnet50":
+        # The stem's output is no stream on the graph (read by layer1.0 and its projection,
+        # added to nothing): a group of its own, which the paper's schedule leaves whole.
+        del expected["layer1.0.conv1:in"]
+        assert graph["conv1"] == 0.0
+    assert {k: v for k, v in graph.items() if k.endswith(":in")} == pytest.approx(expected)
+
+
+def test_prune_with_channel_sampler_on_the_graph_equals_the_masked_original(tmp_path):
+    model = randomize(Residual())
+    (pruned, report), images = _prune(model, speedup=1.6, channel_sampler=True)
+    assert report.options["planner"] == "graph" and report.options["channel_sampler"]
+    assert abs(report.speedup / 1.6 - 1) <= 0.02
+    assert report.macs_after == conv_macs_by_hooks(pruned, SHAPE, include_linear=True)
+    kept = report.options["kept"]
+    for i in range(3):
+        conv = pruned.stages[i].one[0]
+        assert isinstance(conv, SampledConv2d)
+        assert conv.in_index.tolist() == kept[f"stages.{i}.one.0:in"]
+    # The stream keeps every channel: the stem and the second convs keep their filters.
+    assert pruned.stem[0].out_channels == 8 and pruned.stages[1].two[0].out_channels == 16
+    masked = masked_equivalent(model, pruned, trace_plan(model, SHAPE), kept)
+    with torch.no_grad():
+        out, ref = pruned(images[:6]), masked(images[:6])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    # A user's class with samplers saves as shapes and loads into a fresh instance.
+    path = tmp_path / "sampled.pt"
+    chanprune.save(pruned, path)
+    loaded = chanprune.load(path, model=Residual())
+    assert isinstance(loaded.stages[0].one[0], SampledConv2d)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images[:6]), out)
+    # The pruned network traces again (the sampler is a leaf), with the same MACs.
+    assert trace_plan(pruned, SHAPE).macs() == report.macs_after
+
+
+def test_explicit_widths_by_the_input_of_a_conv():
+    model = randomize(Residual())
+    images = torch.randn(16, *SHAPE)
+    # "<conv>:in" names the group a conv reads ...
+    _, by_input = chanprune.prune_model(
+        model, images, schedule={"stages.0.two.0:in": 4}, progress=False, planner="graph"
+    )
+    _, by_group = chanprune.prune_model(
+        model, images, schedule={"stages.0.one.0": 4}, progress=False, planner="graph"
+    )
+    assert by_input.options["widths"] == by_group.options["widths"] == {"stages.0.one.0": 4}
+    # ... or, with the sampler, the stream channels it reads.
+    pruned, report = chanprune.prune_model(
+        model, images, schedule={"stages.1.one.0:in": 3}, channel_sampler=True,
+        progress=False, planner="graph",
+    )  # fmt: skip
+    assert pruned.stages[1].one[0].in_channels == 3
+    assert report.options["widths"] == {"stages.1.one.0:in": 3}
+    with pytest.raises(ValueError, match="only through a channel sampler"):
+        chanprune.prune_model(model, images, schedule={"stages.1.one.0:in": 3},
+                              progress=False, planner="graph")  # fmt: skip
+    with pytest.raises(ValueError, match="another key names too"):
+        chanprune.prune_model(
+            model, images, schedule={"stages.0.two.0:in": 4, "stages.0.one.0": 4},
+            progress=False, planner="graph",
+        )  # fmt: skip

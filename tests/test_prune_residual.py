@@ -316,15 +316,17 @@ def test_paper_schedule_gives_the_stream_input_its_share():
         model, (3, 224, 224), speedup=2.0, schedule="paper", channel_sampler=True
     )
     assert abs(achieved / 2.0 - 1) <= 0.02
-    sizes = {"conv1": 256, "conv2": 64, "conv3": 64}  # the stream, then the branch
-    ratio = {attr: widths[f"layer1.1.{attr}"] / size for attr, size in sizes.items()}
-    assert ratio["conv1"] / ratio["conv3"] == pytest.approx(2 / 3, rel=0.05)
-    assert ratio["conv2"] / ratio["conv3"] == pytest.approx(4 / 3, rel=0.05)
+    # The inputs of conv1 (the stream, through the sampler), conv2 and conv3 (the groups
+    # conv1 and conv2 write).
+    sizes = {"conv1:in": 256, "conv1": 64, "conv2": 64}
+    ratio = {key: widths[f"layer1.1.{key}"] / size for key, size in sizes.items()}
+    assert ratio["conv1:in"] / ratio["conv2"] == pytest.approx(2 / 3, rel=0.05)
+    assert ratio["conv1"] / ratio["conv2"] == pytest.approx(4 / 3, rel=0.05)
     # BasicBlock: conv1's stream input keeps the block's base ratio, like conv2's input.
     widths, _ = plan_widths(
         _cifar_resnet(20), (3, 32, 32), speedup=1.5, schedule="paper", channel_sampler=True
     )
-    assert widths["layer1.1.conv1"] == widths["layer1.1.conv2"]  # 16 channels each
+    assert widths["layer1.1.conv1:in"] == widths["layer1.1.conv1"]  # 16 channels each
 
 
 @pytest.mark.usefixtures("one_thread")
