@@ -935,22 +935,25 @@ def prune_model(
         branch output plus original shortcut minus the pruned network's shortcut) instead
         of ``Y2``, so each block's sum tracks the original one (He et al., Sec. 4.2).
     channel_sampler : bool, default=False
-        ResNets: also prune the input of the first conv of every branch (conv1, which
-        reads the residual stream) through a channel sampler (He et al., Sec. 4.2): conv1
-        becomes a :class:`chanprune.surgery.SampledConv2d` that reads only the kept stream
-        channels, while the stream itself and the shortcut keep every channel. Its input
-        is the pruned network's stream, its target the original ``bn1`` output. Refused
-        for VGG-style models, which have no residual stream.
+        Residual networks: also prune the input of every conv that reads a residual stream
+        (a block's first conv; not a projection shortcut) through a channel sampler (He et
+        al., Sec. 4.2): the conv becomes a :class:`chanprune.surgery.SampledConv2d` that
+        reads only the kept stream channels, while the stream itself and the shortcut keep
+        every channel. Its input is the pruned network's stream, its target its original
+        output. Each such input is a channel group ``"<conv>:in"``
+        (:func:`chanprune.graph.with_channel_samplers`), which every schedule and method
+        prunes like any other. Refused for networks without a residual stream.
     planner : {"auto", "graph", "names"}, default="auto"
         How the channels to prune are found. ``graph`` traces the model with
         :mod:`torch.fx` and derives its channel groups (:func:`chanprune.graph.trace_plan`):
-        any CNN as its author wrote it, its residual streams kept whole; explicit schedule
-        keys are then group names (the first producing conv's path), the MAC target counts
-        every conv and linear, and every method runs with every schedule. ``names``
+        any CNN as its author wrote it, its residual streams kept whole (but see
+        ``channel_sampler``); explicit schedule keys are then group names (the first
+        producing conv's path) or ``"<conv>:in"`` for the input of a conv, the MAC target
+        counts every conv and linear, and every method runs with every schedule. ``names``
         recognises the VGG and ResNet layouts above by their attribute names; it alone
-        offers the channel sampler, ``max_cache_mb`` and explicit widths keyed by its
-        layers (:func:`prunable_layers`). ``auto`` takes the graph wherever it offers
-        what is asked, else the names where the traced graph confirms them.
+        offers ``max_cache_mb`` and explicit widths keyed by its layers
+        (:func:`prunable_layers`). ``auto`` takes the graph wherever it offers what is
+        asked, else the names where the traced graph confirms them.
     channel_multiple : int, default=1
         Graph planner: the kept widths of ``speedup`` are multiples of this in every group
         whose size is one (8: the channel-blocked kernels of ONNX Runtime and oneDNN stay
