@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
             "how the channels to prune are found: 'graph' traces the network (torch.fx) and "
             "derives its channel groups, for any CNN; 'names' recognises chanprune's and "
             "torchvision's VGG and ResNet layouts by their attribute names (the only planner "
-            "for --channel-sampler and --max-cache-mb); 'auto' uses "
+            "for widths keyed by layer); 'auto' uses "
             "the graph wherever it offers what is asked, else the names where the traced "
             "graph confirms them (default: %(default)s)"
         ),
@@ -371,11 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MB",
         help=(
-            "VGG-style models, name-based planner (given, it selects it under --planner "
-            "auto): memory for the activations cached between layers, in MB; "
-            "where a layer's maps do not fit, the layers before it are recomputed in each "
-            "pass instead, with the same result (default: 3/4 of the free GPU memory, or "
-            "half the available RAM on a CPU)"
+            "memory for the activations cached between layers, in MB (on the name-based "
+            "planner, VGG-style models only); where a layer's maps do not fit, the layers "
+            "before it are recomputed in each pass instead, with the same result (default: "
+            "3/4 of the free GPU memory, or half the available RAM on a CPU)"
         ),
     )
     p.add_argument(

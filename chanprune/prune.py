@@ -767,6 +767,14 @@ def _default_cache_bytes(device: torch.device) -> Optional[int]:
         return None
 
 
+def _cache_bytes(max_cache_mb: Optional[float], device: torch.device) -> Optional[int]:
+    """The activation-cache budget in bytes: ``max_cache_mb`` MB, or the default of
+    :func:`_default_cache_bytes` when it is None."""
+    if max_cache_mb is None:
+        return _default_cache_bytes(device)
+    return int(max_cache_mb * 2**20)
+
+
 def _chain_map_bytes(features: nn.Sequential, image: torch.Tensor) -> list[int]:
     """Bytes per image of the maps entering each index of ``features`` (the last entry:
     its output), from one forward pass of a single image (``image``: (1, C, H, W))."""
@@ -951,7 +959,7 @@ def prune_model(
         producing conv's path) or ``"<conv>:in"`` for the input of a conv, the MAC target
         counts every conv and linear, and every method runs with every schedule. ``names``
         recognises the VGG and ResNet layouts above by their attribute names; it alone
-        offers ``max_cache_mb`` and explicit widths keyed by its layers
+        offers explicit widths keyed by its layers
         (:func:`prunable_layers`). ``auto`` takes the graph wherever it offers what is
         asked, else the names where the traced graph confirms them.
     channel_multiple : int, default=1
@@ -962,15 +970,16 @@ def prune_model(
     batch_size : int, default=100
         Images per forward chunk (memory).
     max_cache_mb : float, optional
-        Name-based planner (``auto`` takes it when this is given), VGG-style chains:
-        memory, in MB, for the activations cached between layers (both networks' maps at
-        one point, for every calibration image; they live on ``device``). Where a
-        layer's input maps would not fit, the caches stay at the last point that did and
-        each pass recomputes the layers from there: less memory for a little more
-        compute, with the same result. None: 3/4 of the memory free on a CUDA device,
-        half the RAM available on a CPU. (ResNets cache the block inputs on the device of
-        ``calib``, whatever this budget.) The graph planner caches the maps of every
-        image at the current layer, both networks', whatever this budget.
+        Memory, in MB, for the activations cached between layers (both networks' values
+        at one point, for every calibration image; they live on ``device``). Where the
+        values alive at a layer's input would not fit, the caches stay at the last point
+        that did and each pass recomputes the layers from there: less memory for more
+        compute, with the same result (0: every pass starts from the images). None: 3/4
+        of the memory free on a CUDA device, half the RAM available on a CPU. The graph
+        planner estimates the values' sizes from the traced shapes (the calibration
+        images themselves are not counted); the name-based one bounds VGG-style chains
+        only (its ResNets cache the block inputs on the device of ``calib``, whatever
+        this budget).
     stats_dtype : torch.float32, torch.float64 or None
         Precision of each chunk's products ``X^T X`` (the running sums are float64
         either way; see :class:`chanprune.LayerStats`). None: float32 for a float32 model
@@ -1078,7 +1087,7 @@ def prune_model(
                 "'graph'."
             )
         planner = "graph"
-    if planner == "auto" and max_cache_mb is None and not _names_only(schedule):
+    if planner == "auto" and not _names_only(schedule):
         # One driver: the graph planner, wherever it offers what is asked.
         planner = "graph"
     plan = None if planner == "graph" else _names_plan(model, channel_sampler, planner)
@@ -1142,7 +1151,8 @@ def prune_model(
             batch_size=batch_size, progress=progress, inplace=inplace, start=start,
             channel_multiple=channel_multiple, image_ids=image_ids, shard=shard,
             counts=(len(fit_idx), len(held_idx)), auto_reason=auto_reason,
-            channel_sampler=channel_sampler,
+            channel_sampler=channel_sampler, max_cache_mb=max_cache_mb,
+            cache_bytes=_cache_bytes(max_cache_mb, device),
         )  # fmt: skip
 
     # A float64 model runs (and is refit) in float64, on images never rounded to float32.
@@ -1152,10 +1162,7 @@ def prune_model(
         # Every pass that starts from the images then reads them without a host copy.
         if images.nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
             images = images.to(device)
-    if max_cache_mb is None:
-        cache_bytes = _default_cache_bytes(device)
-    else:
-        cache_bytes = int(max_cache_mb * 2**20)
+    cache_bytes = _cache_bytes(max_cache_mb, device)
     n_total = images.shape[0]
     # Held-out images go last, so every chunk splits into fit and held-out rows by slicing.
     fit_idx, held_idx = _fit_heldout_split(n_total, holdout, seed)
@@ -1175,7 +1182,7 @@ def prune_model(
             model, images, n_total - n_held, options, speedup=speedup, schedule=schedule,
             batch_size=batch_size, progress=progress, inplace=inplace, start=start,
             channel_multiple=channel_multiple, recovery=recovery, auto_reason=auto_reason,
-            channel_sampler=channel_sampler,
+            channel_sampler=channel_sampler, max_cache_mb=max_cache_mb, cache_bytes=cache_bytes,
         )  # fmt: skip
 
     reference = copy.deepcopy(model).to(device).eval()
@@ -1311,11 +1318,15 @@ def _prune_graph(
     counts: Optional[tuple[int, int]] = None,
     auto_reason: Optional[str] = None,
     channel_sampler: bool = False,
+    max_cache_mb: Optional[float] = None,
+    cache_bytes: Optional[int] = None,
 ) -> tuple[nn.Module, PruneReport]:
     """:func:`prune_model` through the plan traced from the graph (any network).
 
     ``images`` are this rank's under a ``shard`` (``n_fit`` of them fit images, with
-    global ``image_ids``); ``counts`` the global numbers of fit and held-out images."""
+    global ``image_ids``); ``counts`` the global numbers of fit and held-out images;
+    ``cache_bytes`` the sweep's cache budget (None: none), from ``max_cache_mb`` (which
+    the report records)."""
     n_fit_all, n_held_all = counts or (n_fit, images.shape[0] - n_fit)
     if image_ids is None:
         image_ids = torch.arange(images.shape[0])
@@ -1360,6 +1371,7 @@ def _prune_graph(
         reports, kept, timing = sweep_graph(
             reference, plan, widths, images, n_fit, options, batch_size=batch_size,
             progress=progress, image_ids=image_ids, shard=shard, bn_scale=bn_scale,
+            cache_bytes=cache_bytes,
         )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PlanWarning)  # said once, for the original
@@ -1384,8 +1396,8 @@ def _prune_graph(
             refit=options.refit, normalize=options.normalize, alternate=options.alternate,
             correct_unpruned=options.correct_unpruned,
             residual_correction=options.residual_correction, seed=options.seed,
-            widths=widths, planner="graph", channel_multiple=channel_multiple,
-            channel_sampler=channel_sampler,
+            widths=widths, max_cache_mb=max_cache_mb, planner="graph",
+            channel_multiple=channel_multiple, channel_sampler=channel_sampler,
             kept={name: idx.tolist() for name, idx in kept.items()},
             world_size=shard.world_size if shard is not None else 1,
             time_split_s=dict(timing, schedule_s=schedule_s),

@@ -5,7 +5,9 @@ selected) are visited in graph order. Both networks, the original (with each con
 BatchNorm folded into it, for the targets) and the one being pruned, are run node by node
 over the calibration images, and the values alive at the current point of the graph (the
 *frontier*) are cached for every image, so a whole sweep costs about one forward pass of
-each network. At a consumer ``B``:
+each network. Under a memory budget (``cache_bytes``) the caches stay at the last point
+where they fitted (a consumer's input, or the images), and each pass recomputes the nodes
+from there: the same result for more compute. At a consumer ``B``:
 
 1. Each channel group that ``B`` reads and that is not decided yet is decided here, at its
    first consumer: the reduced selection problems (the c x c channel Grams of
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import operator
 import time
 from dataclasses import dataclass
@@ -41,7 +44,7 @@ from tqdm.auto import tqdm
 
 from .distributed import Shard, all_reduce_sum
 from .exceptions import UnsupportedLayerError
-from .graph import Consumer, Plan
+from .graph import Consumer, Plan, _shape
 from .layer import prune_layer_from_stats
 from .refit import reconstruction_error, refit_with_error
 from .report import LayerReport
@@ -274,6 +277,16 @@ class _Runner:
         for node in list(env):
             if self.last_use.get(node.name, -1) < stop:
                 del env[node]
+
+    def advanced(self, env: dict, start: int, stop: int) -> dict:
+        """A copy of ``env`` run on as :meth:`advance` would, ``env`` unchanged: the values
+        that in-place nodes write are copied first."""
+        local = dict(env)
+        for node in self.nodes[start:stop]:
+            if _inplace(node, self.modules) and node.args and node.args[0] in env:
+                local[node.args[0]] = env[node.args[0]].clone()  # never write the cache
+        self.advance(local, start, stop)
+        return local
 
     def evaluate(self, env: dict, targets: list[str]) -> dict[str, torch.Tensor]:
         """The values of ``targets``, computed from ``env`` without changing it."""
@@ -529,6 +542,18 @@ class _GraphSweep:
         self.diverged = False
         self.step = 0
         self.consumers = {c.name: c for c in plan.consumers}
+        # (checkpoint, consumer): the positions of the values the caches hold and of the
+        # consumer visited, while those are earlier (a cache budget); None when equal.
+        self.behind: Optional[tuple[int, int]] = None
+        # Elements per image of each computed value, from the shapes recorded by the plan's
+        # trace (whose example batch is the placeholder's first dimension); parameters
+        # (get_attr) hold no per-image memory, values of no shape (tuples) are not counted.
+        batch = (_shape(self.pr.placeholder) or (1,))[0]
+        self.numel: dict[str, int] = {}
+        for node in self.pr.nodes:
+            shape = _shape(node)
+            if shape is not None and node.op in ("call_module", "call_function", "call_method"):
+                self.numel[node.name] = math.prod(shape) // batch
 
     # -- positions -------------------------------------------------------------------
     def positions(self, layout: tuple, group: str, kept: Optional[np.ndarray] = None):
@@ -545,14 +570,55 @@ class _GraphSweep:
             offset += now
         return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
 
+    # -- the cache budget ------------------------------------------------------------
+    def alive(self, stop: int) -> set[str]:
+        """The computed values that the caches hold at position ``stop`` of the trace
+        (:meth:`_Runner.advance`): made before it and read at or after it. The images (the
+        placeholder) are not among them."""
+        last_use = self.pr.last_use
+        return {
+            n.name
+            for n in self.pr.nodes[:stop]
+            if n.name in self.numel and last_use.get(n.name, -1) >= stop
+        }
+
+    def bytes_moving_to(self, stop: int, held_ref, held_pr, n_images: int, itemsize: int) -> int:
+        """Bytes of both caches for ``n_images`` images while they move from the values
+        they hold (nodes ``held_ref`` and ``held_pr``, of one chunk) to those alive at
+        ``stop``, a consumer's position in the trace: each value held at either point
+        counted once.
+
+        The original network's new values have their traced widths, plus the consumer's
+        output (kept by :meth:`sample`'s ``keep_first``); the pruned network's have the
+        current widths of their channel groups (groups decided later only shrink them).
+        An upper bound where values share memory (views, in-place ops); ``itemsize``:
+        bytes per element."""
+        alive = self.alive(stop)
+        ref = {n.name for n in held_ref} | alive | {self.pr.nodes[stop].name}
+        pr = {n.name for n in held_pr} | alive
+        elements = sum(self.numel.get(name, 0) for name in ref)
+        elements += sum(self.numel.get(name, 0) * self._width_ratio(name) for name in pr)
+        return int(math.ceil(elements * n_images * itemsize))
+
+    def _width_ratio(self, name: str) -> float:
+        """The current channels of value ``name`` over its traced ones (1 without a
+        layout)."""
+        layout = self.plan.layouts.get(name)
+        traced = sum(width for _, width in layout) if layout else 0
+        if not traced:
+            return 1.0
+        now = sum(self.widths[g] if g is not None else width for g, width in layout)
+        return now / traced
+
     # -- sampling --------------------------------------------------------------------
     def sample(
         self, consumers: list[Consumer], envs_ref, envs_pr, *, keep_first: bool = False
     ) -> list[_ConsumerStats]:
         """Statistics of ``consumers`` at the current state of both networks: inputs from
-        the pruned one, targets from the original, all in one run on from the frontier.
-        ``keep_first``: the first consumer sits at the frontier; its output in the original
-        network (which never changes) stays in the cache, so the next advance reuses it."""
+        the pruned one, targets from the original, all in one run on from the frontier
+        (from the checkpoint while :attr:`behind` is set). ``keep_first``: the first
+        consumer sits at the frontier; its output in the original network (which never
+        changes) stays in the cache, so the next advance reuses it."""
         correct = self.options.residual_correction
         convs, out_kept, stats = [], [], []
         ref_targets: list[str] = []
@@ -581,6 +647,11 @@ class _GraphSweep:
         lo = 0
         for chunk, (env_r, env_p) in enumerate(zip(envs_ref, envs_pr)):
             tic = time.perf_counter()
+            if self.behind is not None:
+                # The values at the consumer, recomputed as the caches' advance would
+                # compute them, into copies: the caches stay at the checkpoint.
+                env_r = self.ref.advanced(env_r, *self.behind)
+                env_p = self.pr.advanced(env_p, *self.behind)
             ref_values = self.ref.evaluate(env_r, list(dict.fromkeys(ref_targets)))
             pr_values = self.pr.evaluate(env_p, list(dict.fromkeys(pr_targets)))
             self.timing["forward_s"] += time.perf_counter() - tic
@@ -810,7 +881,9 @@ class _GraphSweep:
         conv = self.gm.get_submodule(consumer.name)
         bn = self.gm.get_submodule(consumer.bn) if consumer.bn else None
         c_before = conv.in_channels
-        (stats,) = self.sample([consumer], envs_ref, envs_pr, keep_first=True)
+        # Its output is kept only by caches that sit at it (within the budget).
+        at_consumer = self.behind is None
+        (stats,) = self.sample([consumer], envs_ref, envs_pr, keep_first=at_consumer)
         weight0, bias0 = folded_params(conv, bn)
         weight0 = weight0.double().cpu().numpy()
         bias0 = bias0.double().cpu().numpy()
@@ -896,6 +969,7 @@ def sweep_graph(
     image_ids: Optional[torch.Tensor] = None,
     shard: Optional[Shard] = None,
     bn_scale: Optional[dict[str, np.ndarray]] = None,
+    cache_bytes: Optional[int] = None,
 ) -> tuple[list[LayerReport], dict[str, np.ndarray], dict[str, float]]:
     """Prune the network of ``plan`` (its graph shares the modules of the model being
     pruned, which is changed in place) to ``widths``.
@@ -922,6 +996,14 @@ def sweep_graph(
     bn_scale : dict of group -> ndarray, optional
         ``method="bn_scale"``: each prunable group's ``|gamma|`` (:func:`bn_scales` of
         the plan before any change).
+    cache_bytes : int, optional
+        Memory for the values both networks' caches hold for every image (on
+        ``options.device``; the images themselves not counted). The caches move on to a
+        consumer only where the values alive there, with those held where they leave
+        (alive while the new ones are computed), fit (estimated from the traced shapes,
+        :meth:`_GraphSweep.bytes_moving_to`); otherwise they stay where they are and each
+        pass recomputes the nodes from there, with the same result. 0: every pass starts
+        from the images; None: no budget.
 
     Returns
     -------
@@ -950,16 +1032,29 @@ def sweep_graph(
     chunks = [chunk.to(device) for chunk in images.split(batch_size)]
     envs_ref = [{sweep.ref.placeholder: channels_last(chunk)} for chunk in chunks]
     envs_pr = [{sweep.pr.placeholder: channels_last(chunk)} for chunk in chunks]
-    position = sweep.pr.pos[sweep.pr.placeholder.name] + 1
+    n_images, itemsize = images.shape[0], images.element_size()
+    checkpoint = sweep.pr.pos[sweep.pr.placeholder.name] + 1  # where the caches are
+    held_at = "the images"
     bar = tqdm(plan.consumers, desc="pruning", disable=not progress)
     for consumer in bar:
         bar.set_postfix_str(consumer.name)
         stop = sweep.pr.pos[consumer.node]
-        tic = time.perf_counter()
-        for env_r, env_p in zip(envs_ref, envs_pr):
-            sweep.ref.advance(env_r, position, stop)
-            sweep.pr.advance(env_p, position, stop)
-        sweep.timing["forward_s"] += time.perf_counter() - tic
-        position = stop
+        if cache_bytes is None or sweep.bytes_moving_to(
+            stop, envs_ref[0], envs_pr[0], n_images, itemsize
+        ) <= cache_bytes:  # fmt: skip
+            tic = time.perf_counter()
+            for env_r, env_p in zip(envs_ref, envs_pr):
+                sweep.ref.advance(env_r, checkpoint, stop)
+                sweep.pr.advance(env_p, checkpoint, stop)
+            sweep.timing["forward_s"] += time.perf_counter() - tic
+            checkpoint, sweep.behind = stop, None
+            # (Where nothing but the images is alive, the caches hold just them.)
+            held_at = f"the input of {consumer.name}" if sweep.alive(stop) else "the images"
+        else:
+            sweep.behind = (checkpoint, stop)
+            logger.info(
+                "%s: the values alive at its input exceed the cache budget; recomputing "
+                "from %s in each pass.", consumer.name, held_at,
+            )  # fmt: skip
         sweep.visit(consumer, envs_ref, envs_pr)
     return sweep.reports, sweep.kept, sweep.timing

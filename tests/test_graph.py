@@ -18,6 +18,7 @@ from _graph_models import (
     PreActResNet,
     Residual,
     Shuffle,
+    conv_bn,
     masked_equivalent,
     randomize,
 )
@@ -249,6 +250,87 @@ def test_graph_sweep_is_reproducible():
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb
         torch.testing.assert_close(va, vb, rtol=0, atol=0)
+
+
+def _assert_same_prune(a, b):
+    """The same kept channels, and the same weights to float rounding."""
+    (model_a, report_a), (model_b, report_b) = a, b
+    assert report_a.options["kept"] == report_b.options["kept"]
+    state_b = model_b.state_dict()
+    for key, value in model_a.state_dict().items():
+        assert torch.allclose(value, state_b[key], rtol=1e-5), key
+
+
+class _InPlaceStatements(torch.nn.Module):
+    """In-place ReLUs written as statements: their nodes have no users, and the trace's
+    later nodes read the tensors they wrote (a recomputation must run them too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = conv_bn(3, 16), conv_bn(16, 16), conv_bn(16, 8)
+
+    def forward(self, x):
+        x = self.a(x)
+        torch.nn.functional.relu(x, inplace=True)
+        x = self.b(x)
+        x.relu_()
+        return self.c(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("cls", [Chain, Residual, _InPlaceStatements])
+def test_cache_budget_zero_recomputes_from_the_images_with_the_same_result(cls, caplog):
+    # float64 (here and below): recomputed values differ from the cached ones by float
+    # rounding only, which the refits amplify to ~1e-5 in float32.
+    torch.manual_seed(0)
+    model = randomize(cls()).double()
+    images = torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(1)).double()
+    options = dict(speedup=1.8, progress=False, positions_per_image=None, schedule="uniform")
+    unbounded = chanprune.prune_model(model, images, planner="graph", **options)
+    with caplog.at_level("INFO", logger="chanprune.sweep"):
+        # planner="auto" takes the graph with a budget too
+        bounded = chanprune.prune_model(model, images, max_cache_mb=0, **options)
+    assert bounded[1].options["planner"] == "graph"
+    assert bounded[1].options["max_cache_mb"] == 0.0
+    assert unbounded[1].options["max_cache_mb"] is None
+    assert "recomputing from the images" in caplog.text
+    _assert_same_prune(unbounded, bounded)
+
+
+def test_cache_budget_bounds_the_values_held_between_consumers(monkeypatch):
+    import chanprune.sweep as sweep
+
+    # Bytes in both networks' caches (the images aside) before and after each visit: what
+    # they hold between consumers, not a chunk's passing values.
+    held = []
+
+    def cached_bytes(envs):
+        storages = {}
+        for env in envs:
+            for node, value in env.items():
+                if node.op != "placeholder" and torch.is_tensor(value):
+                    storages[value.untyped_storage().data_ptr()] = value.untyped_storage()
+        return sum(storage.nbytes() for storage in storages.values())
+
+    visit = sweep._GraphSweep.visit
+
+    def counted(self, consumer, envs_ref, envs_pr, *args, **kwargs):
+        held.append(cached_bytes(envs_ref) + cached_bytes(envs_pr))
+        visit(self, consumer, envs_ref, envs_pr, *args, **kwargs)
+        held.append(cached_bytes(envs_ref) + cached_bytes(envs_pr))
+
+    monkeypatch.setattr(sweep._GraphSweep, "visit", counted)
+    torch.manual_seed(0)
+    model = randomize(Residual()).double()
+    images = torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(1)).double()
+    options = dict(speedup=2.0, progress=False, schedule="uniform", batch_size=8)
+    unbounded = chanprune.prune_model(model, images, **options)
+    frontiers = [b for b in held if b > 0]
+    budget = (min(frontiers) + max(frontiers)) / 2
+    held.clear()
+    bounded = chanprune.prune_model(model, images, max_cache_mb=budget / 2**20, **options)
+    # Some consumers' values fit and are cached, the others are recomputed.
+    assert 0 < max(held) <= budget < max(frontiers)
+    _assert_same_prune(unbounded, bounded)
 
 
 def test_channel_multiple_keeps_widths_multiples_where_sizes_allow():
