@@ -252,7 +252,8 @@ def markdown(bench: Benchmark, results: dict) -> str:
         "convs and linears for the graph planner (rows labelled `graph`). Rows without a "
         "label ran with `planner=\"auto\"`, which chose the name-based planner for these "
         "networks until the graph planner became the default (each run records its "
-        "`options.planner`); `--variants names` runs them that way now. Each configuration "
+        "`options.planner`); rows labelled `names` ran that planner on purpose, before it "
+        "was removed. Each configuration "
         "runs in its own process: wall time is the whole `prune_model` call (loading the "
         "5,000 JPEGs included), peak = max RSS.",
         "",
@@ -278,6 +279,8 @@ def markdown(bench: Benchmark, results: dict) -> str:
         lines += [f"Machine: {machine}.", ""]
     speedups = sorted({r["config"]["speedup"] for r in runs.values()})
     variants = [""] + list(bench.variants)
+    # Labels of recorded runs whose options no longer exist (the name-based planner's).
+    variants += sorted({r["config"].get("variant", "") for r in runs.values()} - set(variants))
     for schedule in SCHEDULES:
         rows = [r for r in runs.values() if r["config"]["schedule"] == schedule]
         if not rows:

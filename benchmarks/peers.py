@@ -239,24 +239,16 @@ def planned_ratio_dict(network: str, model: nn.Module, speedup: float) -> tuple[
     chanprune's ``uniform`` schedule keeps the same fraction of every prunable layer, each
     rounded so that the MAC target is met (``chanprune.prune.plan_widths``). Used where no
     single Torch-Pruning ratio lands within the tolerance (its channel counts all round at
-    the same ratio). Keys are the producing convs of ``model`` (whose outputs are pruned);
-    with ``pruning_ratio=0`` every other group is kept. Returns ``(ratio_dict, widths)``.
+    the same ratio). Keys are the producing convs of ``model`` (whose outputs are pruned),
+    chanprune's group names; with ``pruning_ratio=0`` every other group is kept. Returns
+    ``(ratio_dict, widths)``.
     """
     from chanprune.prune import plan_widths
 
-    # Keyed by consuming layer, the name-based planner's keys, which the ratios map from.
-    widths, _ = plan_widths(
-        model, INPUT_SHAPE, speedup=speedup, schedule="uniform", planner="names"
-    )
-    if network == "vgg":
-        convs = [(f"features.{n}", m) for n, m in model.features.named_children()
-                 if isinstance(m, nn.Conv2d)]  # fmt: skip
-        producers = {consumer: convs[i][1] for i, (consumer, _) in enumerate(convs[1:])}
-    else:
-        producers = {f"{path}.conv2": block.conv1 for path, block in model.blocks()}
+    widths, _ = plan_widths(model, INPUT_SHAPE, speedup=speedup, schedule="uniform")
     ratios = {}
-    for consumer, width in widths.items():
-        conv = producers[consumer]
+    for group, width in widths.items():
+        conv = model.get_submodule(group)
         # TP keeps int(C * (1 - ratio)) channels: aim half a channel above to beat rounding.
         ratios[conv] = max(0.0, (conv.out_channels - width - 0.5) / conv.out_channels)
     return ratios, widths
@@ -272,15 +264,22 @@ def tp_count(model: nn.Module) -> tuple[int, int]:
 
 
 def consumer_widths(options: dict, reference: nn.Module) -> dict:
-    """A report's recorded widths keyed by consuming layer, as the name-based planner
-    records them; the graph planner keys them by channel group (its producing conv)."""
+    """A report's recorded widths keyed by consuming layer, as the name-based planner of
+    the older recorded runs kept them; the graph planner keys them by channel group (its
+    producing conv, or ``"<conv>:in"`` for a channel sampler's input)."""
     widths = options.get("widths") or {}
-    if widths and options.get("planner") == "graph":
-        from chanprune.graph import trace_plan
+    if not widths or options.get("planner") in (None, "names"):
+        return widths
+    from chanprune.graph import trace_plan
 
-        plan = trace_plan(reference, INPUT_SHAPE)
-        widths = {c: w for g, w in widths.items() for c in plan.groups[g].consumers}
-    return widths
+    plan = trace_plan(reference, INPUT_SHAPE)
+    out = {}
+    for group, width in widths.items():
+        if group.endswith(":in"):
+            out[group[: -len(":in")]] = width
+        else:
+            out.update((consumer, width) for consumer in plan.groups[group].consumers)
+    return out
 
 
 def chanprune_architecture(network: str, widths: dict) -> nn.Module:

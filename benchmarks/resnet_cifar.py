@@ -62,9 +62,6 @@ def bench_for(model: str) -> Benchmark:
             "sampler": {"channel_sampler": True},
             # The same network through the plan traced from the graph (planner="graph").
             "graph": {"planner": "graph"},
-            # Through the name-based planner: the rows recorded before the graph planner became
-            # the default (planner="auto") were made this way.
-            "names": {"planner": "names"},
             # Then a short distillation against the original network (recover="distill").
             **{f"distill{n}": {"recover": "distill", "recover_epochs": n} for n in (1, 3, 5)},
         },

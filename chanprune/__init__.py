@@ -9,7 +9,7 @@ remove the dropped channels for real.
 from .exceptions import ConvergenceWarning, SingularGramWarning, UnsupportedLayerError
 from .io import load, save
 from .layer import LayerPruneResult, prune_layer, prune_layer_from_stats
-from .prune import MODEL_METHODS, plan_widths, prunable_layers, prune_model
+from .prune import MODEL_METHODS, plan_widths, prunable_groups, prune_model
 from .refit import least_squares_refit, reconstruction_error
 from .report import LayerReport, PruneReport
 from .selection import SELECTORS, Selection
@@ -35,7 +35,7 @@ __all__ = [
     "prune_layer",
     "prune_layer_from_stats",
     "prune_model",
-    "prunable_layers",
+    "prunable_groups",
     "reconstruction_error",
     "save",
 ]

@@ -226,10 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="JSON_FILE",
         help=(
-            "explicit schedule instead of --speedup: a JSON object {layer: keep}, keep an int "
-            "(channels kept) or a float in (0, 1] (fraction kept), layers named as in "
-            '\'chanprune info\' (e.g. "features.3"; a ResNet\'s "layer1.0.conv1" needs '
-            "--channel-sampler); unnamed layers are kept whole (default: none)"
+            "explicit schedule instead of --speedup: a JSON object {group: keep}, keep an int "
+            "(channels kept) or a float in (0, 1] (fraction kept); a group is named after its "
+            'producing conv as \'chanprune info\' lists it (e.g. "features.0"), or by the conv '
+            'that reads it, "<conv>:in" (e.g. "features.3:in"; a ResNet\'s '
+            '"layer1.0.conv1:in" reads the stream and needs --channel-sampler); unnamed '
+            "groups are kept whole (default: none)"
         ),
     )
     p.add_argument(
@@ -260,19 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
             "whose input channels are redundant, by the principal-component spectrum of 500 "
             "calibration images, are pruned hardest) or 'sensitivity' (from the data: the "
             "output divergence of the network as each channel group alone narrows, on 64 "
-            "calibration images; the widths with the least predicted divergence; graph "
-            "planner) (default: auto)"
+            "calibration images; the widths with the least predicted divergence) "
+            "(default: auto)"
         ),
     )
     p.add_argument(
         "--channel-sampler",
         action="store_true",
         help=(
-            "ResNets only (refused for VGG-style models): also prune the input of the first "
-            "conv of every residual branch, which reads the residual stream, through a "
-            "channel sampler (He et al., Sec. 4.2): that conv reads only the kept stream "
-            "channels while the stream and the shortcut keep all of them (default: off, "
-            "only branch-internal channels are pruned)"
+            "residual networks only (refused for others): also prune the input of every conv "
+            "that reads a residual stream (the first conv of each branch) through a channel "
+            "sampler (He et al., Sec. 4.2): that conv reads only the kept stream channels "
+            "while the stream and the shortcut keep all of them; its input is the group "
+            "'<conv>:in' (default: off, only branch-internal channels are pruned)"
         ),
     )
     p.add_argument(
@@ -280,12 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PLANNERS,
         default="auto",
         help=(
-            "how the channels to prune are found: 'graph' traces the network (torch.fx) and "
-            "derives its channel groups, for any CNN; 'names' recognises chanprune's and "
-            "torchvision's VGG and ResNet layouts by their attribute names (the only planner "
-            "for widths keyed by layer); 'auto' uses "
-            "the graph wherever it offers what is asked, else the names where the traced "
-            "graph confirms them (default: %(default)s)"
+            "kept for existing scripts: 'auto' and 'graph' both trace the network (torch.fx) "
+            "and derive its channel groups (the name-based planner is gone) "
+            "(default: %(default)s)"
         ),
     )
     p.add_argument(
@@ -295,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=(
             "keep widths that are multiples of N in every channel group whose size is one "
-            "(8 keeps ONNX Runtime's and oneDNN's channel-blocked kernels usable); above 1 "
-            "it selects the graph planner (default: %(default)s)"
+            "(8 keeps ONNX Runtime's and oneDNN's channel-blocked kernels usable) "
+            "(default: %(default)s)"
         ),
     )
     p.add_argument(
@@ -371,9 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MB",
         help=(
-            "memory for the activations cached between layers, in MB (on the name-based "
-            "planner, VGG-style models only); where a layer's maps do not fit, the layers "
-            "before it are recomputed in each pass instead, with the same result (default: "
+            "memory for the activations cached between layers, in MB; where the values at a "
+            "layer do not fit, the layers before it are recomputed in each pass instead, "
+            "with the same result (default: "
             "3/4 of the free GPU memory, or half the available RAM on a CPU)"
         ),
     )
@@ -866,7 +865,6 @@ def _check_plan(
     speedup: Optional[float],
     schedule: Union[str, Mapping[str, Union[int, float]]],
     channel_sampler: bool,
-    planner: str,
 ) -> None:
     """Check the architecture, the input shape and the schedule before any real work.
 
@@ -875,18 +873,12 @@ def _check_plan(
     from .prune import plan_widths
 
     if schedule in ("auto", "energy", "sensitivity"):
-        # Their widths need the data; they prune every layer, as uniform does, so the
-        # same targets are reachable and the same checks apply (sensitivity: on the graph).
-        if schedule == "sensitivity" and planner == "names":
-            raise ValueError(
-                "--schedule sensitivity runs on the graph planner, not --planner names."
-            )
-        planner = "graph" if schedule == "sensitivity" else planner
+        # Their widths need the data; they prune every group, as uniform does, so the
+        # same targets are reachable and the same checks apply.
         schedule = "uniform"
     plan_widths(
-        model, input_shape, speedup=speedup, schedule=schedule,
-        channel_sampler=channel_sampler, planner=planner,
-    )  # fmt: skip
+        model, input_shape, speedup=speedup, schedule=schedule, channel_sampler=channel_sampler
+    )
 
 
 def _input_shape_error(shape: tuple[int, ...], exc: BaseException) -> ValueError:
@@ -951,8 +943,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         raise ValueError("--schedule applies to --speedup; --widths already fixes every layer.")
     _check_int(args.n_images, "--n-images", 1)
     _check_int(args.channel_multiple, "--channel-multiple", 1)
-    if args.channel_multiple > 1 and args.planner == "names":
-        raise ValueError("--channel-multiple applies to the graph planner, not --planner names.")
     _check_int(args.positions, "--positions", 1)
     _check_int(args.recover_epochs, "--recover-epochs", 0)
     if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
@@ -986,8 +976,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     # same_size: the calibration images are stacked into batches; name any odd one out.
     dataset = open_calibration(args.calib, _preprocess(preset), same_size=True)
     input_shape = tuple(dataset[0][0].shape)
-    planner = "graph" if args.channel_multiple > 1 else args.planner
-    _check_plan(model, input_shape, args.speedup, schedule, args.channel_sampler, planner)
+    _check_plan(model, input_shape, args.speedup, schedule, args.channel_sampler)
 
     # 3. The work, sharded over the ranks under torchrun.
     group, rank, device = _init_distributed(device, args.dist_timeout)
@@ -1057,9 +1046,8 @@ def _prune_and_write(args, model, dataset, schedule, device, out, report_path, g
     if not args.quiet:
         print(report.to_markdown())
         print()
-    counted = "MACs" if report.options.get("planner") == "graph" else "conv MACs"
     print(
-        f"Pruned {args.model} with {report.method}: {report.speedup:.2f}x fewer {counted} "
+        f"Pruned {args.model} with {report.method}: {report.speedup:.2f}x fewer MACs "
         f"({report.macs_before / 1e6:.2f}M -> {report.macs_after / 1e6:.2f}M), "
         f"{report.params_before / 1e6:.3f}M -> {report.params_after / 1e6:.3f}M parameters. "
         f"Wrote {out}" + (f" and {report_path}." if report_path is not None else ".")
@@ -1126,19 +1114,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
         with_linear = count_macs(model, shape, include_linear=True)
     except RuntimeError as exc:
         raise _input_shape_error(shape, exc) from exc
-    from .prune import prunable_layers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanWarning)  # its groups are listed below
+        try:
+            graph = trace_plan(model, shape)
+        except UnsupportedLayerError as exc:
+            graph, refusal = None, exc
+    # Each conv's prunable input: the groups it reads, or its stream through a sampler.
+    prunable: dict[str, str] = {}
+    for c in graph.consumers if graph is not None else ():
+        if c.in_groups:
+            prunable[c.name] = ", ".join(dict.fromkeys(c.in_groups))
+        elif c.stream and c.groups == 1 and c.addend is None:
+            prunable[c.name] = "sampler"
 
-    try:
-        prunable = dict.fromkeys(prunable_layers(model), "yes")
-    except (TypeError, AttributeError):  # UnsupportedLayerError is a TypeError
-        prunable = {}
-    try:  # ResNets: the first conv of each branch, prunable through a channel sampler
-        for n in prunable_layers(model, channel_sampler=True):
-            prunable.setdefault(n, "sampler")
-    except (TypeError, ValueError, AttributeError):  # VGG-style models refuse the option
-        pass
-
-    header = ("layer", "in", "out", "kernel", "MACs", "prunable input")
+    header = ("layer", "in", "out", "kernel", "MACs", "prunable input (group)")
     rows = [
         (
             n,
@@ -1159,22 +1149,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for row in rows:
         print(fmt.format(*row))
     if "sampler" in prunable.values():
-        print("(sampler: prunable with --channel-sampler, which keeps the stream whole)")
+        print("(sampler: its stream input is the group '<conv>:in' with --channel-sampler)")
     print()
     print(f"conv MACs:          {conv_total:,} ({conv_total / 1e6:.2f}M)")
     print(f"MACs incl. linear:  {with_linear:,} ({with_linear / 1e6:.2f}M)")
     params = count_params(model)
     print(f"parameters:         {params:,} ({params / 1e6:.3f}M)")
     print()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PlanWarning)  # its groups are listed below
-        try:
-            graph = trace_plan(model, shape)
-        except UnsupportedLayerError as exc:
-            print(f"channel groups: none, the graph planner refuses this model: {exc}")
-            return 0
+    if graph is None:
+        print(f"channel groups: none, chanprune refuses this model: {refusal}")
+        return 0
     print(
-        f"channel groups (graph planner): {len(graph.prunable)} of {len(graph.groups)} "
+        f"channel groups: {len(graph.prunable)} of {len(graph.groups)} "
         f"prunable, {graph.macs() / 1e6:.2f}M MACs of convs and linears"
     )
     print(graph.describe())

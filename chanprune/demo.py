@@ -323,7 +323,7 @@ def run_demo(
         "train": train_info,
         "unpruned": {
             "accuracy": base_accuracy,
-            # As the graph planner counts them: every conv and linear.
+            # As the planner counts them: every conv and linear.
             "macs": count_macs(model, _INPUT_SHAPE, include_linear=True),
             "params": count_params(model),
         },

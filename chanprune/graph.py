@@ -38,7 +38,7 @@ from torch import nn
 
 from ._validation import check_int_in_range, check_real_in_range
 from .exceptions import UnsupportedLayerError
-from .schedule import MacModel, _achieved, resolve_explicit
+from .schedule import _achieved, resolve_explicit
 from .surgery import SampledConv2d
 
 __all__ = [
@@ -1297,7 +1297,7 @@ def explicit_widths(plan: Plan, keep: Mapping[str, Union[int, float]]) -> dict[s
             group = plan.groups[name]
             if not group.prunable:
                 raise ValueError(f"group {name!r} is kept whole: {'; '.join(group.fixed)}.")
-    counts = resolve_explicit(MacModel(groups=plan.prunable, convs=()), keep)
+    counts = resolve_explicit(plan.prunable, keep)
     widths = {}
     for name, count in counts.items():
         group = plan.groups[name]

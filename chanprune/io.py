@@ -32,7 +32,7 @@ from torch import nn
 
 from .models import save_model
 from .models._checkpoint import first_line, load_weights, normalize_state_dict, read_checkpoint
-from .models._registry import model_from_checkpoint
+from .models._registry import build_model, model_from_checkpoint
 from .models.vgg import vgg_config_of
 from .surgery import apply_shapes, module_shapes
 
@@ -234,7 +234,20 @@ def save(model: nn.Module, path: PathLike) -> None:
         raise TypeError(f"The 'model' parameter must be an nn.Module; got {type(model).__name__}.")
     config = None
     p = _as_path(path)
-    if not callable(getattr(model, "arch_config", None)):
+    if callable(getattr(model, "arch_config", None)):
+        config = model.arch_config()
+        with torch.device("meta"):  # shapes only: nothing allocated or initialised
+            rebuilt = module_shapes(build_model(config))
+        shapes = module_shapes(model)
+        if rebuilt != shapes:
+            # Pruned beyond what its config describes (e.g. a Bottleneck ResNet's stem,
+            # which the graph planner may narrow): the config and the layers' shapes.
+            _check_destination(p)
+            payload = {"arch_config": config, "module_shapes": shapes,
+                       "state_dict": _cpu_state(model)}  # fmt: skip
+            atomic_write(p, lambda tmp: torch.save(payload, tmp))
+            return
+    else:
         # A VGG-structured module from elsewhere (torchvision): infer its architecture.
         try:
             config = vgg_config_of(model)
@@ -244,9 +257,7 @@ def save(model: nn.Module, path: PathLike) -> None:
             payload = {
                 "module_shapes": module_shapes(model),
                 "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-                "state_dict": {
-                    k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                },
+                "state_dict": _cpu_state(model),
             }  # fmt: skip
             atomic_write(p, lambda tmp: torch.save(payload, tmp))
             return
@@ -314,7 +325,11 @@ def load(
         ) from exc
     try:
         obj = read_checkpoint(p)
-        if model is not None or isinstance(obj, dict) and "module_shapes" in obj:
+        shapes_only = isinstance(obj, dict) and "module_shapes" in obj
+        if shapes_only and model is None and "arch_config" in obj:
+            # A chanprune architecture pruned beyond its config: rebuilt, then reshaped.
+            model = _load_shapes(p, obj, build_model(obj["arch_config"]))
+        elif model is not None or shapes_only:
             model = _load_shapes(p, obj, model)
         else:
             model = model_from_checkpoint(obj, p)
@@ -326,6 +341,10 @@ def load(
         raise ValueError(f"'{p}' is not a valid chanprune model file: {exc}") from exc
     logger.debug("Loaded %s from '%s'.", type(model).__name__, p)
     return model.to(device).eval()
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def _load_shapes(path: Path, obj, model: Optional[nn.Module]) -> nn.Module:

@@ -860,6 +860,8 @@ class _GraphSweep:
                 bn.bias.copy_(b.to(bn.bias.device))
             elif conv.bias is not None:
                 conv.bias.copy_(b.to(conv.bias.device))
+            elif bn is not None:  # no affine terms: the identity BN adds -running_mean
+                bn.running_mean.copy_(-b.to(bn.running_mean.device))
 
     # -- one consumer ----------------------------------------------------------------
     def visit(self, consumer: Consumer, envs_ref, envs_pr) -> None:
@@ -929,6 +931,13 @@ class _GraphSweep:
                 weight = weight.reshape((weight.shape[0], -1) + tuple(conv.kernel_size))
             else:
                 weight, bias, err = w_sel, bias0, err_before
+        unknowns = len(kept_pos) // conv.groups * conv.kernel_size[0] * conv.kernel_size[1] + 1
+        if options.refit and stats.n_samples < 2 * unknowns:
+            logger.warning(
+                "%s: %d samples for %d unknowns per output; the refit may overfit (use more "
+                "images or positions per image, or a larger ridge).",
+                consumer.name, stats.n_samples, unknowns,
+            )  # fmt: skip
         self.install(consumer, weight, bias)
         self.cut.discard(consumer.name)
         self.diverged = True

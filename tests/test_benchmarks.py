@@ -193,15 +193,14 @@ def test_peers_planned_ratio_dict_gives_chanprune_widths(peers, network, name, s
     from chanprune.prune import plan_widths
 
     model = get_model(name).eval()
-    widths, achieved = plan_widths(model, (3, 32, 32), speedup=speedup, planner="names")
-    macs0 = count_macs(model, (3, 32, 32))
+    widths, achieved = plan_widths(model, (3, 32, 32), speedup=speedup, schedule="uniform")
+    macs0 = count_macs(model, (3, 32, 32), include_linear=True)
     ratios, planned = peers.planned_ratio_dict(network, model, speedup)
     assert planned == widths
     peers.tp_prune("l1", model, 0.0, peers.ignored_layers(network, model), ratios)
-    assert macs0 / count_macs(model, (3, 32, 32)) == pytest.approx(achieved)
-    by_name = dict(model.named_modules())
-    for consumer, width in widths.items():
-        assert by_name[consumer].in_channels == width
+    assert macs0 / count_macs(model, (3, 32, 32), include_linear=True) == pytest.approx(achieved)
+    for group, width in widths.items():  # each group is its producing conv's output
+        assert model.get_submodule(group).out_channels == width
 
 
 def test_peers_reestimate_bn_matches_direct_batch_statistics(peers):
@@ -266,12 +265,14 @@ def test_peers_chanprune_architecture_has_the_recorded_macs(peers, network, spee
 
     reference = get_model(peers.NETWORKS[network].model)
     widths, achieved = plan_widths(
-        reference, (3, 32, 32), speedup=speedup, channel_sampler=sampler, planner="names"
+        reference, (3, 32, 32), speedup=speedup, channel_sampler=sampler, schedule="uniform"
     )
-    macs0 = count_macs(reference, (3, 32, 32))
-    rebuilt = peers.chanprune_architecture(network, widths)
-    assert macs0 / count_macs(rebuilt, (3, 32, 32)) == pytest.approx(achieved)
-    assert count_macs(peers.chanprune_architecture(network, {}), (3, 32, 32)) == macs0
+    by_layer = peers.consumer_widths({"widths": widths, "planner": "graph"}, reference)
+    macs0 = count_macs(reference, (3, 32, 32), include_linear=True)
+    rebuilt = peers.chanprune_architecture(network, by_layer)
+    assert macs0 / count_macs(rebuilt, (3, 32, 32), include_linear=True) == pytest.approx(achieved)
+    empty = peers.chanprune_architecture(network, {})
+    assert count_macs(empty, (3, 32, 32), include_linear=True) == macs0
 
 
 @pytest.mark.slow

@@ -199,13 +199,14 @@ def test_prune_sensitivity_schedule_with_recovery(tiny, tmp_path, capsys):
     assert [r["epoch"] for r in data["recovery"]] == [0, 1]
     code, _, err = run([*argv, "--recover-epochs", -1], capsys)
     assert code == 2 and "--recover-epochs must be an integer >= 0" in err
-    code, _, err = run([*argv, "--planner", "names"], capsys)
-    assert code == 2 and "graph planner" in err
+    code, _, err = run([*argv, "--planner", "names"], capsys)  # the name-based one is gone
+    assert code == 2 and "invalid choice: 'names'" in err
 
 
 def test_prune_with_explicit_widths(tiny, tmp_path, capsys):
     widths = tmp_path / "widths.json"
-    widths.write_text(json.dumps({"features.3": 8, "features.10": 0.5}))
+    # By the layer that reads a group, or by the group (conv3's output, which conv4 reads).
+    widths.write_text(json.dumps({"features.3:in": 8, "features.7": 0.5}))
     code, _, err = run(_prune_argv(tiny, tmp_path, "--widths", widths, "--quiet"), capsys)
     assert code == 0, err
     cfg = cio.load(tmp_path / "out.pt").arch_config()["cfg"]
@@ -645,10 +646,10 @@ def test_info_reports_widths_macs_and_params(tiny, capsys):
     assert "sampler" not in out  # a VGG has no residual stream
 
     code, out, _ = run(["info", "--model", "resnet20_cifar10"], capsys)
-    table, groups = out.split("channel groups (graph planner)")
+    table, groups = out.split("channel groups:")
     rows = {line.split()[0]: line.split()[-1] for line in table.splitlines() if "layer" in line}
-    assert rows["layer1.0.conv1"] == "sampler" and rows["layer1.0.conv2"] == "yes"
-    assert "prunable with --channel-sampler" in out
+    assert rows["layer1.0.conv1"] == "sampler" and rows["layer1.0.conv2"] == "layer1.0.conv1"
+    assert "'<conv>:in' with --channel-sampler" in out
     # The graph planner's view: branch-internal groups prunable, the stream kept whole.
     assert "layer1.0.conv1 (16 channels): prunable" in groups
     assert "conv1 (16 channels): kept whole: tied to a residual addition" in groups
@@ -765,7 +766,7 @@ def test_prune_a_user_model_from_a_file_callable(tiny, user_file, tmp_path, caps
 def test_info_lists_the_channel_groups_of_a_user_model(user_file, capsys):
     code, out, err = run(["info", "--model", f"{user_file}:Net", "--input-size", 8], capsys)
     assert code == 0, err
-    assert "channel groups (graph planner): 2 of 3 prunable" in out
+    assert "channel groups: 2 of 3 prunable" in out
     assert "blocks.c.0 (16 channels): kept whole: read by the linear layer fc" in out
     assert "consumers: blocks.b.0" in out
     assert "--schedule auto picks 'energy': a VGG-style chain" in out  # no residual add

@@ -346,12 +346,8 @@ def test_channel_multiple_keeps_widths_multiples_where_sizes_allow():
             model, images, speedup=1.4, channel_multiple=8, progress=False
         )
     assert abs(report.speedup / 1.4 - 1) <= 0.2
-    assert report.options["planner"] == "graph"  # selected by the option under auto
     assert all(w % 8 == 0 for w in report.options["widths"].values())
     assert pruned.conv2.in_channels % 8 == 0
-    with pytest.raises(ValueError, match="graph planner"):
-        chanprune.prune_model(model, images, speedup=1.4, channel_multiple=8,
-                              planner="names", progress=False)  # fmt: skip
 
 
 class _HardSwish(torch.nn.Module):
@@ -388,14 +384,44 @@ def test_report_splits_the_time_between_passes_statistics_and_solves():
 
 
 # ---------------------------------------------------------------------------- paper schedule
-def _names_paper_multipliers(model):
-    """The name-based planner's paper multipliers (an independent derivation from the
-    attribute names), keyed by the group each consumer reads (its producer)."""
-    from chanprune.prune import _multipliers, _plan
+_STAGE_BLOCKS = {"resnet56_cifar10": [9, 9, 9], "resnet18": [2, 2, 2, 2],
+                 "resnet50": [3, 4, 6, 3]}  # fmt: skip
 
-    plan = _plan(model)
-    by_consumer = _multipliers(plan, "paper")
-    return {c.producer: by_consumer[c.name] for c in plan}
+
+def _paper_by_name(builder: str, sampler: bool = False) -> dict:
+    """The paper's multipliers written out from the zoo's module names (an independent
+    derivation): VGG-16 conv stages 1-3 : 4 : 5 keep 1 : 1.5 : 0; in a ResNet the blocks of
+    the last stage and those that change the shape (stride, projection) keep 0.7, the
+    others 0.3, times 4/3.5 and 3/3.5 for a Bottleneck's 2b and 2c inputs, 2/3.5 for its
+    sampled 2a input (a BasicBlock's: 1)."""
+    if builder == "vgg16_bn_cifar10":
+        cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+        out, index, stage = {}, 0, 1
+        for v in cfg:
+            if v == "M":
+                index, stage = index + 1, stage + 1
+                continue
+            out[f"features.{index}"] = stage
+            index += 3
+        # A group's stage is its reader's; the last conv's output feeds the classifier.
+        names = list(out)
+        return {n: {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.5}.get(out[r], 0.0)
+                for n, r in zip(names[:-1], names[1:])}  # fmt: skip
+    blocks = _STAGE_BLOCKS[builder]
+    bottleneck = builder == "resnet50"
+    out = {}
+    for s_index, n_blocks in enumerate(blocks, start=1):
+        for b in range(n_blocks):
+            changes = b == 0 and (s_index > 1 or bottleneck)  # stride or projection
+            base = 0.7 if s_index == len(blocks) or changes else 0.3
+            path = f"layer{s_index}.{b}"
+            if bottleneck:
+                out[f"{path}.conv1"], out[f"{path}.conv2"] = base * 4 / 3.5, base * 3 / 3.5
+            else:
+                out[f"{path}.conv1"] = base
+            if sampler and not (bottleneck and path == "layer1.0"):
+                out[f"{path}.conv1:in"] = base * (2 / 3.5 if bottleneck else 1.0)
+    return out
 
 
 @pytest.mark.parametrize(
@@ -403,39 +429,20 @@ def _names_paper_multipliers(model):
     [("vgg16_bn_cifar10", (3, 32, 32)), ("resnet56_cifar10", (3, 32, 32)),
      ("resnet18", (3, 64, 64)), ("resnet50", (3, 64, 64))],
 )  # fmt: skip
-def test_paper_multipliers_from_the_graph_equal_the_name_based_ones(builder, shape):
-    """Stages from the traced shapes, branches and roles from the residual additions:
-    the same multipliers as the names give (0 where the schedule leaves a group whole)."""
+def test_paper_multipliers_from_the_graph_equal_the_ones_by_name(builder, shape):
+    """Stages from the traced shapes, branches and roles from the residual additions: the
+    multipliers the zoo's names give (0 where the schedule leaves a group whole)."""
     from chanprune.graph import paper_multipliers
 
     model = getattr(chanprune.models, builder)()
     graph = paper_multipliers(trace_plan(model, shape))
-    names = _names_paper_multipliers(model)
+    expected = _paper_by_name(builder)
     assert {k: v for k, v in graph.items() if v > 0} == pytest.approx(
-        {k: v for k, v in names.items() if v > 0}
+        {k: v for k, v in expected.items() if v > 0}
     )
-    # Groups the names do not know (ResNet-50's stem output, read by a block and its
-    # projection) feed the residual stream: left whole.
-    assert all(graph[k] == 0 for k in set(graph) - set(names))
-    assert sorted(set(np.round(list(names.values()), 6))) == sorted(
-        set(np.round([graph.get(k, 0.0) for k in names], 6))
-    )
-
-
-def test_paper_schedule_on_the_graph_meets_the_target_with_the_name_based_widths():
-    """VGG-16-BN at 4x: within 2% of the target, every group within 2 channels of the
-    width the name-based planner gives (the graph counts the linear head's MACs too)."""
-    from chanprune.prune import _plan, plan_widths
-
-    model = chanprune.models.vgg16_bn_cifar10()
-    names, _ = plan_widths(model, (3, 32, 32), speedup=4, schedule="paper", planner="names")
-    graph, achieved = plan_widths(
-        model, (3, 32, 32), speedup=4, schedule="paper", planner="graph"
-    )
-    assert achieved == pytest.approx(4.0, rel=0.02)
-    producer = {c.name: c.producer for c in _plan(model)}
-    for consumer, width in names.items():
-        assert abs(graph.get(producer[consumer], width) - width) <= 2
+    # Other groups (ResNet-50's stem output, read by a block and its projection, which
+    # feeds the residual stream) are left whole.
+    assert all(graph[k] == 0 for k in set(graph) - set(expected))
 
 
 def test_paper_schedule_refuses_a_network_it_does_not_define():
@@ -473,14 +480,13 @@ def test_the_default_planner_is_the_graph_with_the_schedule_of_the_network_kind(
     assert report.options["planner"] == "graph" and report.schedule == "paper"
     assert "Basic or Bottleneck" in report.options["schedule_reason"]
     assert network_kind(trace_plan(Inverted(), SHAPE)) == "graph"
-    # Every criterion and the channel sampler run on the graph; the cache budget and
-    # layer-keyed widths are the name-based planner's.
+    # Every criterion, explicit widths and the channel sampler run on the graph.
     _, report = chanprune.prune_model(vgg, images, speedup=1.5, method="apoz", progress=False)
     assert report.options["planner"] == "graph"
     _, report = chanprune.prune_model(
-        vgg, images, schedule={"features.3": 6}, progress=False
+        vgg, images, schedule={"features.3:in": 6}, progress=False
     )
-    assert report.options["planner"] == "names"
+    assert report.options["planner"] == "graph"
     _, report = chanprune.prune_model(
         resnet, rgb, speedup=1.3, channel_sampler=True, progress=False
     )
@@ -565,23 +571,21 @@ def test_channel_sampler_groups_are_the_inputs_of_the_convs_reading_the_stream()
 
 @pytest.mark.parametrize("builder,shape", [("resnet56_cifar10", (3, 32, 32)),
                                            ("resnet50", (3, 64, 64))])  # fmt: skip
-def test_channel_sampler_paper_multipliers_equal_the_name_based_ones(builder, shape):
+def test_channel_sampler_paper_multipliers_equal_the_ones_by_name(builder, shape):
     """The stream input of a block's first conv gets its branch's ratio (BasicBlock) or
-    2/3.5 of it (Bottleneck 2a), as the names give; a projection shortcut is not sampled."""
+    2/3.5 of it (Bottleneck 2a); a projection shortcut is not sampled. ResNet-50's stem
+    output is no stream (read by layer1.0 and its projection, added to nothing): a group of
+    its own, which the paper's schedule leaves whole, so layer1.0.conv1 has no sampler."""
     from chanprune.graph import paper_multipliers
-    from chanprune.prune import _multipliers, _plan
 
     model = getattr(chanprune.models, builder)()
     graph = paper_multipliers(with_channel_samplers(trace_plan(model, shape)))
-    names_plan = _plan(model, channel_sampler=True)
-    names = _multipliers(names_plan, "paper")
-    expected = {c.name + ":in": names[c.name] for c in names_plan if c.role == "stream"}
+    expected = _paper_by_name(builder, sampler=True)
+    assert {k: v for k, v in graph.items() if k.endswith(":in")} == pytest.approx(
+        {k: v for k, v in expected.items() if k.endswith(":in")}
+    )
     if builder == "resnet50":
-        # The stem's output is no stream on the graph (read by layer1.0 and its projection,
-        # added to nothing): a group of its own, which the paper's schedule leaves whole.
-        del expected["layer1.0.conv1:in"]
         assert graph["conv1"] == 0.0
-    assert {k: v for k, v in graph.items() if k.endswith(":in")} == pytest.approx(expected)
 
 
 def test_prune_with_channel_sampler_on_the_graph_equals_the_masked_original(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of chanprune.prune: the layer-by-layer driver on small VGG-style networks."""
+"""Tests of chanprune.prune: the driver on small VGG-style networks."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from torch import nn
 
 from chanprune import UnsupportedLayerError
 from chanprune.flops import count_macs
+from chanprune.graph import trace_plan
 from chanprune.models import VGG, build_model
-from chanprune.prune import MODEL_METHODS, plan_widths, prunable_layers, prune_model
+from chanprune.prune import MODEL_METHODS, plan_widths, prunable_groups, prune_model
 
 
 def _tiny_vgg(seed: int = 0, batch_norm: bool = True) -> VGG:
@@ -26,10 +27,8 @@ def _images(n: int = 60, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
-# This file tests the name-based driver: the default planner routes VGG-style chains
-# through the graph (tests/test_graph.py), so each call here names the planner.
-QUIET = dict(progress=False, planner="names")
-DEFAULT = dict(progress=False)
+QUIET = dict(progress=False)
+SHAPE = (3, 16, 16)
 
 
 @pytest.mark.parametrize("schedule", ["uniform", "paper", "energy"])
@@ -37,7 +36,7 @@ def test_speedup_is_hit_and_model_is_physically_smaller(schedule):
     model = _tiny_vgg()
     pruned, report = prune_model(model, _images(), speedup=1.6, schedule=schedule, **QUIET)
     assert abs(report.speedup / 1.6 - 1) <= 0.02
-    assert report.macs_after == count_macs(pruned, (3, 16, 16))
+    assert report.macs_after == count_macs(pruned, SHAPE, include_linear=True)
     assert report.params_after < report.params_before
     # An ordinary module of the same class, rebuilt from its widths + state_dict.
     rebuilt = build_model(pruned.arch_config())
@@ -60,24 +59,22 @@ def test_energy_schedule_prunes_the_redundant_layer_hardest():
         bn = model.features[1]
         for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
             t[3:] = t[:3].repeat(3)
-    sizes = prunable_layers(model)
-    uniform, _ = plan_widths(
-        model, (3, 16, 16), speedup=1.6, schedule="uniform", planner="names"
-    )
+    sizes = prunable_groups(model, SHAPE)
+    uniform, _ = plan_widths(model, SHAPE, speedup=1.6, schedule="uniform")
     assert all(uniform[name] < size for name, size in sizes.items())
     _, report = prune_model(
         model, _images(), speedup=1.6, schedule="energy", method="greedy_ls", **QUIET
     )  # fmt: skip
     widths = report.options["widths"]
     assert report.schedule == "energy" and abs(report.speedup / 1.6 - 1) <= 0.02
-    assert 3 <= widths["features.3"] < uniform["features.3"]
-    assert all(widths[name] == size for name, size in sizes.items() if name != "features.3")
+    assert 3 <= widths["features.0"] < uniform["features.0"]  # conv1's output
+    assert all(widths[name] == size for name, size in sizes.items() if name != "features.0")
     assert report.layers[0].name == "features.3" and report.layers[0].rel_error < 1e-6
 
 
-def test_energy_schedule_needs_spectra_outside_prune_model():
+def test_energy_schedule_needs_data_outside_prune_model():
     with pytest.raises(ValueError, match=r"schedule='energy' allocates the widths from"):
-        plan_widths(_tiny_vgg(), (3, 16, 16), speedup=2.0, schedule="energy", planner="names")
+        plan_widths(_tiny_vgg(), SHAPE, speedup=2.0, schedule="energy")
 
 
 def test_input_model_is_not_modified():
@@ -109,12 +106,15 @@ def test_reported_error_is_the_measured_error_of_the_last_layer():
     assert last.rel_error == pytest.approx(measured, rel=1e-4, abs=1e-9)
 
 
-def test_explicit_schedule_and_layer_names():
+def test_explicit_schedule_by_group_and_by_layer_input():
     model = _tiny_vgg()
-    layers = prunable_layers(model)
-    assert list(layers) == ["features.3", "features.7", "features.10", "features.14"]
-    schedule = {"features.3": 6, "features.10": 0.5}
+    groups = prunable_groups(model, SHAPE)
+    # Each conv's output but the last, which the classifier reads.
+    assert groups == {"features.0": 12, "features.3": 12, "features.7": 16, "features.10": 16}
+    # The group conv1 writes, named by the layer that reads it; the group conv3 writes.
+    schedule = {"features.3:in": 6, "features.7": 0.5}
     pruned, report = prune_model(model, _images(), schedule=schedule, method="greedy_ls", **QUIET)
+    assert report.options["widths"] == {"features.0": 6, "features.7": 8}
     assert pruned.features[3].in_channels == 6 and pruned.features[0].out_channels == 6
     assert pruned.features[10].in_channels == 8 and pruned.features[7].out_channels == 8
     assert pruned.features[14].in_channels == 16  # unscheduled layers keep their width
@@ -148,8 +148,8 @@ def test_runs_are_reproducible_and_seed_matters(method):
 def test_reported_macs_match_an_independent_count():
     model = _tiny_vgg()
     pruned, report = prune_model(model, _images(), speedup=2.0, **QUIET)
-    assert report.macs_before == conv_macs_by_hooks(model, (3, 16, 16))
-    assert report.macs_after == conv_macs_by_hooks(pruned, (3, 16, 16))
+    assert report.macs_before == conv_macs_by_hooks(model, SHAPE, include_linear=True)
+    assert report.macs_after == conv_macs_by_hooks(pruned, SHAPE, include_linear=True)
     assert report.speedup == pytest.approx(report.macs_before / report.macs_after)
 
 
@@ -157,10 +157,7 @@ def test_without_batchnorm():
     model = _tiny_vgg(batch_norm=False)
     pruned, report = prune_model(model, _images(), speedup=1.5, **QUIET)
     assert abs(report.speedup / 1.5 - 1) <= 0.02
-    with pytest.raises(
-        UnsupportedLayerError,
-        match=r"method='bn_scale' needs an affine BatchNorm after every pruned conv",
-    ):
+    with pytest.raises(UnsupportedLayerError, match=r"method='bn_scale' needs an affine"):
         prune_model(model, _images(), speedup=1.5, method="bn_scale", **QUIET)
 
 
@@ -179,7 +176,7 @@ def test_bad_parameters():
         prune_model(model, x, speedup=2, method="magic", **QUIET)
     with pytest.raises(ValueError, match=r"'speedup' parameter must be in \(1.0"):
         prune_model(model, x, speedup=1.0, **QUIET)
-    with pytest.raises(ValueError, match=r"out of reach"):
+    with pytest.raises(ValueError, match=r"speedup=500 cannot be reached"):
         prune_model(model, x, speedup=500.0, **QUIET)
     with pytest.raises(ValueError, match=r"needs a target"):
         prune_model(model, x, **QUIET)
@@ -193,6 +190,8 @@ def test_bad_parameters():
         prune_model(model, x, speedup=2, max_cache_mb=-1, **QUIET)
     with pytest.raises(ValueError, match=r"'max_cache_mb' parameter must be in \[0.0, inf\)"):
         prune_model(model, x, speedup=2, max_cache_mb=float("inf"), **QUIET)
+    with pytest.raises(ValueError, match=r"planner='names' is gone.*'<layer>:in'"):
+        prune_model(model, x, speedup=2, planner="names", **QUIET)
 
 
 def test_bad_calibration_data():
@@ -209,24 +208,9 @@ def test_bad_calibration_data():
         prune_model(model, [1, 2, 3], speedup=1.5, **QUIET)
 
 
-def test_unsupported_models_are_refused_with_names_by_the_name_planner():
-    names = dict(QUIET, planner="names")
-    with pytest.raises(UnsupportedLayerError, match=r"Sequential is not a supported architecture"):
-        prune_model(nn.Sequential(nn.Conv2d(3, 4, 3)), _images(4), speedup=2, **names)
-    upsample = _tiny_vgg()
-    upsample.features[6] = nn.Upsample(scale_factor=1)
-    with pytest.raises(UnsupportedLayerError, match=r"features.6 \(Upsample\) is not supported"):
-        prune_model(upsample, _images(4), speedup=2, **names)
-    grouped = _tiny_vgg()
-    grouped.features[3] = nn.Conv2d(12, 12, 3, padding=1, groups=2)
-    with pytest.raises(UnsupportedLayerError, match=r"features.3 is a grouped convolution"):
-        prune_model(grouped, _images(4), speedup=2, **names)
-    # The default planner takes them through the traced graph instead.
-    for model in (upsample, grouped):
-        _, report = prune_model(model, _images(), speedup=1.3, **DEFAULT)
-        assert report.options["planner"] == "graph" and abs(report.speedup / 1.3 - 1) <= 0.02
+def test_models_without_a_prunable_group_are_refused():
     with pytest.raises(ValueError, match="no prunable channel group"):  # its only group is
-        prune_model(nn.Sequential(nn.Conv2d(3, 4, 3)), _images(4), speedup=2, **DEFAULT)  # output
+        prune_model(nn.Sequential(nn.Conv2d(3, 4, 3)), _images(4), speedup=2, **QUIET)  # output
 
 
 def test_pruned_model_can_be_fine_tuned():
@@ -252,96 +236,6 @@ def test_whole_maps_used_only_where_cheaper():
     assert not _whole_maps_cheaper(conv(64, 64), (32, 32), (32, 32), 10)
     assert not _whole_maps_cheaper(conv(512, 512), (14, 14), (14, 14), 10)
     assert not _whole_maps_cheaper(conv(512, 512), (4, 4), (4, 4), 1)  # 1 sample is cheaper
-
-
-def test_fused_segments_equal_the_modules_and_leave_them_unchanged():
-    from chanprune.prune import _fused, _run
-
-    model = _tiny_vgg(3).eval()
-    modules = list(model.features)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    fused = _fused(modules)
-    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in modules)
-    assert n_bn > 0 and len(fused) == len(modules) - n_bn
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused)
-    x = _images(8)
-    with torch.no_grad():
-        torch.testing.assert_close(_run(fused, x), _run(modules, x), rtol=1e-5, atol=1e-5)
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, state[key]), key
-    # A BN in training mode normalises with batch statistics: it must not be folded.
-    model.features[1].train()
-    assert isinstance(_fused(list(model.features))[1], nn.BatchNorm2d)
-
-
-def test_cache_budget_changes_memory_not_result(monkeypatch):
-    """Caches that do not fit the budget are replaced by recomputation from the last point
-    that fitted, with the same pruned network. The tiny VGG's consumers read features
-    3, 7, 10, 14; with 60 images, 2 x 60 x (maps at the checkpoint + maps at the next
-    point) is 1.47 MB for 0 -> 3, 0.37 MB for 0 -> 7, 0.86 MB for 7 -> 10, 0.49 MB for
-    7 -> 14. So 0.7 MB recomputes features 0-2 for the first consumer, caches at 7,
-    recomputes features 7-9 for the third and then jumps to 14; 0 MB recomputes every
-    prefix from the images."""
-    import chanprune.prune as driver
-
-    runs = []
-    real_run = driver._run
-    monkeypatch.setattr(driver, "_run", lambda modules, x: runs.append(len(modules)) or
-                        real_run(modules, x))  # fmt: skip
-
-    def prune(budget):
-        runs.clear()
-        model, report = prune_model(
-            _tiny_vgg(), _images(), speedup=1.8, max_cache_mb=budget, **QUIET
-        )
-        return model, report, sum(runs)
-
-    reference, report, modules_run = prune(None)  # this machine's default: all fits
-    x = _images(8, seed=5)
-    for budget in (0.7, 0.0):
-        model, other, more_modules_run = prune(budget)
-        assert more_modules_run > modules_run  # it did recompute
-        assert [r.channels_after for r in other.layers] == [r.channels_after for r in report.layers]
-        state, ref_state = model.state_dict(), reference.state_dict()
-        assert all(state[k].shape == ref_state[k].shape for k in ref_state)
-        # Equal to rounding only: a recomputed prefix of the pruned network runs its own
-        # BatchNorms, where a cache advanced from the reference read them folded (float32
-        # differences of 1e-7, which the refit's solves amplify to ~1e-5).
-        for k in ref_state:
-            torch.testing.assert_close(state[k], ref_state[k], rtol=1e-3, atol=1e-4)
-        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
-        assert [r.rel_error for r in other.layers] == pytest.approx(
-            [r.rel_error for r in report.layers], rel=1e-4
-        )
-
-
-def test_replaced_caches_are_freed(monkeypatch):
-    """Each cache advanced past is released: when a layer is fit, the only cache made by
-    ``_advance`` still alive is the pruned network's current one (the reference's is the
-    list of maps kept from the pass). A stray name on the first cache once kept the
-    largest maps alive for the whole sweep (+1.3 GB for the CIFAR VGG at 5,000 images)."""
-    import weakref
-
-    import chanprune.prune as driver
-
-    made, live_at_fit = [], []
-    real_advance, real_fit = driver._advance, driver._Sweep.fit_layer
-
-    def advance(*args, **kwargs):
-        maps = real_advance(*args, **kwargs)
-        made.append(weakref.ref(maps))
-        return maps
-
-    def fit_layer(self, *args, **kwargs):
-        live_at_fit.append(sum(ref() is not None for ref in made))
-        return real_fit(self, *args, **kwargs)
-
-    monkeypatch.setattr(driver, "_advance", advance)
-    monkeypatch.setattr(driver._Sweep, "fit_layer", fit_layer)
-    prune_model(_tiny_vgg(), _images(), speedup=1.8, **QUIET)
-    assert len(live_at_fit) == 4
-    assert live_at_fit[0] == 1  # the first layer: both networks share the first cache
-    assert max(live_at_fit[1:]) == 1, live_at_fit
 
 
 def _last_layer_rel_error(original: nn.Module, pruned: nn.Module, images, bn: str) -> float:
@@ -412,30 +306,41 @@ def test_batchnorm_without_affine_terms_leaves_the_bias_in_the_conv():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda m: setattr(m.features[7], "padding_mode", "reflect"), r"features.7 pads with"),
-        (lambda m: setattr(m.features[10], "padding", "same"), r"features.10 has padding='same'"),
+        (lambda m: setattr(m.features[7], "padding_mode", "reflect"), "features.7 pads with"),
+        (lambda m: setattr(m.features[10], "padding", "same"), "features.10 has padding='same'"),
         (
             lambda m: m.features.__setitem__(8, nn.BatchNorm2d(16, track_running_stats=False)),
-            r"features.8 keeps no running statistics",
-        ),
-        (
-            lambda m: (
-                m.features.__setitem__(4, nn.BatchNorm2d(12, affine=False))
-                or setattr(m.features[3], "bias", None)
-            ),
-            r"features.4 has affine=False and features.3 has no bias",
+            "features.8 keeps no running statistics",
         ),
     ],
 )
-def test_layers_the_refit_cannot_model_are_refused_before_any_work(change, message, monkeypatch):
-    import chanprune.prune as driver
-
+def test_layers_the_sampler_cannot_model_keep_their_group_whole(change, message):
+    """A conv whose input the sampler cannot model (non-zero padding modes, string
+    padding), or whose BN cannot be folded, keeps the group it reads whole, saying why;
+    the rest is pruned."""
     model = _tiny_vgg()
     change(model)
-    # Refused up front: the images are never even loaded.
-    monkeypatch.setattr(driver, "load_calibration_images", lambda *a, **k: 1 / 0)
-    with pytest.raises(UnsupportedLayerError, match=message):
-        prune_model(model, _images(), speedup=1.5, **QUIET)
+    fixed = {g.name: g.fixed for g in trace_plan(model.eval(), SHAPE).groups.values()}
+    group = next(name for name, why in fixed.items() if any(message in w for w in why))
+    pruned, report = prune_model(model, _images(), speedup=1.3, **QUIET)
+    assert group not in report.options["widths"] and report.options["widths"]
+    assert abs(report.speedup / 1.3 - 1) <= 0.02
+
+
+def test_a_batchnorm_without_affine_terms_carries_the_refit_bias():
+    """Neither the conv nor its BN has a bias: the refit intercept goes into the BN's
+    running mean (an identity BN subtracts it), and the reported error is the real one."""
+    model = _tiny_vgg()
+    model.features[4] = nn.BatchNorm2d(12, affine=False).eval()
+    model.features[4].running_mean.uniform_(-0.5, 0.5)
+    model.features[3].bias = None
+    images = _images()
+    # Only conv1's output is cut: features.3 reads fewer channels, its BN keeps them all.
+    pruned, report = prune_model(model, images, schedule={"features.0": 6}, **EXACT)
+    layer = next(r for r in report.layers if r.name == "features.3")
+    index = report.layers.index(layer)
+    measured = _last_layer_rel_error(model, pruned, images, "features.4")
+    assert index == 0 and layer.rel_error == pytest.approx(measured, rel=1e-5, abs=1e-9)
 
 
 def test_the_overfitting_warning_is_about_the_refit(caplog):
@@ -452,15 +357,12 @@ def test_explicit_widths_accept_numpy_scalars():
     import numpy as np
 
     widths, _ = plan_widths(
-        _tiny_vgg(),
-        (3, 16, 16),
-        schedule={"features.3": np.int64(6), "features.7": np.float32(0.5)},
-        planner="names",
+        _tiny_vgg(), SHAPE, schedule={"features.3:in": np.int64(6), "features.7": np.float32(0.5)}
     )
-    assert widths["features.3"] == 6 and widths["features.7"] == 6
+    assert widths == {"features.0": 6, "features.7": 8}
     assert all(type(w) is int for w in widths.values())
     with pytest.raises(TypeError, match=r"schedule\['features.3'\] must be an int or a float"):
-        plan_widths(_tiny_vgg(), (3, 16, 16), schedule={"features.3": np.bool_(True)})
+        plan_widths(_tiny_vgg(), SHAPE, schedule={"features.3": np.bool_(True)})
 
 
 @pytest.mark.parametrize("schedule", ["uniform", "energy"])
