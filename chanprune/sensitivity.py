@@ -214,15 +214,15 @@ def measure_sensitivity(
     runner = _Runner(network)
     output = first_output(next(n for n in runner.nodes if n.op == "output").args[0])
     envs = [{runner.placeholder: b.to(device)} for b in images.split(batch_size)]
+    position = runner.pos[runner.placeholder.name] + 1  # where the cached values are
     with torch.no_grad():
-        references = [runner.evaluate(env, [output.name])[output.name] for env in envs]
+        references = [runner.evaluate(env, [output.name], position)[output.name] for env in envs]
     # Measured in the order of their first consumers, so the cached frontier only advances.
     order = sorted(
         prunable,
         key=lambda g: runner.pos[consumers[g.consumers[0]].node] if g.consumers else -1,
     )
     curves = {}
-    position = runner.pos[runner.placeholder.name] + 1
     for group in tqdm(order, desc="sensitivity", disable=not progress):
         widths = _widths(group.size, group.step, ratios)
         if not group.consumers:  # nothing reads it: narrowing it changes nothing downstream
@@ -249,7 +249,7 @@ def measure_sensitivity(
                 total = 0.0
                 with torch.no_grad():
                     for env, ref in zip(envs, references):
-                        out = runner.evaluate(env, [output.name])[output.name]
+                        out = runner.evaluate(env, [output.name], position)[output.name]
                         total += output_divergence(ref, out)
             finally:
                 for hook in hooks:

@@ -242,6 +242,18 @@ def _inplace(node: fx.Node, modules: dict) -> bool:
     return node.op == "call_method" and node.target.endswith("_")
 
 
+def _copy_before_write(value, taken: tuple[dict, ...]) -> None:
+    """Replace by copies the values in ``taken`` that share memory with ``value``, which
+    is about to be written in place (they keep what they were when taken)."""
+    if not torch.is_tensor(value):
+        return
+    ptr = value.untyped_storage().data_ptr()
+    for out in taken:
+        for key, held in out.items():
+            if torch.is_tensor(held) and held.untyped_storage().data_ptr() == ptr:
+                out[key] = held.clone()
+
+
 class _Runner:
     """Runs a traced network node by node over per-batch caches of live values."""
 
@@ -255,6 +267,11 @@ class _Runner:
             for arg in node.all_input_nodes:
                 self.last_use[arg.name] = i
         self.modules = dict(gm.named_modules())
+        # The nodes that write their first argument, a value of the trace, in place.
+        self.writers = [
+            n for n in self.nodes
+            if n.args and isinstance(n.args[0], fx.Node) and _inplace(n, self.modules)
+        ]  # fmt: skip
         self.interp = fx.Interpreter(gm, garbage_collect_values=False)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
@@ -288,24 +305,82 @@ class _Runner:
         self.advance(local, start, stop)
         return local
 
-    def evaluate(self, env: dict, targets: list[str]) -> dict[str, torch.Tensor]:
-        """The values of ``targets``, computed from ``env`` without changing it."""
-        needed: set[str] = set()
-        stack = [self.by_name[t] for t in targets]
-        while stack:
-            node = stack.pop()
-            if node in env or node.name in needed:
-                continue
-            needed.add(node.name)
-            stack.extend(node.all_input_nodes)
+    def evaluate(self, env: dict, targets: list[str], start: int) -> dict[str, torch.Tensor]:
+        """The values of ``targets`` computed from ``env``, the values at position
+        ``start`` (as :meth:`advance` leaves them), without changing it; see
+        :meth:`evaluate_inputs`."""
+        return self.evaluate_inputs(env, targets, (), start)[0]
+
+    def evaluate_inputs(
+        self, env: dict, targets: list[str], readers, start: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The values of ``targets`` (names of nodes), each as its node makes it (or as
+        ``env`` holds it), and the first argument of each of ``readers`` (names of nodes,
+        not run) as that node reads it, keyed by the reader: computed from ``env``, the
+        values at position ``start`` (as :meth:`advance` leaves them), without changing it.
+
+        The nodes run are those the values depend on, plus the in-place nodes that write
+        one of the values used (held by ``env`` or computed here) before a node run, or a
+        reader, reads it: a statement ``x.relu_()`` has no users in the trace, yet the
+        nodes after it read the ``x`` it wrote. Those at or after ``start`` only, for a
+        value ``env`` holds (the earlier ones wrote it already). A value ``env`` holds is
+        copied before it is written (a view of it, made here, is not: avoid writing views
+        in place), a value returned is copied before a write to its memory.
+
+        Only the writes to a value used are found, not those to an alias of it (a view,
+        an ``nn.Identity``'s output) that nothing reads after them."""
+        readers = [self.by_name[r] for r in readers]
+        needed: set[fx.Node] = set()
+
+        def need(nodes) -> None:
+            stack = list(nodes)
+            while stack:
+                node = stack.pop()
+                if node not in env and node not in needed:
+                    needed.add(node)
+                    stack.extend(node.all_input_nodes)
+
+        need(self.by_name[t] for t in targets)
+        need(r.args[0] for r in readers)
+        writers = [m for m in self.writers if m not in env]
+        while True:  # to a fixed point: a writer run needs its inputs, which may be written
+            last_read: dict[fx.Node, int] = {}
+            for node in needed:
+                for arg in node.all_input_nodes:
+                    last_read[arg] = max(last_read.get(arg, -1), self.pos[node.name])
+            for reader in readers:
+                arg = reader.args[0]
+                last_read[arg] = max(last_read.get(arg, -1), self.pos[reader.name])
+            added = [
+                m
+                for m in writers
+                if m not in needed and self.pos[m.name] < last_read.get(m.args[0], -1)
+                and (m.args[0] in needed or (m.args[0] in env and self.pos[m.name] >= start))
+            ]  # fmt: skip
+            if not added:
+                break
+            need(added)
         local = dict(env)
-        for node in self.nodes:
-            if node.name not in needed:
+        wanted = set(targets)
+        values = {t: env[self.by_name[t]] for t in wanted if self.by_name[t] in env}
+        inputs: dict[str, torch.Tensor] = {}
+        reading: dict[int, list[fx.Node]] = {}
+        for reader in readers:
+            reading.setdefault(self.pos[reader.name], []).append(reader)
+        for i, node in enumerate(self.nodes):
+            for reader in reading.get(i, ()):
+                inputs[reader.name] = local[reader.args[0]]
+            if node not in needed:
                 continue
-            if _inplace(node, self.modules) and node.args and node.args[0] in env:
-                local[node.args[0]] = env[node.args[0]].clone()  # never write the cache
+            if node.args and isinstance(node.args[0], fx.Node) and _inplace(node, self.modules):
+                arg = node.args[0]
+                if arg in env and local[arg] is env[arg]:
+                    local[arg] = env[arg].clone()  # never write the cache
+                _copy_before_write(local[arg], (values, inputs))
             local[node] = self.run(node, local)
-        return {t: local[self.by_name[t]] for t in targets}
+            if node.name in wanted:
+                values[node.name] = local[node]
+        return values, inputs
 
 
 # ---------------------------------------------------------------------------- criteria
@@ -545,6 +620,9 @@ class _GraphSweep:
         # (checkpoint, consumer): the positions of the values the caches hold and of the
         # consumer visited, while those are earlier (a cache budget); None when equal.
         self.behind: Optional[tuple[int, int]] = None
+        # The position of the consumer visited: each pass computes on from the values
+        # there (those the caches hold, or those recomputed from the checkpoint).
+        self.at = self.pr.pos[self.pr.placeholder.name] + 1
         # Elements per image of each computed value, from the shapes recorded by the plan's
         # trace (whose example batch is the placeholder's first dimension); parameters
         # (get_attr) hold no per-image memory, values of no shape (tuples) are not counted.
@@ -633,8 +711,7 @@ class _GraphSweep:
             out_kept.append(
                 torch.from_numpy(self.kept[out_group]) if out_group in self.kept else None
             )
-            ref_targets.append(consumer.node)
-            pr_targets.append(self.pr.by_name[consumer.node].args[0].name)
+            ref_targets.append(consumer.node)  # (and its input in the pruned network)
             if correct and consumer.addend is not None:
                 ref_targets.append(consumer.addend)
                 pr_targets.append(consumer.addend)
@@ -652,8 +729,10 @@ class _GraphSweep:
                 # compute them, into copies: the caches stay at the checkpoint.
                 env_r = self.ref.advanced(env_r, *self.behind)
                 env_p = self.pr.advanced(env_p, *self.behind)
-            ref_values = self.ref.evaluate(env_r, list(dict.fromkeys(ref_targets)))
-            pr_values = self.pr.evaluate(env_p, list(dict.fromkeys(pr_targets)))
+            ref_values = self.ref.evaluate(env_r, list(dict.fromkeys(ref_targets)), self.at)
+            pr_values, pr_inputs = self.pr.evaluate_inputs(
+                env_p, list(dict.fromkeys(pr_targets)), [c.node for c in consumers], self.at
+            )
             self.timing["forward_s"] += time.perf_counter() - tic
             if keep_first:
                 first = self.ref.by_name[consumers[0].node]
@@ -667,7 +746,7 @@ class _GraphSweep:
             for consumer, conv, kept_out, st, event in zip(
                 consumers, convs, out_kept, stats, events
             ):
-                x = pr_values[self.pr.by_name[consumer.node].args[0].name]
+                x = pr_inputs[consumer.node]
                 y = ref_values[consumer.node]
                 if kept_out is not None:
                     y = y.index_select(1, kept_out.to(y.device))
@@ -1047,7 +1126,7 @@ def sweep_graph(
     bar = tqdm(plan.consumers, desc="pruning", disable=not progress)
     for consumer in bar:
         bar.set_postfix_str(consumer.name)
-        stop = sweep.pr.pos[consumer.node]
+        stop = sweep.at = sweep.pr.pos[consumer.node]
         if cache_bytes is None or sweep.bytes_moving_to(
             stop, envs_ref[0], envs_pr[0], n_images, itemsize
         ) <= cache_bytes:  # fmt: skip

@@ -333,6 +333,107 @@ def test_cache_budget_bounds_the_values_held_between_consumers(monkeypatch):
     _assert_same_prune(unbounded, bounded)
 
 
+class _StatementBetweenReaders(torch.nn.Module):
+    """Group ``a`` read by ``b``, then by ``c`` after an in-place ReLU written as a
+    statement (``inplace``) or out of place (the same function): the statement sits
+    between the group's first consumer and a later one, whose statistics are sampled from
+    the frontier at ``b``. ``through_bn``: the statement writes a BatchNorm's output
+    (made after the frontier) instead of the cached ``x`` itself."""
+
+    def __init__(self, inplace: bool, through_bn: bool = False) -> None:
+        super().__init__()
+        self.inplace, self.through_bn = inplace, through_bn
+        self.a, self.b, self.c = conv_bn(3, 16), conv_bn(16, 8), conv_bn(16, 8)
+        self.n = torch.nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        x = self.a(x)
+        y = self.b(x)
+        if self.through_bn:
+            x = self.n(x)
+        if self.inplace:
+            x.relu_()
+        else:
+            x = torch.nn.functional.relu(x)
+        return (y + self.c(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("through_bn", [False, True])
+def test_inplace_statement_before_a_later_consumer_is_run_when_it_is_sampled(through_bn):
+    images = torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(1)).double()
+    options = dict(speedup=2.0, progress=False, positions_per_image=None, planner="graph",
+                   schedule="uniform", method="lasso")  # fmt: skip
+    results = []
+    for inplace in (True, False):
+        torch.manual_seed(0)
+        model = randomize(_StatementBetweenReaders(inplace, through_bn)).double()
+        results.append(chanprune.prune_model(model, images, **options))
+    (_, report), _ = results
+    assert report.options["widths"]["a.0"] < 16  # the group read by b and c is pruned
+    _assert_same_prune(*results)
+
+
+class _Writes(torch.nn.Module):
+    """In-place statements between two readers of one value, not all idempotent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(3, 4)
+        self.b, self.c = torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        y = self.b(x)
+        x.mul_(2.0)
+        torch.nn.functional.relu(x, inplace=True)
+        z = self.c(x)
+        x.add_(1.0)
+        return y + z + x
+
+
+def test_runner_evaluate_runs_the_inplace_statements_it_depends_on():
+    import torch.fx as fx
+
+    from chanprune.sweep import _Runner
+
+    model = randomize(_Writes())
+    gm = fx.symbolic_trace(model)
+    runner = _Runner(gm)
+    images = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
+    # What the module computes, and what b and c read (hooks on the traced module).
+    seen = {}
+    hooks = [
+        getattr(gm, name).register_forward_pre_hook(
+            lambda _m, args, name=name: seen.__setitem__(name, args[0].clone())
+        )
+        for name in ("b", "c")
+    ]
+    with torch.no_grad():
+        expected = model(images.clone())
+        for hook in hooks:
+            hook.remove()
+        gm(images.clone())
+        names = {n.target: n.name for n in runner.nodes if n.op == "call_module"}
+        start = runner.pos[names["b"]]
+        for stop in (runner.pos[runner.placeholder.name] + 1, start, runner.pos[names["c"]]):
+            env = {runner.placeholder: images.clone()}
+            runner.advance(env, runner.pos[runner.placeholder.name] + 1, stop)
+            cached = {node: value.clone() for node, value in env.items()}
+            output = next(n for n in runner.nodes if n.op == "output").args[0]
+            values = runner.evaluate(env, [output.name], stop)
+            torch.testing.assert_close(values[output.name], expected)
+            if stop <= start:
+                # b reads x before the statements, c after two of them (not the third).
+                readers = [names["b"], names["c"]]
+                values, inputs = runner.evaluate_inputs(env, [names["b"]], readers, stop)
+                torch.testing.assert_close(inputs[names["b"]], seen["b"])
+                torch.testing.assert_close(inputs[names["c"]], seen["c"])
+                torch.testing.assert_close(values[names["b"]], gm.b(seen["b"]))
+            # The cache is never written.
+            assert env.keys() == cached.keys()
+            assert all(torch.equal(env[node], cached[node]) for node in env)
+
+
 def test_channel_multiple_keeps_widths_multiples_where_sizes_allow():
     model = randomize(Dense())  # groups of 24, 16, 16 channels
     plan = trace_plan(model, SHAPE)
