@@ -6,7 +6,14 @@ budget, or one of the baseline criteria), refit the kept weights by least square
 remove the dropped channels for real.
 """
 
-from .exceptions import ConvergenceWarning, SingularGramWarning, UnsupportedLayerError
+from .exceptions import (
+    ChanpruneError,
+    ChanpruneWarning,
+    ConvergenceWarning,
+    PlanWarning,
+    SingularGramWarning,
+    UnsupportedLayerError,
+)
 from .io import load, save
 from .layer import LayerPruneResult, prune_layer, prune_layer_from_stats
 from .prune import MODEL_METHODS, plan_widths, prunable_groups, prune_model
@@ -18,7 +25,10 @@ from .stats import LayerStats, Moments
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChanpruneError",
+    "ChanpruneWarning",
     "ConvergenceWarning",
+    "PlanWarning",
     "LayerPruneResult",
     "LayerReport",
     "MODEL_METHODS",

@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch import nn
 
 from ._validation import check_int_in_range, check_real_in_range
-from .exceptions import UnsupportedLayerError
+from .exceptions import PlanWarning, UnsupportedLayerError
 from .schedule import _achieved, resolve_explicit
 from .surgery import SampledConv2d
 
@@ -57,10 +57,6 @@ __all__ = [
     "widths_for_cost",
     "explicit_widths",
 ]
-
-
-class PlanWarning(UserWarning):
-    """Channel groups kept whole because an op the planner does not know touches them."""
 
 
 # Modules that carry channels one to one and have no per-channel parameters.
