@@ -660,6 +660,20 @@ class _GraphSweep:
             if n.name in self.numel and last_use.get(n.name, -1) >= stop
         }
 
+    def shares_values(self, stop: int) -> bool:
+        """Whether the pruned network's caches at ``stop`` may be the original's values
+        themselves: nothing is pruned or refit yet (the two compute the same function, to
+        the rounding of the folded BatchNorms), and no in-place node of either network
+        writes a value alive there (which would change both)."""
+        if self.diverged or self.kept:
+            return False
+        alive = self.alive(stop) | {self.pr.placeholder.name}
+        return not any(
+            runner.pos[w.name] >= stop and w.args[0].name in alive
+            for runner in (self.ref, self.pr)
+            for w in runner.writers
+        )
+
     def bytes_moving_to(self, stop: int, held_ref, held_pr, n_images: int, itemsize: int) -> int:
         """Bytes of both caches for ``n_images`` images while they move from the values
         they hold (nodes ``held_ref`` and ``held_pr``, of one chunk) to those alive at
@@ -1131,9 +1145,14 @@ def sweep_graph(
             stop, envs_ref[0], envs_pr[0], n_images, itemsize
         ) <= cache_bytes:  # fmt: skip
             tic = time.perf_counter()
+            share = sweep.shares_values(stop)
             for env_r, env_p in zip(envs_ref, envs_pr):
                 sweep.ref.advance(env_r, checkpoint, stop)
-                sweep.pr.advance(env_p, checkpoint, stop)
+                if share:  # one copy of the first maps, the largest, instead of two
+                    env_p.clear()
+                    env_p.update((sweep.pr.by_name[n.name], v) for n, v in env_r.items())
+                else:
+                    sweep.pr.advance(env_p, checkpoint, stop)
             sweep.timing["forward_s"] += time.perf_counter() - tic
             checkpoint, sweep.behind = stop, None
             # (Where nothing but the images is alive, the caches hold just them.)

@@ -277,6 +277,46 @@ class _InPlaceStatements(torch.nn.Module):
         return self.c(x).mean((2, 3))
 
 
+class _WritesAfter(torch.nn.Module):
+    """An in-place statement after the first consumer on the value it reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = conv_bn(3, 16), conv_bn(16, 16), conv_bn(32, 8)
+
+    def forward(self, x):
+        x = self.a(x)
+        y = self.b(x)
+        x.mul_(2.0)  # both networks would write a shared x (not idempotent)
+        return self.c(torch.cat([x, y], 1)).mean((2, 3))
+
+
+@pytest.mark.parametrize("cls", [Chain, Residual, _InPlaceStatements, _WritesAfter])
+def test_the_first_maps_shared_by_both_networks_give_the_same_result(cls, monkeypatch):
+    """Until the first change, the pruned network's caches are the original's values (one
+    copy of the largest maps); not where an in-place statement would write them later."""
+    from chanprune.sweep import _GraphSweep
+
+    model = randomize(cls()).double()
+    images = torch.randn(24, *SHAPE, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(3))  # fmt: skip
+    options = dict(speedup=1.6, schedule="uniform", positions_per_image=None, progress=False)
+    decisions = []
+    real = _GraphSweep.shares_values
+    monkeypatch.setattr(_GraphSweep, "shares_values",
+                        lambda self, stop: decisions.append(real(self, stop)) or decisions[-1])
+    shared, report = chanprune.prune_model(model, images, **options)
+    monkeypatch.setattr(_GraphSweep, "shares_values", lambda self, stop: False)
+    separate, reference = chanprune.prune_model(model, images, **options)
+    if cls is _WritesAfter:  # the images at a's input; not a's output at b's
+        assert decisions[:2] == [True, False]
+    else:
+        assert any(decisions[1:])  # past the stem, where the maps are large
+    assert report.options["kept"] == reference.options["kept"]
+    with torch.no_grad():
+        torch.testing.assert_close(shared(images), separate(images), rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("cls", [Chain, Residual, _InPlaceStatements])
 def test_cache_budget_zero_recomputes_from_the_images_with_the_same_result(cls, caplog):
     # float64 (here and below): recomputed values differ from the cached ones by float
