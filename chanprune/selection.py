@@ -261,9 +261,19 @@ def select_lasso_gram(
     else:
         w_norm = np.ones(c)
     # A tiny jitter keeps the Cholesky factor defined for rank-deficient G (dead channels,
-    # fewer samples than channels); it perturbs the objective by ~1e-12 relative.
-    jitter = 1e-12 * max(float(np.trace(gram)) / c, np.finfo(float).tiny)
-    chol = np.linalg.cholesky(gram + jitter * np.eye(c))
+    # fewer samples than channels); it perturbs the objective by ~1e-12 relative, more
+    # only where rounding left G slightly indefinite (a Gram summed over several layers).
+    mean_diag = max(float(np.trace(gram)) / c, np.finfo(float).tiny)
+    for relative in (1e-12, 1e-9, 1e-6):
+        try:
+            chol = np.linalg.cholesky(gram + relative * mean_diag * np.eye(c))
+            break
+        except np.linalg.LinAlgError:
+            if relative == 1e-6:
+                raise ValueError(
+                    "the channel Gram is not positive semi-definite (NaN, Inf or a wrong "
+                    "sign in the statistics?)."
+                ) from None
     design = np.ascontiguousarray(chol.T)
     target = scipy.linalg.solve_triangular(chol, linear, lower=True)
     to_cc = n_rows / c

@@ -363,6 +363,28 @@ def test_reduced_selectors_find_the_planted_channels_of_a_group_read_twice():
     assert select_greedy_gram(G, g, 4).kept.tolist() == support.tolist()
 
 
+def test_lasso_gram_tolerates_rounding_that_leaves_the_gram_slightly_indefinite():
+    """A rank-deficient Gram whose null direction rounding made slightly negative (as a sum
+    over several layers can): the same selection as on the exact Gram; a clearly
+    indefinite one is refused by name."""
+    from chanprune.selection import select_lasso_gram
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((40, 8))
+    A[:, 7] = 0.0  # a dead channel: rank 7 of 8
+    G = A.T @ A
+    g = G @ np.array([2.0, 0, 0, 1.5, 0, 0, -1.0, 0])
+    bent = G.copy()
+    bent[7, 7] = -1e-10 * np.trace(G) / 8  # its null direction rounded below zero
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(bent + 1e-12 * np.trace(G) / 8 * np.eye(8))
+    t2 = float(g @ np.linalg.lstsq(G, g, rcond=None)[0])
+    expected = select_lasso_gram(G, g, t2, 3).kept.tolist()
+    assert select_lasso_gram(bent, g, t2, 3).kept.tolist() == expected == [0, 3, 6]
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        select_lasso_gram(G - np.eye(8) * np.trace(G), g, t2, 3)
+
+
 def test_greedy_gram_on_only_dead_channels_keeps_the_first_without_nan():
     import warnings
 
