@@ -240,8 +240,8 @@ def save(model: nn.Module, path: PathLike) -> None:
             rebuilt = module_shapes(build_model(config))
         shapes = module_shapes(model)
         if rebuilt != shapes:
-            # Pruned beyond what its config describes (e.g. a Bottleneck ResNet's stem,
-            # which the graph planner may narrow): the config and the layers' shapes.
+            # Pruned beyond what its config describes (a layer the planner narrowed that
+            # the architecture has no width for): the config and the layers' shapes.
             _check_destination(p)
             payload = {"arch_config": config, "module_shapes": shapes,
                        "state_dict": _cpu_state(model)}  # fmt: skip

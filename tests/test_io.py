@@ -92,6 +92,24 @@ def test_save_without_arch_config_stores_shapes(tmp_path):
     assert _listing(tmp_path) == ["x.pt"]
 
 
+def test_a_zoo_model_narrowed_beyond_its_config_saves_its_shapes_too(tmp_path):
+    """A chanprune architecture whose config misses a narrowed layer (simulated: the stem
+    width left out of its config) is saved with its layers' shapes, and loads the same."""
+    from chanprune.models import ResNet
+
+    torch.manual_seed(0)
+    model = ResNet("bottleneck", [1, 1, 1, 1], num_classes=5, stem_width=24).eval()
+    config = {k: v for k, v in model.arch_config().items() if k != "stem_width"}
+    model.arch_config = lambda: config  # as if the architecture had no stem width
+    cio.save(model, tmp_path / "m.pt")
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert saved["module_shapes"]["conv1"]["out_channels"] == 24
+    loaded = cio.load(tmp_path / "m.pt")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
 def test_save_to_a_directory_fails_cleanly(pruned, tmp_path):
     target = tmp_path / "out"
     target.mkdir()

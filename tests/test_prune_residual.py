@@ -137,9 +137,10 @@ def test_resnet50_bottlenecks_end_to_end_at_224(tmp_path):
     assert block.conv2.out_channels == block.conv3.in_channels
     assert block.conv3.out_channels == 256  # the stream keeps its width
     # The stem's output (read by layer1.0 and its projection, added to nothing) is a group
-    # of its own, narrowed too: beyond what arch_config() describes, so the file also
-    # holds the layers' shapes, and loads to the same network.
-    assert pruned.conv1.out_channels < 64
+    # of its own, narrowed too: the config records it, and the file loads the same network.
+    assert pruned.conv1.out_channels == pruned.arch_config()["stem_width"] < 64
+    rebuilt = build_model(pruned.arch_config())
+    rebuilt.load_state_dict(pruned.state_dict())  # strict: same keys and shapes
     path = tmp_path / "r50.pt"
     chanprune.save(pruned, path)
     loaded = chanprune.load(path)

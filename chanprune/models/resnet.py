@@ -531,6 +531,10 @@ class ResNet(nn.Module):
     sampled_inputs : list of (int or None), optional
         One entry per block: how many input channels its ``conv1`` reads through a channel
         sampler (None: all). Default: no sampler.
+    stem_width : int, default=64
+        Output channels of ``conv1`` (and ``bn1``). Only a network whose first block has a
+        projection shortcut (Bottleneck) can narrow it: that block and its projection are
+        the stem's only readers; a BasicBlock network adds the stem to its stream.
     zero_init_residual : bool, default=False
         Zero the last BN of each block (as torchvision).
 
@@ -552,6 +556,7 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         block_widths: BlockWidths | None = None,
         sampled_inputs: SampledInputs | None = None,
+        stem_width: int = 64,
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
@@ -570,11 +575,19 @@ class ResNet(nn.Module):
         n_widths = 2 if block_cls is Bottleneck else 1
         widths = _check_block_widths(block_widths, sum(layers), n_widths)
         sampled = _check_sampled_inputs(sampled_inputs, sum(layers))
+        stem_width = check_int_in_range(stem_width, "stem_width", 1)
+        if stem_width != 64 and block_cls.expansion == 1:
+            raise ValueError(
+                f"stem_width={stem_width}: a BasicBlock ResNet adds its stem to the residual "
+                "stream of layer1, which keeps 64 channels."
+            )
 
         self.block_type = block_name
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.inplanes = stem_width
+        self.conv1 = nn.Conv2d(
+            in_channels, stem_width, kernel_size=7, stride=2, padding=3, bias=False
+        )
+        self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         k = 0
@@ -658,8 +671,10 @@ class ResNet(nn.Module):
         dict
             ``{"arch": "resnet", "block": "basic" | "bottleneck", "layers": [4 ints],
             "num_classes": int, "in_channels": int, "block_widths": [[w, ...], ...]}``, plus
-            ``"sampled_inputs": [k or None, ...]`` when a block has a channel sampler.
+            ``"sampled_inputs": [k or None, ...]`` when a block has a channel sampler and
+            ``"stem_width": int`` when the stem was narrowed.
         """
+        stem = int(self.conv1.out_channels)
         return {
             "arch": "resnet",
             "block": self.block_type,
@@ -668,6 +683,7 @@ class ResNet(nn.Module):
             "in_channels": int(self.conv1.in_channels),
             "block_widths": [list(b.widths) for _, b in self.blocks()],
             **_sampled_config(self.blocks()),
+            **({"stem_width": stem} if stem != 64 else {}),
         }
 
     @classmethod
@@ -678,7 +694,9 @@ class ResNet(nn.Module):
             config,
             "resnet",
             required=("block", "layers"),
-            optional=("num_classes", "in_channels", "block_widths", "sampled_inputs"),
+            optional=(
+                "num_classes", "in_channels", "block_widths", "sampled_inputs", "stem_width"
+            ),
         )
         return cls(**kwargs)
 

@@ -241,6 +241,23 @@ def test_bottleneck_pruned_widths_round_trip():
         torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
 
 
+def test_bottleneck_narrowed_stem_round_trip():
+    """A Bottleneck network's stem is read only by layer1.0 and its projection: narrowed,
+    the config records it and rebuilds the same network; a BasicBlock's cannot be."""
+    model = ResNet("bottleneck", [1, 1, 1, 1], num_classes=5, stem_width=24).eval()
+    assert model.bn1.num_features == model.layer1[0].downsample[0].in_channels == 24
+    config = model.arch_config()
+    assert config["stem_width"] == 24
+    assert "stem_width" not in ResNet("bottleneck", [1, 1, 1, 1]).arch_config()
+    rebuilt = build_model(json.loads(json.dumps(config))).eval()
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="adds its stem to the residual stream"):
+        ResNet("basic", [1, 1, 1, 1], stem_width=24)
+
+
 def test_basic_pruned_widths_round_trip():
     model = ResNet(BasicBlock, [1, 1, 1, 1], block_widths=[3, [5], (7,), 9]).eval()
     config = model.arch_config()
