@@ -1125,7 +1125,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for c in graph.consumers if graph is not None else ():
         if c.in_groups:
             prunable[c.name] = ", ".join(dict.fromkeys(c.in_groups))
-        elif c.stream and c.groups == 1 and c.addend is None:
+        elif c.samplable:
             prunable[c.name] = "sampler"
 
     header = ("layer", "in", "out", "kernel", "MACs", "prunable input (group)")

@@ -140,6 +140,12 @@ class Consumer:
     def in_groups(self) -> list[str]:
         return [g for g, _ in self.layout if g is not None]
 
+    @property
+    def samplable(self) -> bool:
+        """Whether a channel sampler may select its input: an ordinary conv reading only a
+        residual stream, whose output is not added back to it (not a projection)."""
+        return self.stream and self.groups == 1 and self.addend is None
+
 
 @dataclass(frozen=True)
 class ChannelGroup:
@@ -886,7 +892,7 @@ def with_channel_samplers(plan: Plan) -> Plan:
     ValueError
         No conv of the network reads a residual stream.
     """
-    readers = [c for c in plan.consumers if c.stream and c.groups == 1 and c.addend is None]
+    readers = [c for c in plan.consumers if c.samplable]
     if not readers:
         raise ValueError(
             "channel_sampler=True selects the input channels of the convs that read a "
@@ -895,11 +901,12 @@ def with_channel_samplers(plan: Plan) -> Plan:
         )
     sampled: dict[str, ChannelGroup] = {}
     for c in readers:
-        name = c.name + INPUT_SUFFIX
         size = sum(width for _, width in c.layout)
         sampled[c.name] = ChannelGroup(
-            name=name, size=size, producers=(), carriers=(), consumers=(c.name,), sampler=True
-        )
+            name=c.name + INPUT_SUFFIX, size=size, producers=(), carriers=(),
+            consumers=(c.name,), sampler=True,
+        )  # fmt: skip
+    layouts = {conv: ((g.name, g.size),) for conv, g in sampled.items()}
     groups: dict[str, ChannelGroup] = {}
     for name, group in plan.groups.items():
         for producer in group.producers:  # graph order: just before the reader's output
@@ -908,7 +915,6 @@ def with_channel_samplers(plan: Plan) -> Plan:
                 groups[extra.name] = extra
         groups[name] = group
     groups.update((g.name, g) for g in sampled.values())
-    layouts = {c.name: ((c.name + INPUT_SUFFIX, sum(w for _, w in c.layout)),) for c in readers}
     consumers = [
         dataclasses.replace(c, layout=layouts[c.name]) if c.name in layouts else c
         for c in plan.consumers

@@ -31,7 +31,13 @@ import torch
 from torch import nn
 
 from .models import save_model
-from .models._checkpoint import first_line, load_weights, normalize_state_dict, read_checkpoint
+from .models._checkpoint import (
+    cpu_state_dict,
+    first_line,
+    load_weights,
+    normalize_state_dict,
+    read_checkpoint,
+)
 from .models._registry import build_model, model_from_checkpoint
 from .models.vgg import vgg_config_of
 from .surgery import apply_shapes, module_shapes
@@ -244,7 +250,7 @@ def save(model: nn.Module, path: PathLike) -> None:
             # the architecture has no width for): the config and the layers' shapes.
             _check_destination(p)
             payload = {"arch_config": config, "module_shapes": shapes,
-                       "state_dict": _cpu_state(model)}  # fmt: skip
+                       "state_dict": cpu_state_dict(model)}  # fmt: skip
             atomic_write(p, lambda tmp: torch.save(payload, tmp))
             return
     else:
@@ -257,7 +263,7 @@ def save(model: nn.Module, path: PathLike) -> None:
             payload = {
                 "module_shapes": module_shapes(model),
                 "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-                "state_dict": _cpu_state(model),
+                "state_dict": cpu_state_dict(model),
             }  # fmt: skip
             atomic_write(p, lambda tmp: torch.save(payload, tmp))
             return
@@ -341,10 +347,6 @@ def load(
         raise ValueError(f"'{p}' is not a valid chanprune model file: {exc}") from exc
     logger.debug("Loaded %s from '%s'.", type(model).__name__, p)
     return model.to(device).eval()
-
-
-def _cpu_state(model: nn.Module) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def _load_shapes(path: Path, obj, model: Optional[nn.Module]) -> nn.Module:

@@ -182,10 +182,13 @@ def prunable_groups(
     (:func:`chanprune.graph.group_of_key`). :meth:`chanprune.graph.Plan.describe` says
     why the other groups are kept whole.
     """
+    return _trace(model, input_shape, channel_sampler).prunable
+
+
+def _trace(model: nn.Module, input_shape, channel_sampler: bool) -> Plan:
+    """The traced plan, with the channel samplers' input groups when asked for."""
     plan = trace_plan(model, tuple(input_shape))
-    if channel_sampler:
-        plan = with_channel_samplers(plan)
-    return plan.prunable
+    return with_channel_samplers(plan) if channel_sampler else plan
 
 
 def _check_target(speedup, schedule) -> bool:
@@ -237,9 +240,7 @@ def plan_widths(
     """
     explicit = _check_target(speedup, schedule)
     channel_multiple = check_int_in_range(channel_multiple, "channel_multiple", 1)
-    plan = trace_plan(model, tuple(input_shape))
-    if channel_sampler:
-        plan = with_channel_samplers(plan)
+    plan = _trace(model, input_shape, channel_sampler)
     if schedule == "auto":
         schedule = resolve_auto_schedule(plan)[0]
     if isinstance(schedule, str) and schedule in _DATA_SCHEDULES:
@@ -615,7 +616,6 @@ def prune_model(
         speedup=speedup, schedule=schedule, batch_size=batch_size, progress=progress,
         inplace=inplace, start=start, channel_multiple=channel_multiple,
         channel_sampler=channel_sampler, max_cache_mb=max_cache_mb,
-        cache_bytes=_cache_bytes(max_cache_mb, device),
     )  # fmt: skip
     if shard is not None:
         # The split, made on every rank without loading anything; each loads its part.
@@ -684,14 +684,11 @@ def _prune_graph(
     counts: Optional[tuple[int, int]] = None,
     channel_sampler: bool = False,
     max_cache_mb: Optional[float] = None,
-    cache_bytes: Optional[int] = None,
 ) -> tuple[nn.Module, PruneReport]:
     """:func:`prune_model` through the plan traced from the graph (any network).
 
     ``images`` are this rank's under a ``shard`` (``n_fit`` of them fit images, with
-    global ``image_ids``); ``counts`` the global numbers of fit and held-out images;
-    ``cache_bytes`` the sweep's cache budget (None: none), from ``max_cache_mb`` (which
-    the report records)."""
+    global ``image_ids``); ``counts`` the global numbers of fit and held-out images."""
     n_fit_all, n_held_all = counts or (n_fit, images.shape[0] - n_fit)
     if image_ids is None:
         image_ids = torch.arange(images.shape[0])
@@ -699,9 +696,7 @@ def _prune_graph(
     device = options.device
     input_shape = tuple(images.shape[1:])
     pruned = (model if inplace else copy.deepcopy(model)).to(device).eval()
-    plan = trace_plan(pruned, input_shape)
-    if channel_sampler:
-        plan = with_channel_samplers(plan)
+    plan = _trace(pruned, input_shape, channel_sampler)
     reference = symbolic_trace(copy.deepcopy(model).to(device).eval())
     auto_reason = None
     if schedule == "auto":
@@ -737,7 +732,7 @@ def _prune_graph(
         reports, kept, timing = sweep_graph(
             reference, plan, widths, images, n_fit, options, batch_size=batch_size,
             progress=progress, image_ids=image_ids, shard=shard, bn_scale=bn_scale,
-            cache_bytes=cache_bytes,
+            cache_bytes=_cache_bytes(max_cache_mb, device),
         )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PlanWarning)  # said once, for the original

@@ -268,10 +268,10 @@ class _Runner:
                 self.last_use[arg.name] = i
         self.modules = dict(gm.named_modules())
         # The nodes that write their first argument, a value of the trace, in place.
-        self.writers = [
+        self.writers = {
             n for n in self.nodes
             if n.args and isinstance(n.args[0], fx.Node) and _inplace(n, self.modules)
-        ]  # fmt: skip
+        }  # fmt: skip
         self.interp = fx.Interpreter(gm, garbage_collect_values=False)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
@@ -300,7 +300,7 @@ class _Runner:
         that in-place nodes write are copied first."""
         local = dict(env)
         for node in self.nodes[start:stop]:
-            if _inplace(node, self.modules) and node.args and node.args[0] in env:
+            if node in self.writers and node.args[0] in env:
                 local[node.args[0]] = env[node.args[0]].clone()  # never write the cache
         self.advance(local, start, stop)
         return local
@@ -372,7 +372,7 @@ class _Runner:
                 inputs[reader.name] = local[reader.args[0]]
             if node not in needed:
                 continue
-            if node.args and isinstance(node.args[0], fx.Node) and _inplace(node, self.modules):
+            if node in self.writers:
                 arg = node.args[0]
                 if arg in env and local[arg] is env[arg]:
                     local[arg] = env[arg].clone()  # never write the cache

@@ -273,3 +273,8 @@ def load_weights(
     model.load_state_dict(state_dict, strict=True)
     logger.debug("Loaded %d tensors from %s into model %s.", len(state_dict), source, label)
     return model
+
+
+def cpu_state_dict(model: nn.Module) -> dict:
+    """A copy of ``model``'s ``state_dict`` on the CPU, detached: what a file holds."""
+    return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}

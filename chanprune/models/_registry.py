@@ -16,7 +16,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._checkpoint import _check_path, load_weights, normalize_state_dict, read_checkpoint
+from ._checkpoint import (
+    _check_path,
+    cpu_state_dict,
+    load_weights,
+    normalize_state_dict,
+    read_checkpoint,
+)
 from .resnet import (
     CifarResNet,
     ResNet,
@@ -187,7 +193,7 @@ def save_model(
             f"got {type(model).__name__}."
         )
     p = _check_path(path)
-    state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    state = cpu_state_dict(model)
     config = dict(config) if config is not None else model.arch_config()
     payload = {"arch_config": config, "state_dict": state}
     from ..io import atomic_write  # chanprune.io imports this package: import on use
