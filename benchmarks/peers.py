@@ -22,13 +22,15 @@ layers only, as in the original channel-pruning code) and also with Torch-Prunin
 ``tp.utils.count_ops_and_params``; chanprune's pruned architectures are rebuilt from their
 recorded widths for that second count.
 
-Scope. VGG: every conv output may be pruned; the classifier head (three Linear layers) is
-in ``ignored_layers`` so only conv channels go, as with chanprune. ResNet-56: Torch-Pruning's
-dependency graph does not model the option-A shortcut (strided slice + zero-padding of the
-channel dimension; it treats the pad as element-wise), so pruning "as it comes" (only the
-final Linear ignored) prunes the residual stream and yields a network that does not run; the
-script records that check. The runs therefore prune inside the branches only (stem conv,
-every block's ``conv2`` and the Linear ignored), which is what chanprune prunes too.
+Scope. VGG: every conv output and the hidden Linear layers' outputs may be pruned, as
+chanprune plans them; the final Linear is in ``ignored_layers`` (runs recorded before
+chanprune planned linear layers ignored the whole head, and kept its hidden widths).
+ResNet-56: Torch-Pruning's dependency graph does not model the option-A shortcut (strided
+slice + zero-padding of the channel dimension; it treats the pad as element-wise), so
+pruning "as it comes" (only the final Linear ignored) prunes the residual stream and yields
+a network that does not run; the script records that check. The runs therefore prune inside
+the branches only (stem conv, every block's ``conv2`` and the Linear ignored), which is what
+chanprune prunes too.
 
 Examples
 --------
@@ -191,13 +193,13 @@ def conv_widths(model: nn.Module) -> dict:
 def ignored_layers(network: str, model: nn.Module, scope: str = "branch") -> list:
     """Modules whose output channels Torch-Pruning must keep.
 
-    VGG: the classifier head (every Linear). ResNet: ``scope="default"`` ignores only the
-    final Linear (Torch-Pruning as it comes); ``"branch"`` also the stem conv and every
-    block's ``conv2``, so only the channels inside the residual branches are pruned.
+    VGG and ``scope="default"``: the final Linear only (the logits; Torch-Pruning as it
+    comes). ResNet with ``"branch"``: also the stem conv and every block's ``conv2``, so
+    only the channels inside the residual branches are pruned.
     """
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if network == "vgg" or scope == "default":
-        return linears if network == "vgg" else linears[-1:]
+        return linears[-1:]
     if scope != "branch":
         raise ValueError(f"scope must be 'default' or 'branch'; got {scope!r}")
     return [model.conv1] + [block.conv2 for _, block in model.blocks()] + linears
@@ -240,7 +242,8 @@ def planned_ratio_dict(network: str, model: nn.Module, speedup: float) -> tuple[
     rounded so that the MAC target is met (``chanprune.prune.plan_widths``). Used where no
     single Torch-Pruning ratio lands within the tolerance (its channel counts all round at
     the same ratio). Keys are the producing convs of ``model`` (whose outputs are pruned),
-    chanprune's group names; with ``pruning_ratio=0`` every other group is kept. Returns
+    chanprune's group names (a hidden Linear of VGG's head too); with ``pruning_ratio=0``
+    every other group is kept. Returns
     ``(ratio_dict, widths)``.
     """
     from chanprune.prune import plan_widths
@@ -248,9 +251,10 @@ def planned_ratio_dict(network: str, model: nn.Module, speedup: float) -> tuple[
     widths, _ = plan_widths(model, INPUT_SHAPE, speedup=speedup, schedule="uniform")
     ratios = {}
     for group, width in widths.items():
-        conv = model.get_submodule(group)
+        layer = model.get_submodule(group)  # a conv, or a hidden Linear of VGG's head
+        size = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
         # TP keeps int(C * (1 - ratio)) channels: aim half a channel above to beat rounding.
-        ratios[conv] = max(0.0, (conv.out_channels - width - 0.5) / conv.out_channels)
+        ratios[layer] = max(0.0, (size - width - 0.5) / size)
     return ratios, widths
 
 
@@ -285,9 +289,10 @@ def consumer_widths(options: dict, reference: nn.Module) -> dict:
 def chanprune_architecture(network: str, widths: dict) -> nn.Module:
     """Rebuild a chanprune-pruned architecture (untrained weights) from its recorded widths.
 
-    ``widths`` maps each consuming conv (``features.3``, ``layer1.0.conv2``) to the input
-    channels it kept, as in ``report["options"]["widths"]``; a ResNet pruned with
-    ``channel_sampler=True`` also records how many stream channels each ``conv1`` reads.
+    ``widths`` maps each consuming layer (``features.3``, ``classifier.0``,
+    ``layer1.0.conv2``) to the input channels it kept, as in
+    ``report["options"]["widths"]``; a ResNet pruned with ``channel_sampler=True`` also
+    records how many stream channels each ``conv1`` reads.
     """
     from chanprune.models import get_model
 
@@ -295,11 +300,14 @@ def chanprune_architecture(network: str, widths: dict) -> nn.Module:
     reference = get_model(name)
     if network == "vgg":
         convs = list(conv_widths(reference.features).items())  # (index in features, width)
-        kept = [
-            widths.get(f"features.{convs[i + 1][0]}", w) if i + 1 < len(convs) else w
-            for i, (_, w) in enumerate(convs)
-        ]
-        return get_model(name, widths=kept).eval()
+        # The last conv's width is read by classifier.0, the hidden ones by the next Linear.
+        readers = [f"features.{index}" for index, _ in convs[1:]] + ["classifier.0"]
+        kept = [widths.get(reader, w) for reader, (_, w) in zip(readers, convs)]
+        hidden = tuple(
+            widths.get(f"classifier.{i}", m.out_features)
+            for i, m in ((3, reference.classifier[0]), (6, reference.classifier[3]))
+        )  # fmt: skip
+        return get_model(name, widths=kept, hidden_features=hidden).eval()
     blocks = [
         (widths.get(f"{path}.conv2", block.conv1.out_channels),)
         for path, block in reference.blocks()

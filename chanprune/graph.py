@@ -11,13 +11,16 @@ input, a linear layer's features, zero padding). Ops move atoms around:
 - ``torch.cat`` along channels concatenates layouts, channel zero-padding adds fixed atoms;
 - an elementwise op of two tensors ties their atoms together (a residual addition, a
   squeeze-excitation multiply), so those channels are one index space;
+- a linear layer on ``(N, features)`` is a 1x1 conv on its features: it writes an atom
+  and reads its input as a conv does (ResNet's classifier, VGG's hidden layers);
 - anything else (a channel shuffle, a split, an unknown module) fixes the atoms it reads.
 
 A *channel group* is a class of tied atoms: channels with one index space, written by
-its producers and read by its consumers (the convs whose input contains it). A group is
-pruned when nothing fixes it; otherwise it is kept whole, and :class:`Plan` says why.
-Groups tied to a residual addition are kept whole, as the paper does; the reads of the
-network's input, its outputs and linear layers are fixed too.
+its producers and read by its consumers (the convs and linear layers whose input
+contains it). A group is pruned when nothing fixes it; otherwise it is kept whole, and
+:class:`Plan` says why. Groups tied to a residual addition are kept whole, as the paper
+does; the network's input and its outputs are fixed too, and so are features flattened
+from maps (one channel is many features there).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ __all__ = [
     "symbolic_trace",
     "with_channel_samplers",
     "group_of_key",
+    "keep_whole",
     "INPUT_SUFFIX",
     "PlanWarning",
     "uniform_widths",
@@ -94,6 +98,10 @@ _BINARY_METHODS = {
     "add": "add", "add_": "add", "sub": "add", "sub_": "add", "mul": "mul", "mul_": "mul",
     "div": "mul", "div_": "mul",
 }  # fmt: skip
+#: The most input features of a linear layer that is a consumer: its statistics are a
+#: (features x features) float64 Gram (8192: 512 MB), as large as a 3x3 conv's over 900
+#: channels. A wider one (VGG's 25088-feature fc6) keeps the channels it reads.
+MAX_LINEAR_FEATURES = 8192
 _RESIDUAL = "residual addition"  # in the reasons of the groups a residual stream fixes
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
@@ -103,20 +111,20 @@ _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsquee
 # ---------------------------------------------------------------------------- the plan
 @dataclass(frozen=True)
 class Consumer:
-    """A conv whose input channels are selected and which is then refit.
+    """A conv or linear layer whose input channels are selected and which is then refit.
 
     Attributes
     ----------
     name : str
-        ``named_modules()`` path of the conv.
+        ``named_modules()`` path of the layer.
     node : str
         Its node in the trace.
     layout : tuple of (group or None, int)
         Its input channels, in order: ``(group name, width)`` segments; None for channels
         of no prunable group.
     bn : str or None
-        The BatchNorm2d right after it (folded for the targets, then the identity plus
-        the refit bias), if any.
+        The BatchNorm right after it (folded for the targets, then the identity plus the
+        refit bias), if any.
     addend : str or None
         When its output (after ``bn``) is added to another tensor: that tensor's node, so
         the target becomes ``Y + S - S'`` (residual correction).
@@ -126,6 +134,9 @@ class Consumer:
         Whether it reads only channels kept whole because they are tied to a residual
         addition (a residual stream): a channel sampler may select its input
         (:func:`with_channel_samplers`).
+    linear : bool
+        A linear layer on ``(N, features)``, sampled and refit as the 1x1 conv it computes
+        (one sample per image).
     """
 
     name: str
@@ -135,6 +146,7 @@ class Consumer:
     addend: Optional[str] = None
     groups: int = 1
     stream: bool = False
+    linear: bool = False
 
     @property
     def in_groups(self) -> list[str]:
@@ -144,7 +156,7 @@ class Consumer:
     def samplable(self) -> bool:
         """Whether a channel sampler may select its input: an ordinary conv reading only a
         residual stream, whose output is not added back to it (not a projection)."""
-        return self.stream and self.groups == 1 and self.addend is None
+        return self.stream and self.groups == 1 and self.addend is None and not self.linear
 
 
 @dataclass(frozen=True)
@@ -164,7 +176,7 @@ class ChannelGroup:
         depthwise conv, PReLU), with their node: its layout (:attr:`Plan.layouts`) says
         where the group sits among the module's channels.
     consumers : tuple of str
-        Consumers (convs) reading the group.
+        Consumers (convs and linear layers) reading the group.
     parts : int
         Grouped convs split the group into this many equal contiguous parts; a selection
         keeps the same number of channels in each.
@@ -318,7 +330,7 @@ class _Analysis:
         self.fixed: dict[int, list[str]] = {}  # atom -> reasons (resolved to classes later)
         self.unknown: dict[int, list[str]] = {}  # atom -> unknown op descriptions
         self.layout: dict[str, tuple] = {}  # node name -> atoms
-        self.consumers: list[tuple[fx.Node, nn.Conv2d]] = []
+        self.consumers: list[tuple[fx.Node, nn.Module]] = []  # convs and linears
         self.carriers: list[tuple[str, str]] = []  # (module path, node name)
         self.partition: dict[int, list[int]] = {}  # atom -> grouped-conv group counts
         self.calls: dict[str, int] = {}
@@ -394,8 +406,7 @@ class _Analysis:
         if isinstance(module, nn.Conv2d):
             self.conv(node, module, source)
         elif isinstance(module, nn.Linear):
-            self.fix(self.atoms_of(source), f"read by the linear layer {node.target}")
-            self.fresh(node, f"written by the linear layer {node.target}")
+            self.linear(node, module, source)
         elif isinstance(module, _BATCHNORMS):
             self.carry(node, source)
             if node.name in self.layout:
@@ -442,6 +453,28 @@ class _Analysis:
             self.fix(atoms, problem)
             return
         self.consumers.append((node, conv))
+
+    def linear(self, node: fx.Node, linear: nn.Linear, source: Any) -> None:
+        """A linear layer on ``(N, features)`` is the 1x1 conv it computes on its features
+        as channels: the producer of its outputs and, up to :data:`MAX_LINEAR_FEATURES`
+        inputs, a consumer. On any other rank (tokens, ``(N, T, features)``) its features
+        are not dimension 1: both sides are fixed."""
+        name = node.target
+        src, shape = _shape(source), _shape(node)
+        if src is None or shape is None or len(src) != 2 or len(shape) != 2:
+            rank = "an unknown" if src is None else f"a {len(src)}-d"
+            self.fix(self.atoms_of(source), f"read by the linear layer {name} on {rank} input")
+            self.fresh(node, f"written by the linear layer {name} on {rank} input")
+            return
+        self.layout[node.name] = (self.new_atom(linear.out_features, producer=name),)
+        if linear.in_features > MAX_LINEAR_FEATURES:
+            self.fix(
+                self.atoms_of(source),
+                f"read by the linear layer {name} over {linear.in_features} features (its "
+                f"statistics are kept up to {MAX_LINEAR_FEATURES})",
+            )  # fmt: skip
+            return
+        self.consumers.append((node, linear))
 
     def function(self, node: fx.Node) -> None:
         fn = node.target
@@ -606,12 +639,12 @@ class _Analysis:
 
 
 def _bn_after(gm: fx.GraphModule, node: fx.Node, calls: Mapping[str, int]) -> Optional[fx.Node]:
-    """The BatchNorm2d node that is the only user of conv ``node``, if any."""
+    """The BatchNorm node that is the only user of conv or linear ``node``, if any."""
     users = list(node.users)
     if len(users) != 1 or users[0].op != "call_module":
         return None
     module = gm.get_submodule(users[0].target)
-    if isinstance(module, nn.BatchNorm2d) and calls.get(users[0].target) == 1:
+    if isinstance(module, _BATCHNORMS) and calls.get(users[0].target) == 1:
         return users[0]
     return None
 
@@ -775,8 +808,9 @@ def trace_plan(
             Consumer(
                 name=node.target, node=node.name, layout=layout,
                 bn=None if bn is None else bn.target,
-                addend=None if addend is None else addend.name, groups=conv.groups,
-                stream=stream,
+                addend=None if addend is None else addend.name,
+                groups=getattr(conv, "groups", 1), stream=stream,
+                linear=isinstance(conv, nn.Linear),
             )
         )  # fmt: skip
         for root in {uf.find(a) for a in atoms}:
@@ -798,7 +832,7 @@ def trace_plan(
             continue  # inputs, linear outputs, pads: not a group anyone can prune
         why = tuple(dict.fromkeys(reasons.get(root, ())))
         if not why and not consumer_of.get(root):
-            why = ("read by no conv that chanprune refits",)
+            why = ("read by no layer that chanprune refits",)
         groups[name_of[root]] = ChannelGroup(
             name=name_of[root], size=sizes[root], producers=producers,
             carriers=tuple(carriers_of.get(root, ())),
@@ -864,6 +898,13 @@ def _costs(gm, analysis: _Analysis, uf: _UnionFind, reasons, name_of) -> list[La
                           out_fixed)
             )  # fmt: skip
         elif isinstance(module, nn.Linear) and out_shape is not None:
+            if len(out_shape) == 2:  # a 1x1 conv on its features (Analysis.linear)
+                in_groups, in_fixed = split(analysis.atoms_of(node.args[0]))
+                out_groups, out_fixed = split(analysis.atoms_of(node))
+                costs.append(
+                    LayerCost(node.target, 1, in_groups, in_fixed, out_groups, out_fixed)
+                )
+                continue
             rows = math.prod(out_shape[1:-1]) if len(out_shape) > 2 else 1
             costs.append(
                 LayerCost(node.target, rows, (), module.in_features, (), module.out_features)
@@ -925,6 +966,44 @@ def with_channel_samplers(plan: Plan) -> Plan:
         for cost in plan.costs
     ]  # fmt: skip
     return dataclasses.replace(plan, groups=groups, consumers=consumers, costs=costs)
+
+
+def keep_whole(plan: Plan, names, reason: str) -> Plan:
+    """The plan with the groups ``names`` kept whole for ``reason``: they leave the
+    consumers' layouts and the costs' groups as fixed channels, as if the trace had fixed
+    them (unknown names are refused; groups already whole are left as they are)."""
+    names = set(names)
+    unknown = names - set(plan.groups)
+    if unknown:
+        raise ValueError(f"no channel groups {sorted(unknown)} in this plan.")
+    names = {n for n in names if plan.groups[n].prunable}
+    if not names:
+        return plan
+
+    def layout(segments: tuple) -> tuple:
+        return tuple((None if g in names else g, width) for g, width in segments)
+
+    def side(groups: tuple, fixed: int) -> tuple:
+        whole = sum(plan.groups[g].size for g in groups if g in names)
+        return tuple(g for g in groups if g not in names), fixed + whole
+
+    groups = {
+        name: dataclasses.replace(g, fixed=(reason,)) if name in names else g
+        for name, g in plan.groups.items()
+    }  # fmt: skip
+    consumers = [dataclasses.replace(c, layout=layout(c.layout)) for c in plan.consumers]
+    costs = []
+    for cost in plan.costs:
+        in_groups, in_fixed = side(cost.in_groups, cost.in_fixed)
+        out_groups, out_fixed = side(cost.out_groups, cost.out_fixed)
+        costs.append(dataclasses.replace(
+            cost, in_groups=in_groups, in_fixed=in_fixed, out_groups=out_groups,
+            out_fixed=out_fixed,
+        ))  # fmt: skip
+    layouts = {node: layout(segments) for node, segments in plan.layouts.items()}
+    return dataclasses.replace(
+        plan, groups=groups, consumers=consumers, costs=costs, layouts=layouts
+    )
 
 
 def group_of_key(plan: Plan, key: str) -> str:
@@ -1077,6 +1156,14 @@ def paper_multipliers(plan: Plan) -> dict[str, float]:
     consumers = {c.name: c for c in plan.consumers}
     # Channel-sampler groups take their branch's ratio (below), as its role "2a" or "basic".
     prunable = [g for g in plan.groups.values() if g.prunable and not g.sampler]
+    # The paper prunes convs: a group a linear layer writes or reads stays whole.
+    linear = {c.name for c in plan.consumers if c.linear}
+    kept_whole = [
+        g for g in prunable
+        if linear.intersection(g.consumers) or isinstance(
+            plan.graph.get_submodule(g.producers[0]), nn.Linear)
+    ]  # fmt: skip
+    prunable = [g for g in prunable if g not in kept_whole]
     size_in = plan.input_shape[1:]
 
     def spatial(node: fx.Node) -> tuple:
@@ -1098,7 +1185,7 @@ def paper_multipliers(plan: Plan) -> dict[str, float]:
         return consumers[group.consumers[0]]
 
     if not any(c.addend for c in plan.consumers):
-        out = {}
+        out = dict.fromkeys((g.name for g in kept_whole), 0.0)
         for g in prunable:
             # The stage of the conv reading the group (after any pooling in between).
             shape = spatial(nodes[reader(g).node].args[0])
@@ -1139,7 +1226,7 @@ def paper_multipliers(plan: Plan) -> dict[str, float]:
         return _shape(first.args[0]), _shape(last)
 
     smallest = min(math.prod(ends(b)[1][2:]) for b in branches)
-    out = dict.fromkeys((g.name for g in stream), 0.0)
+    out = dict.fromkeys((g.name for g in stream + kept_whole), 0.0)
     for branch in branches:
         shape_in, shape_out = ends(branch)
         sensitive = shape_in != shape_out or math.prod(shape_out[2:]) == smallest
@@ -1156,19 +1243,31 @@ def paper_multipliers(plan: Plan) -> dict[str, float]:
     return out
 
 
-def _close_gap(plan: Plan, widths: dict, steps: Mapping[str, int], target: float) -> dict:
+def _close_gap(
+    plan: Plan, widths: dict, steps: Mapping[str, int], target: float,
+    allowed: Optional[Mapping[str, np.ndarray]] = None,
+) -> dict:  # fmt: skip
     """Move single steps while that brings the MACs closer to ``target``: add a step to
-    the group that keeps the MACs under it, or take one from a group while above it."""
+    the group that keeps the MACs under it, or take one from a group while above it.
+    Each group moves once at most: repeated steps would walk the groups of the fewest
+    MACs (a classifier's hidden layers) far from their planned width to trim a rounding
+    gap. ``allowed``: per group, whether each width ``0..size`` may be taken (all by
+    default)."""
     widths = dict(widths)
     total = plan.macs()
-    for _ in range(4 * len(widths)):
+    moved: set = set()
+    for _ in range(len(widths)):
         gap = plan.macs(widths) - target
         if abs(gap) <= 0.002 * total:
             break
         best = None
         for n, w in widths.items():
+            if n in moved:
+                continue
             w += steps[n] if gap < 0 else -steps[n]
             if not steps[n] <= w <= plan.groups[n].size:
+                continue
+            if allowed is not None and not allowed[n][w]:
                 continue
             err = abs(plan.macs(dict(widths, **{n: w})) - target)
             if best is None or err < best[0]:
@@ -1176,6 +1275,7 @@ def _close_gap(plan: Plan, widths: dict, steps: Mapping[str, int], target: float
         if best is None or best[0] >= abs(gap):
             break
         widths[best[1]] = best[2]
+        moved.add(best[1])
     return widths
 
 
@@ -1277,7 +1377,8 @@ def widths_for_cost(
             break
         widths[best[1]] = best[2]
         macs -= best[3]
-    widths = _close_gap(plan, {n: widths[n] for n in steps}, steps, target)
+    affordable = {name: np.isfinite(values) for name, values in costs.items()}
+    widths = _close_gap(plan, {n: widths[n] for n in steps}, steps, target, affordable)
     _achieved(total / plan.macs(widths), speedup, tolerance)
     return widths
 

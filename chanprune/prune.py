@@ -41,12 +41,13 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ._validation import check_choice, check_int_in_range, check_real_in_range
-from .distributed import Shard, check_agreement, model_fingerprint, shard_rows
+from .distributed import Shard, all_reduce_sum, check_agreement, model_fingerprint, shard_rows
 from .flops import count_params
 from .graph import (
     Plan,
     PlanWarning,
     explicit_widths,
+    keep_whole,
     paper_multipliers,
     symbolic_trace,
     trace_plan,
@@ -72,6 +73,7 @@ from .sweep import (
     SweepOptions,
     bn_scales,
     sweep_graph,
+    unscaled_linear_groups,
 )
 
 __all__ = [
@@ -702,6 +704,12 @@ def _prune_graph(
     if schedule == "auto":
         schedule, auto_reason = resolve_auto_schedule(plan)
         logger.info("schedule='auto': %s, for %s", schedule, auto_reason)
+    if options.method == "bn_scale":
+        plan = keep_whole(
+            plan, unscaled_linear_groups(plan),
+            "written by a linear layer with no BatchNorm to rank its channels by "
+            "(method='bn_scale')",
+        )  # fmt: skip
     explicit = isinstance(schedule, Mapping)
     tic = time.perf_counter()
     if explicit:
@@ -813,7 +821,10 @@ def _graph_costs(
             plan, images, batch_size=batch_size, device=device, progress=progress,
             process_group=process_group,
         )  # fmt: skip
-        return {name: curve.cost() for name, curve in curves.items()}
+        return _keep_undersampled(
+            plan, {name: curve.cost() for name, curve in curves.items()}, images.shape[0],
+            process_group,
+        )  # fmt: skip
     consumers = {c.name: c for c in plan.consumers}
     first = {name: consumers[g.consumers[0]] for name, g in groups.items() if g.consumers}
     modules = {c.name: plan.graph.get_submodule(c.name) for c in first.values()}
@@ -831,4 +842,25 @@ def _graph_costs(
         spectrum = covariance_spectrum(cov)
         with np.errstate(divide="ignore"):
             cost[name] = -np.log(np.concatenate([[0.0], energy_fractions(spectrum)]))
-    return cost
+    return _keep_undersampled(plan, cost, images.shape[0], process_group)
+
+
+def _keep_undersampled(plan, cost: dict, n_images: int, process_group=None) -> dict:
+    """``cost`` with the groups a linear layer reads kept whole (infinite cost below their
+    size) where the measured images are fewer than twice their channels: one vector per
+    image spans at most ``n_images`` of them, so a spectrum or a fitted prediction there
+    would call the rest free (a class-sorted prefix spans even fewer)."""
+    if process_group is not None:
+        n_images = int(all_reduce_sum(torch.tensor(float(n_images)), process_group))
+    linear = {c.name for c in plan.consumers if c.linear}
+    out = dict(cost)
+    for name in cost:
+        group = plan.groups[name]
+        if linear.intersection(group.consumers) and n_images < 2 * group.size:
+            out[name] = np.full(group.size + 1, np.inf)
+            out[name][-1] = 0.0
+            logger.info(
+                "%s: read by a linear layer and measured on %d images (< 2 x %d channels): "
+                "kept whole by the schedule.", name, n_images, group.size,
+            )  # fmt: skip
+    return out

@@ -260,8 +260,8 @@ def input_moments(
     images : tensor of shape (n_images, C, H, W)
         Preprocessed images.
     consumers : dict of name -> module
-        Modules whose input (4-d, ``(N, c, h, w)``) is measured, each called once per
-        forward.
+        Modules whose input (``(N, c, h, w)``, or ``(N, c)`` for a linear layer) is
+        measured, each called once per forward.
     batch_size : int, default=100
     device : torch.device or str, optional
         Where the model runs; each batch is moved there. Default: the images' device.
@@ -278,7 +278,8 @@ def input_moments(
     Raises
     ------
     ValueError
-        A consumer whose input is not 4-d, or that the forward pass never reaches.
+        A consumer whose input is neither 4-d nor 2-d, or that the forward pass never
+        reaches.
 
     Notes
     -----
@@ -291,8 +292,12 @@ def input_moments(
     def pre_hook(name):
         def hook(module, args):
             x = args[0].detach()
+            if x.dim() == 2:  # a linear layer's (N, C): one position per image
+                x = x[:, :, None, None]
             if x.dim() != 4:
-                raise ValueError(f"{name}: expected a 4-d input (N, C, H, W); got {x.dim()}-d.")
+                raise ValueError(
+                    f"{name}: expected an input (N, C, H, W) or (N, C); got {x.dim()}-d."
+                )
             rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).to(torch.float64)
             gram[name] = gram.get(name, 0.0) + rows.T @ rows
             total[name] = total.get(name, 0.0) + rows.sum(0)

@@ -420,8 +420,9 @@ def select_greedy_gram(
     info = {"removed": removed}
     if max_swaps > 0:
         kept, errors, swaps = _swap_search(
-            gram, linear[:, None], t2, 1, kept, max_swaps=max_swaps, tol=tol
-        )
+            gram, linear[:, None], t2, 1, kept, n_channels=gram.shape[0],
+            max_swaps=max_swaps, tol=tol,
+        )  # fmt: skip
         info.update(errors=errors, swaps=swaps)
     return Selection(kept=kept, n_iter=c - keep, info=info)
 
@@ -588,6 +589,7 @@ def _swap_search(
     block_size: int,
     kept: np.ndarray,
     *,
+    n_channels: int,
     max_swaps: int,
     tol: float,
 ) -> tuple[np.ndarray, list[float], list[tuple[int, int]]]:
@@ -595,7 +597,7 @@ def _swap_search(
 
     The problem is ``E(S) = t2 - tr(B_S^T G_SS^-1 B_S)``: the error of the best linear
     fit of the targets from the kept blocks ``S`` plus any trailing columns of ``gram``
-    past ``c * block_size`` (the ones column), which are always kept. Every pair is
+    past ``n_channels * block_size`` (the ones column), which are always kept. Every pair is
     scored exactly, from the kept set's inverse ``H`` and solution ``W = H B_S``:
     removing block ``i`` raises ``E`` by ``tr(W_i^T H_ii^-1 W_i)``; adding block ``j`` to
     ``S \\ i`` then lowers it by ``tr(R_j'^T Sc_j'^-1 R_j')``, where, with ``C = G_jS
@@ -607,8 +609,7 @@ def _swap_search(
     Returns the kept blocks (sorted), the error of ``kept`` as given and after each
     accepted swap, and the swaps as (removed, added) pairs.
     """
-    k = block_size
-    c = (gram.shape[0]) // k
+    k, c = block_size, n_channels  # (c * k + 1) // k would count the ones column at k = 1
     fixed = np.arange(c * k, gram.shape[0])
     kept = previous = np.sort(np.asarray(kept, dtype=np.int64))
     errors: list[float] = []
@@ -715,7 +716,7 @@ def select_greedy_swap(
     gram = regularized_gram(moments, np.arange(d + 1), ridge)
     kept, errors, swaps = _swap_search(
         gram, moments.xty, moments.yty, moments.block_size, greedy.kept,
-        max_swaps=max_swaps, tol=tol,
+        n_channels=moments.n_channels, max_swaps=max_swaps, tol=tol,
     )  # fmt: skip
     info = {**greedy.info, "errors": errors, "swaps": swaps}
     return Selection(kept=kept.astype(np.int64), n_iter=greedy.n_iter + len(swaps), info=info)

@@ -292,10 +292,12 @@ def _predictor(positions, kept, mean, cov, device):
 
     def hook(module, args):
         x = args[0]
+        flat = x.dim() == 2  # a linear layer's (N, C)
+        x = x[:, :, None, None] if flat else x
         xk = x.index_select(1, kept_index) - mean_k.to(x).view(1, -1, 1, 1)
         pred = torch.einsum("nkhw,ks->nshw", xk, coef.to(x)) + mean_g.to(x).view(1, -1, 1, 1)
         x = x.clone()
         x[:, index] = pred
-        return (x,) + tuple(args[1:])
+        return (x[:, :, 0, 0] if flat else x,) + tuple(args[1:])
 
     return hook

@@ -58,6 +58,7 @@ __all__ = [
     "insert_channel_sampler",
     "fold_batchnorm",
     "set_conv_params",
+    "set_linear_params",
     "prune_conv_in_channels",
     "prune_conv_out_channels",
     "prune_batchnorm",
@@ -746,6 +747,50 @@ def prune_linear_out_features(linear: nn.Linear, kept: IndexLike) -> nn.Linear:
     if linear.bias is not None:
         _replace_param(linear, "bias", _index(linear.bias, 0, kept_t))
     linear.out_features = int(kept_t.numel())
+    return linear
+
+
+def set_linear_params(
+    linear: nn.Linear, weight: ArrayLike, bias: Optional[ArrayLike] = None
+) -> nn.Linear:
+    """Install a new weight (and optionally bias) in ``linear``, in place, resizing it.
+
+    Parameters
+    ----------
+    linear : nn.Linear
+    weight : ndarray or Tensor of shape (out', in')
+        ``out'`` and ``in'`` become ``linear.out_features`` and ``linear.in_features``.
+        Converted to the layer's dtype and device (copied).
+    bias : ndarray or Tensor of shape (out',), optional
+        The new bias. ``None`` keeps the current bias (which must then have ``out'``
+        entries, or be absent). A layer built with ``bias=False`` gains a bias when one is
+        given.
+
+    Returns
+    -------
+    linear : nn.Linear
+        The same module, modified in place.
+    """
+    _check_linear(linear, "linear")
+    if not isinstance(weight, (np.ndarray, torch.Tensor)):
+        raise TypeError(
+            f"weight must be a numpy array or a torch tensor; got {type(weight).__name__}."
+        )
+    shape = tuple(weight.shape)
+    if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
+        raise ValueError(
+            f"weight must have shape (out_features, in_features), both non-zero; got {shape}."
+        )
+    new_w = _as_tensor_like(weight, "weight", linear.weight, shape)
+    if bias is not None:
+        _replace_param(linear, "bias", _as_tensor_like(bias, "bias", linear.weight, shape[:1]))
+    elif linear.bias is not None and linear.bias.shape[0] != shape[0]:
+        raise ValueError(
+            f"linear has a bias of {linear.bias.shape[0]} entries but the new weight has "
+            f"{shape[0]} rows; pass a bias of shape ({shape[0]},)."
+        )
+    _replace_param(linear, "weight", new_w)
+    linear.out_features, linear.in_features = shape
     return linear
 
 

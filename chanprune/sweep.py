@@ -74,8 +74,11 @@ from .surgery import (
     prune_conv_in_channels,
     prune_conv_out_channels,
     prune_grouped_conv,
+    prune_linear_in_features,
+    prune_linear_out_features,
     set_batchnorm_identity,
     set_conv_params,
+    set_linear_params,
 )
 
 __all__ = ["SweepOptions", "ACTIVATION_METHODS", "sweep_graph"]
@@ -114,12 +117,28 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+def as_conv(layer: nn.Module) -> nn.Conv2d:
+    """``layer`` as a conv: a conv itself, a linear layer on ``(N, features)`` the 1x1 conv
+    it computes on ``(N, features, 1, 1)``, its parameters viewed, not copied."""
+    if not isinstance(layer, nn.Linear):
+        return layer
+    conv = nn.Conv2d(
+        layer.in_features, layer.out_features, 1, bias=layer.bias is not None, device="meta"
+    )  # meta: no memory, no initialisation; the parameters are replaced next
+    conv.weight = nn.Parameter(layer.weight.detach()[:, :, None, None], requires_grad=False)
+    if layer.bias is not None:
+        conv.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
+    return conv
+
+
 def folded_params(
-    conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]
+    layer: nn.Module, bn: Optional[nn.Module]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``bn(conv(x))`` (eval mode) as one conv."""
+    """Weight (n, c, kh, kw) and bias (n,) of ``bn(layer(x))`` (eval mode) as one conv (a
+    linear layer as a 1x1 conv)."""
     if bn is not None:
-        conv = fold_batchnorm(conv, bn)
+        layer = fold_batchnorm(layer, bn)
+    conv = as_conv(layer)
     bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
     return conv.weight.detach(), bias.detach()
 
@@ -283,6 +302,17 @@ class _Runner:
 
     def run(self, node: fx.Node, env: dict) -> torch.Tensor:
         self.interp.env = env
+        if node.op == "call_method" and node.target == "view":
+            source = node.args[0]
+            value = env.get(source)
+            if torch.is_tensor(value) and not value.is_contiguous():
+                # Maps run channels-last (faster convs on a CPU), which a model's
+                # x.view(n, -1) cannot flatten: it views a default-layout copy instead.
+                env[source] = value.contiguous()
+                try:
+                    return self.interp.run_node(node)
+                finally:
+                    env[source] = value
         return self.interp.run_node(node)
 
     def advance(self, env: dict, start: int, stop: int) -> None:
@@ -433,6 +463,25 @@ class ActivationScores:
         return bn_scale
 
 
+def unscaled_linear_groups(plan: Plan) -> list[str]:
+    """Prunable groups written by linear layers only and passing through no affine
+    BatchNorm (a classifier's hidden layers): ``bn_scale`` has nothing to rank them by."""
+    out = []
+    for name, group in plan.groups.items():
+        if not group.prunable or not group.producers:
+            continue
+        if not all(isinstance(plan.graph.get_submodule(p), nn.Linear) for p in group.producers):
+            continue
+        scaled = any(
+            isinstance(m := plan.graph.get_submodule(module), (nn.BatchNorm1d, nn.BatchNorm2d))
+            and m.affine
+            for module, _ in group.carriers
+        )  # fmt: skip
+        if not scaled:
+            out.append(name)
+    return out
+
+
 def bn_scales(plan: Plan) -> dict[str, np.ndarray]:
     """``|gamma|`` of each prunable group's channels, from the first affine BatchNorm the
     group passes through (read before any refit turns it into the identity).
@@ -443,7 +492,7 @@ def bn_scales(plan: Plan) -> dict[str, np.ndarray]:
         A prunable group that passes through no affine BatchNorm (the criterion has no
         value for its channels); the message names the groups.
     """
-    out, missing = {}, []
+    out = {}
     for name, group in plan.groups.items():
         if not group.prunable:
             continue
@@ -460,8 +509,7 @@ def bn_scales(plan: Plan) -> dict[str, np.ndarray]:
                 offset += width
             if name in out:
                 break
-        else:
-            missing.append(name)
+    missing = [name for name, group in plan.groups.items() if group.prunable and name not in out]
     if missing:
         raise UnsupportedLayerError(
             f"method='bn_scale' needs an affine BatchNorm on every pruned channel group; "
@@ -716,7 +764,7 @@ class _GraphSweep:
         ref_targets: list[str] = []
         pr_targets: list[str] = []
         for consumer in consumers:
-            conv = self.gm.get_submodule(consumer.name)
+            conv = as_conv(self.gm.get_submodule(consumer.name))
             convs.append(conv)
             stats.append(_ConsumerStats(conv, self.options))
             # A conv's output is one group; decided before this visit (a squeeze-excitation
@@ -766,6 +814,8 @@ class _GraphSweep:
                     y = y.index_select(1, kept_out.to(y.device))
                 if correct and consumer.addend is not None:
                     y = y + (ref_values[consumer.addend] - pr_values[consumer.addend])
+                if consumer.linear:  # as the 1x1 conv: one sample per image
+                    x, y = x[:, :, None, None], y[:, :, None, None]
                 n = x.shape[0]
                 n_fit_here = int(min(max(self.n_fit - lo, 0), n))
                 tic = time.perf_counter()
@@ -894,7 +944,9 @@ class _GraphSweep:
         kept_t = torch.from_numpy(kept)
         for producer in group.producers:
             conv = self.gm.get_submodule(producer)
-            if conv.groups == 1:
+            if isinstance(conv, nn.Linear):
+                prune_linear_out_features(conv, kept_t)
+            elif conv.groups == 1:
                 prune_conv_out_channels(conv, kept_t)
             else:
                 prune_grouped_conv(conv, out_kept=kept_t)
@@ -918,6 +970,8 @@ class _GraphSweep:
                 sampled = insert_channel_sampler(self.gm, consumer_name, pos)
                 if self.plan.model is not None:
                     self.plan.model.set_submodule(consumer_name, sampled)
+            elif consumer.linear:
+                prune_linear_in_features(conv, pos)
             elif conv.groups == 1:
                 prune_conv_in_channels(conv, pos)
             else:
@@ -942,7 +996,9 @@ class _GraphSweep:
         b = torch.as_tensor(bias, dtype=conv.weight.dtype)
         if bn is not None:
             set_batchnorm_identity(bn)
-        if conv.groups == 1:
+        if consumer.linear:
+            set_linear_params(conv, w.reshape(w.shape[0], -1))
+        elif conv.groups == 1:
             set_conv_params(conv, w)
         else:
             prune_grouped_conv(conv, weight=w)
@@ -973,13 +1029,14 @@ class _GraphSweep:
         if not pending and not drifted:
             return
         start = time.perf_counter()
-        conv = self.gm.get_submodule(consumer.name)
+        layer = self.gm.get_submodule(consumer.name)
+        conv = as_conv(layer)
         bn = self.gm.get_submodule(consumer.bn) if consumer.bn else None
         c_before = conv.in_channels
         # Its output is kept only by caches that sit at it (within the budget).
         at_consumer = self.behind is None
         (stats,) = self.sample([consumer], envs_ref, envs_pr, keep_first=at_consumer)
-        weight0, bias0 = folded_params(conv, bn)
+        weight0, bias0 = folded_params(layer, bn)
         weight0 = weight0.double().cpu().numpy()
         bias0 = bias0.double().cpu().numpy()
         fit_intercept = bn is not None or conv.bias is not None
@@ -1031,13 +1088,26 @@ class _GraphSweep:
                 "images or positions per image, or a larger ridge).",
                 consumer.name, stats.n_samples, unknowns,
             )  # fmt: skip
+        y2 = stats.yty if stats.yty > 0 else 1.0
+        dense = _dense(weight, kept_pos, c_before, conv.groups)
+        held = stats.held.rel_error(kept_pos, dense, bias, self.group)
+        if options.refit and held is not None:
+            # A refit is kept where it lowers the held-out error: one that only fits the
+            # fit images (a classifier over one sample per image) keeps the weights.
+            w_sel = _grouped_slice(weight0, kept_pos, c_before, conv.groups)
+            dense_sel = _dense(w_sel, kept_pos, c_before, conv.groups)
+            held_sel = stats.held.rel_error(kept_pos, dense_sel, bias0, self.group)
+            if held_sel <= held:
+                logger.info(
+                    "%s: the refit raises the held-out error (%.4f, %.4f without); the "
+                    "weights are kept.", consumer.name, held, held_sel,
+                )  # fmt: skip
+                weight, bias, held = w_sel, bias0, held_sel
+                err = err_before = stats.error_of(kept_pos, w_sel, bias0)
         self.install(consumer, weight, bias)
         self.cut.discard(consumer.name)
         self.diverged = True
         self.step += 1
-        dense = _dense(weight, kept_pos, c_before, conv.groups)
-        held = stats.held.rel_error(kept_pos, dense, bias, self.group)
-        y2 = stats.yty if stats.yty > 0 else 1.0
         self.reports.append(
             LayerReport(
                 name=consumer.name,

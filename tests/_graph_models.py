@@ -100,6 +100,7 @@ class Dense(nn.Module):
         self.conv2 = nn.Conv2d(40, 16, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(56)
         self.trans = nn.Conv2d(56, 16, 1, bias=False)
+        self.bn4 = nn.BatchNorm2d(16)
         self.fc = nn.Linear(16, 10)
 
     def forward(self, x):
@@ -108,7 +109,7 @@ class Dense(nn.Module):
         x1 = torch.cat([x0, y1], 1)
         y2 = self.conv2(F.relu(self.bn2(x1)))
         x2 = torch.cat([x1, y2], 1)
-        out = self.trans(F.relu(self.bn3(x2)))
+        out = F.relu(self.bn4(self.trans(F.relu(self.bn3(x2)))))
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
@@ -146,6 +147,39 @@ class Shuffle(nn.Module):
         x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
         x = F.relu(self.c(F.relu(self.b(x))))
         return self.fc(x.mean((2, 3)))
+
+
+class PooledHead(nn.Module):
+    """A chain into a pooled two-layer classifier with a BatchNorm1d: the linear layers
+    read and write channel groups as 1x1 convs do."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(3, 32), nn.ReLU(), conv_bn(32, 48), nn.ReLU())
+        self.fc1 = nn.Linear(48, 64)
+        self.bn = nn.BatchNorm1d(64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(self.body(x), 1).flatten(1)
+        return self.fc2(F.dropout(F.relu(self.bn(self.fc1(x))), training=self.training))
+
+
+class ViewHead(nn.Module):
+    """Maps flattened by ``x.view`` (features of many positions per channel: kept whole)
+    into a hidden linear layer, whose output group is pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = conv_bn(3, 16)
+        self.b = conv_bn(16, 16)
+        self.fc1 = nn.Linear(16 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.a(x)), 2)
+        x = F.max_pool2d(F.relu(self.b(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
 
 
 class DataDependent(nn.Module):
@@ -268,11 +302,18 @@ def masked_equivalent(original: nn.Module, pruned: nn.Module, plan, kept) -> nn.
                     bias = mod.bias.detach().clone()
                 bias[out_pos] = src.bias.detach()
                 mod.bias.data.copy_(bias)
-        elif isinstance(mod, nn.BatchNorm2d):
+        elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
             pos = _positions(out_layout, kept)
             for name in ("weight", "bias", "running_mean", "running_var"):
                 getattr(mod, name).data[pos] = getattr(src, name).detach()
-        elif isinstance(mod, nn.Linear):
-            mod.weight.data.copy_(src.weight.detach())
-            mod.bias.data.copy_(src.bias.detach())
+        elif isinstance(mod, nn.Linear):  # on (N, features): a 1x1 conv
+            in_pos = _positions(plan.layouts[node.args[0].name], kept)
+            out_pos = _positions(out_layout, kept)
+            w = torch.zeros_like(mod.weight)
+            w[out_pos[:, None], in_pos[None, :]] = src.weight.detach()
+            mod.weight.data.copy_(w)
+            if mod.bias is not None:
+                bias = mod.bias.detach().clone()
+                bias[out_pos] = src.bias.detach()
+                mod.bias.data.copy_(bias)
     return masked.eval()

@@ -766,9 +766,10 @@ def test_prune_a_user_model_from_a_file_callable(tiny, user_file, tmp_path, caps
 def test_info_lists_the_channel_groups_of_a_user_model(user_file, capsys):
     code, out, err = run(["info", "--model", f"{user_file}:Net", "--input-size", 8], capsys)
     assert code == 0, err
-    assert "channel groups: 2 of 3 prunable" in out
-    assert "blocks.c.0 (16 channels): kept whole: read by the linear layer fc" in out
-    assert "consumers: blocks.b.0" in out
+    assert "channel groups: 3 of 4 prunable" in out
+    assert "blocks.c.0 (16 channels): prunable" in out  # the classifier reads it
+    assert "fc (10 channels): kept whole: the network's output" in out
+    assert "consumers: blocks.b.0" in out and "consumers: fc" in out
     assert "--schedule auto picks 'energy': a VGG-style chain" in out  # no residual add
 
 

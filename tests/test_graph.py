@@ -15,14 +15,17 @@ from _graph_models import (
     Dense,
     Grouped,
     Inverted,
+    PooledHead,
     PreActResNet,
     Residual,
     Shuffle,
+    ViewHead,
     conv_bn,
     masked_equivalent,
     randomize,
 )
 from _planted import conv_macs_by_hooks
+from torch import nn
 
 import chanprune
 from chanprune.exceptions import UnsupportedLayerError
@@ -36,7 +39,7 @@ from chanprune.graph import (
 from chanprune.surgery import SampledConv2d
 
 SHAPE = (3, 16, 16)
-MODELS = [Chain, Residual, Inverted, Dense, Grouped]
+MODELS = [Chain, Residual, Inverted, Dense, Grouped, PooledHead, ViewHead]
 
 
 def _prune(model, speedup=2.0, **kwargs):
@@ -89,7 +92,67 @@ def test_concat_layouts_and_no_bias_consumers():
     assert consumers["conv2"].layout == (("stem", 24), ("conv1", 16))
     assert consumers["trans"].layout == (("stem", 24), ("conv1", 16), ("conv2", 16))
     assert plan.groups["stem"].consumers == ("conv1", "conv2", "trans")
-    assert plan.prunable == {"stem": 24, "conv1": 16, "conv2": 16}
+    # The classifier on the pooled features is a consumer (a 1x1 conv on them), so the
+    # transition conv's output is a group too; the logits are the network's output.
+    assert consumers["fc"].linear and consumers["fc"].layout == (("trans", 16),)
+    assert plan.prunable == {"stem": 24, "conv1": 16, "conv2": 16, "trans": 16}
+    assert "the network's output" in plan.groups["fc"].fixed
+
+
+def test_linear_layers_read_and_write_groups_as_1x1_convs():
+    plan = trace_plan(randomize(PooledHead()), SHAPE)
+    consumers = {c.name: c for c in plan.consumers}
+    assert plan.prunable == {"body.0.0": 32, "body.2.0": 48, "fc1": 64}
+    assert consumers["fc1"].linear and consumers["fc1"].layout == (("body.2.0", 48),)
+    assert consumers["fc1"].bn == "bn"  # a BatchNorm1d after it folds like a conv's
+    assert plan.groups["fc1"].consumers == ("fc2",)
+    assert not consumers["body.2.0"].linear
+    # A linear layer costs in x out per image, in its groups' widths.
+    assert plan.macs({"fc1": 32}) == plan.macs() - 48 * 32 - 32 * 10
+    # Features flattened from 4x4 maps are many per channel: that group stays whole, while
+    # the hidden layer after them is a group.
+    plan = trace_plan(randomize(ViewHead()), SHAPE)
+    assert plan.prunable == {"a.0": 16, "fc1": 32}
+    assert any("flattened" in why for why in plan.groups["b.0"].fixed)
+
+
+class _Tokens(nn.Module):
+    """A linear layer over (N, T, C) tokens: its features are not dimension 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(2).transpose(1, 2))
+
+
+class _Wide(nn.Module):
+    """A classifier over more features than a consumer's statistics hold."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.wide = nn.Conv2d(8, width, 1)
+        self.fc = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.fc(self.wide(self.conv(x)).mean((2, 3)))
+
+
+def test_linear_layers_the_planner_cannot_refit_keep_their_groups_whole():
+    from chanprune.graph import MAX_LINEAR_FEATURES
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanWarning)  # the transpose is unknown
+        plan = trace_plan(_Tokens(), SHAPE)
+    assert "conv" not in plan.prunable and not any(c.linear for c in plan.consumers)
+    plan = trace_plan(_Wide(MAX_LINEAR_FEATURES + 8), (3, 2, 2))
+    reasons = plan.groups["wide"].fixed
+    assert any(f"over {MAX_LINEAR_FEATURES + 8} features" in why for why in reasons)
+    assert "conv" in plan.prunable  # read by the wide conv, not the linear layer
+    assert "wide" in trace_plan(_Wide(64), (3, 2, 2)).prunable
 
 
 def test_grouped_conv_parts():
@@ -174,6 +237,55 @@ def test_refit_lowers_the_error_against_the_original():
         err_refit = float((refit(images) - ref).norm())
         err_plain = float((plain(images) - ref).norm())
     assert err_refit < 0.7 * err_plain
+
+
+def test_a_refit_is_kept_only_where_it_lowers_the_held_out_error():
+    """Only the first conv's group is narrowed: the head's layers are refit for the drift
+    alone. With 4 fit images for 49 and 65 unknowns per output the refits interpolate
+    them, and both layers keep their function (so on 12 of 12 seeds tried); with 300 the
+    first one's refit stays."""
+    torch.manual_seed(0)
+    model = randomize(PooledHead()).eval()
+    kwargs = dict(schedule={"body.0.0": 16}, progress=False, positions_per_image=None)
+    features = torch.randn(32, 48, generator=torch.Generator().manual_seed(7))
+    for n_images, holdout in ((8, 0.5), (400, 0.25)):
+        images = torch.randn(n_images, *SHAPE, generator=torch.Generator().manual_seed(1))
+        pruned, report = chanprune.prune_model(
+            copy.deepcopy(model), images, holdout=holdout, **kwargs
+        )  # fmt: skip
+        layers = {layer.name: layer for layer in report.layers}
+        with torch.no_grad():
+            fc1_of = {m: m.bn(m.fc1(features)) for m in (model, pruned.eval())}
+            fc2_of = {m: m.fc2(fc1_of[model]) for m in (model, pruned)}
+        if n_images == 8:
+            for name in ("fc1", "fc2"):
+                assert layers[name].rel_error == pytest.approx(
+                    layers[name].rel_error_before_refit, rel=1e-9)  # fmt: skip
+            torch.testing.assert_close(fc1_of[pruned], fc1_of[model], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fc2_of[pruned], fc2_of[model], rtol=1e-5, atol=1e-5)
+        else:
+            assert layers["fc1"].rel_error < 0.5 * layers["fc1"].rel_error_before_refit
+            assert not torch.allclose(fc1_of[pruned], fc1_of[model], rtol=1e-3, atol=1e-3)
+
+
+def test_data_schedules_keep_groups_a_linear_layer_reads_from_too_few_images():
+    """One vector per image spans at most that many channels: with 24 images (18 fit,
+    fewer than twice 48 or 64) the energy schedule would see a free cut there."""
+    from chanprune.prune import _keep_undersampled
+
+    plan = trace_plan(randomize(PooledHead()), SHAPE)
+    cost = {name: np.zeros(g.size + 1) for name, g in plan.groups.items() if g.prunable}
+    kept = _keep_undersampled(plan, cost, n_images=100)
+    assert np.isinf(kept["fc1"][:-1]).all() and kept["fc1"][-1] == 0  # 100 < 2 x 64
+    assert not np.isinf(kept["body.2.0"]).any()  # 100 >= 2 x 48
+    assert not np.isinf(kept["body.0.0"]).any()  # read by a conv
+    assert not np.isinf(cost["fc1"]).any()  # the input is not changed
+    images = torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(2))
+    _, report = chanprune.prune_model(
+        randomize(PooledHead()), images, speedup=1.3, schedule="energy", progress=False
+    )
+    widths = report.options["widths"]
+    assert widths["fc1"] == 64 and widths["body.2.0"] == 48 and widths["body.0.0"] < 32
 
 
 def test_residual_correction_lowers_block_output_error():

@@ -12,6 +12,7 @@ from chanprune.sampling import (
     channel_spectra,
     extract_patches,
     gather_outputs,
+    input_moments,
     record_activations,
     sample_positions,
 )
@@ -138,3 +139,19 @@ def test_channel_spectra_remove_hooks_and_keep_the_model():
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match=r"never reached \['stray'\]"):
         channel_spectra(net, torch.randn(2, 3, 8, 8), {"stray": nn.Conv2d(6, 4, 1)})
+
+
+def test_input_moments_of_a_linear_layer_are_those_of_its_rows():
+    """A linear layer's (N, C) input: one vector per image, against numpy's mean and
+    population covariance; a 3-d input is refused with its rank named."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    x = torch.randn(9, 3, 6, 6, generator=torch.Generator().manual_seed(5))
+    mean, cov = input_moments(net.eval(), x, {"fc": net[3]}, batch_size=4)["fc"]
+    with torch.no_grad():
+        rows = net[:3](x).double().numpy()
+    np.testing.assert_allclose(mean.numpy(), rows.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(cov.numpy(), np.cov(rows, rowvar=False, bias=True), rtol=1e-5,
+                               atol=1e-9)  # fmt: skip
+    tokens = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="3-d"):
+        input_moments(tokens, torch.randn(2, 5, 3), {"fc": tokens[0]})

@@ -20,8 +20,9 @@ def vgg_cifar():
 
 
 def _built(widths: dict[str, int]) -> VGG:
-    """A VGG-16-BN CIFAR whose conv outputs have the planned widths (group ``features.i``
-    is the output of the conv at ``features[i]``), built independently of the planner."""
+    """A VGG-16-BN CIFAR whose conv and hidden linear outputs have the planned widths
+    (group ``features.i`` is the output of the conv at ``features[i]``, ``classifier.i``
+    of the linear layer there), built independently of the planner."""
     cfg, index = [], 0
     for v in CFG:
         if v == "M":
@@ -30,7 +31,8 @@ def _built(widths: dict[str, int]) -> VGG:
             continue
         cfg.append(widths.get(f"features.{index}", v))
         index += 3  # conv, BN, ReLU
-    return VGG(cfg, batch_norm=True, num_classes=10, pool_size=1, hidden_features=512)
+    hidden = (widths.get("classifier.0", 512), widths.get("classifier.3", 512))
+    return VGG(cfg, batch_norm=True, num_classes=10, pool_size=1, hidden_features=hidden)
 
 
 @pytest.mark.parametrize("schedule", ["uniform", "paper"])

@@ -397,14 +397,14 @@ def test_greedy_gram_on_only_dead_channels_keeps_the_first_without_nan():
 
 
 # ---------------------------------------------------------------------------- swap search
-def _correlated_problem(seed: int, c: int = 7, k: int = 4, n: int = 5):
+def _correlated_problem(seed: int, c: int = 7, k: int = 4, n: int = 5, side: int = 2):
     """Channels mixed from three latent ones plus noise: backward elimination sometimes
-    drops a channel that a later removal makes necessary."""
+    drops a channel that a later removal makes necessary. Blocks of ``side x side``."""
     rng = np.random.default_rng(seed)
-    latent = rng.normal(size=(300, 3, 2, 2))
+    latent = rng.normal(size=(300, 3, side, side))
     X = np.einsum("slij,cl->scij", latent, rng.normal(size=(c, 3)))
-    X = X + 0.3 * rng.normal(size=(300, c, 2, 2))
-    W = rng.normal(size=(n, c, 2, 2))
+    X = X + 0.3 * rng.normal(size=(300, c, side, side))
+    W = rng.normal(size=(n, c, side, side))
     Y = np.einsum("scij,ocij->so", X, W) + 0.1 * rng.normal(size=(300, n))
     return _moments(X, Y)
 
@@ -431,6 +431,21 @@ def test_greedy_swap_is_a_swap_local_optimum_never_worse_than_greedy():
         best = min(_refit_error(m, np.array(s)) for s in itertools.combinations(range(8), 3))
         assert e_swap >= best * (1 - 1e-9)
     assert improved >= 3  # the problems do defeat plain elimination
+
+
+def test_greedy_swap_on_one_column_per_channel_keeps_channels_in_range():
+    """1x1 convs and linear layers: one column per channel plus the ones column, which
+    the swap search must not take for a channel (it once returned index c)."""
+    from chanprune.selection import select_greedy_swap
+
+    for seed in range(10):
+        m = _correlated_problem(seed, c=8, side=1)
+        swap = select_greedy_swap(m, 3, tol=1e-12)
+        assert swap.kept.size == 3 and swap.kept.max() < 8
+        e_swap = _refit_error(m, swap.kept)
+        assert e_swap <= _refit_error(m, select_greedy_ls(m, 3).kept) * (1 + 1e-12)
+        best = min(_refit_error(m, np.array(s)) for s in itertools.combinations(range(8), 3))
+        assert e_swap >= best * (1 - 1e-9)
 
 
 def test_greedy_swap_errors_are_the_refit_errors_of_each_kept_set():

@@ -96,6 +96,38 @@ def test_degradation_is_monotone_in_width_and_zero_at_the_planted_rank():
     assert torch.equal(plan.graph(images), model(images))
 
 
+class _LowRankHead(nn.Module):
+    """conv -> pooled features -> fc1 -> fc2, all linear: fc1's 8 outputs are
+    combinations of 4, and fc2 reads them as a 1x1 conv would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(self.conv(x).mean((2, 3))))
+
+
+def test_degradation_through_a_linear_layer_is_zero_at_the_planted_rank():
+    torch.manual_seed(0)
+    model = _LowRankHead().double().eval()
+    mix = torch.randn(4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        w, b = model.fc1.weight, model.fc1.bias
+        w[4:] = mix @ w[:4]
+        b[4:] = mix @ b[:4]
+    images = torch.randn(40, 3, 8, 8, dtype=torch.float64)
+    plan = trace_plan(model, (3, 8, 8))
+    assert set(plan.prunable) == {"conv", "fc1"}  # both read by a linear layer
+    curve = measure_sensitivity(plan, images, ratios=(0.25, 0.5, 0.75))["fc1"]
+    assert curve.widths.tolist() == [2, 4, 6]
+    # Two channels cannot carry four (small logits: a small KL, still 10^4 x rounding).
+    assert curve.degradation[0] > 1e-5 and np.all(curve.degradation[1:] < 1e-9)
+    assert torch.equal(plan.graph(images), model(images))  # the hooks are gone
+
+
 def test_cost_envelope_ignores_noise_that_rises_with_width():
     curve = SensitivityCurve(8, np.array([2, 4, 6]), np.array([0.5, 0.1, 0.2]))
     cost = curve.cost()

@@ -23,6 +23,7 @@ from chanprune.surgery import (
     prune_linear_in_features,
     prune_linear_out_features,
     set_conv_params,
+    set_linear_params,
 )
 
 
@@ -343,6 +344,28 @@ def test_set_conv_params():
         set_conv_params(conv, torch.full((5, 3, 3, 3), float("nan")))
     with pytest.raises(TypeError, match="weight"):
         set_conv_params(conv, [[1.0]])
+
+
+def test_set_linear_params():
+    lin = nn.Linear(4, 6, bias=False)
+    weight = np.arange(6.0).reshape(2, 3)
+    assert set_linear_params(lin, weight) is lin
+    assert (lin.out_features, lin.in_features, lin.bias) == (2, 3, None)
+    weight[0, 0] = 100.0  # the layer holds a copy
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), x @ torch.arange(6.0).reshape(2, 3).T)
+    set_linear_params(lin, torch.ones(5, 3), torch.arange(5.0))
+    assert lin.bias.shape == (5,) and lin.bias.requires_grad == lin.weight.requires_grad
+    with pytest.raises(ValueError, match="pass a bias"):
+        set_linear_params(lin, torch.ones(4, 3))
+    with pytest.raises(ValueError, match="shape"):
+        set_linear_params(lin, torch.ones(5, 3, 1, 1))
+    with pytest.raises(ValueError, match="NaN"):
+        set_linear_params(lin, torch.full((5, 3), float("nan")))
+    with pytest.raises(UnsupportedLayerError, match="nn.Linear"):
+        set_linear_params(nn.Conv2d(3, 5, 1), torch.ones(5, 3))
+    assert lin.weight.shape == (5, 3)  # a refused call changes nothing
 
 
 def test_refit_weight_via_prune_conv_in_channels():
