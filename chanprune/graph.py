@@ -13,14 +13,15 @@ input, a linear layer's features, zero padding). Ops move atoms around:
   squeeze-excitation multiply), so those channels are one index space;
 - a linear layer on ``(N, features)`` is a 1x1 conv on its features: it writes an atom
   and reads its input as a conv does (ResNet's classifier, VGG's hidden layers);
+- flattening maps keeps their layout, counted in channels of ``H * W`` features each
+  (channel-major), for linear layers to read as a conv over the whole map;
 - anything else (a channel shuffle, a split, an unknown module) fixes the atoms it reads.
 
 A *channel group* is a class of tied atoms: channels with one index space, written by
 its producers and read by its consumers (the convs and linear layers whose input
 contains it). A group is pruned when nothing fixes it; otherwise it is kept whole, and
 :class:`Plan` says why. Groups tied to a residual addition are kept whole, as the paper
-does; the network's input and its outputs are fixed too, and so are features flattened
-from maps (one channel is many features there).
+does; the network's input and its outputs are fixed too.
 """
 
 from __future__ import annotations
@@ -135,8 +136,11 @@ class Consumer:
         addition (a residual stream): a channel sampler may select its input
         (:func:`with_channel_samplers`).
     linear : bool
-        A linear layer on ``(N, features)``, sampled and refit as the 1x1 conv it computes
-        (one sample per image).
+        A linear layer on ``(N, features)``, sampled and refit as the conv it computes: a
+        1x1 conv on features, or over the whole map where they are a flattened map.
+    spread : int
+        Input features per channel: ``H * W`` of the maps flattened into a linear layer
+        (channel-major), 1 otherwise.
     """
 
     name: str
@@ -147,6 +151,7 @@ class Consumer:
     groups: int = 1
     stream: bool = False
     linear: bool = False
+    spread: int = 1
 
     @property
     def in_groups(self) -> list[str]:
@@ -245,6 +250,7 @@ class Plan:
     costs: list = field(default_factory=list)  # LayerCost
     unknown_ops: dict = field(default_factory=dict)  # group name -> [op descriptions]
     layouts: dict = field(default_factory=dict)  # node name -> tuple of (group|None, width)
+    spread: dict = field(default_factory=dict)  # node name -> features per channel (flattened)
 
     @property
     def prunable(self) -> dict[str, int]:
@@ -334,6 +340,8 @@ class _Analysis:
         self.carriers: list[tuple[str, str]] = []  # (module path, node name)
         self.partition: dict[int, list[int]] = {}  # atom -> grouped-conv group counts
         self.calls: dict[str, int] = {}
+        # Flattened maps: node -> features per channel (H * W); their layouts count channels.
+        self.spread: dict[str, int] = {}
 
     # atoms ------------------------------------------------------------------------
     def new_atom(self, size: int, producer: Optional[str] = None, reason: str = "") -> int:
@@ -372,6 +380,8 @@ class _Analysis:
             if shape is not None and src is not None and len(shape) >= 2 and len(src) >= 2:
                 if shape[1] == src[1]:
                     self.layout[node.name] = self.layout[source.name]
+                    if source.name in self.spread:
+                        self.spread[node.name] = self.spread[source.name]
                     return
         self.unknown_op(node)
 
@@ -392,6 +402,7 @@ class _Analysis:
             elif node.op == "output":
                 for arg in node.all_input_nodes:
                     self.fix(self.atoms_of(arg), "the network's output")
+        self.check_spread()
         for name, count in self.calls.items():
             module = self.modules[name]
             if count > 1 and isinstance(module, (nn.Conv2d, nn.Linear, *_BATCHNORMS)):
@@ -400,6 +411,23 @@ class _Analysis:
                         reason = f"{name} is called {count} times (shared weights)"
                         self.fix(self.atoms_of(node.args[0]), reason)
                         self.fix(self.atoms_of(node), reason)
+
+    def check_spread(self) -> None:
+        """Flattened maps may be read by linear layers (which then read them as convs over
+        the whole map) and through ops without per-feature parameters; any other reader
+        (a BatchNorm1d, an addition, a concatenation) would mix channels and positions, so
+        the channels it reads are fixed."""
+        readers = {node.name for node, _ in self.consumers}
+        carriers = {node for _, node in self.carriers}
+        by_name = {node.name: node for node in self.gm.graph.nodes}
+        for name in self.spread:
+            for user in by_name[name].users:
+                if user.name in readers and user.args[0] is by_name[name]:
+                    continue
+                if user.name in self.spread and user.name not in carriers:
+                    continue
+                what = _describe(user, self.modules)
+                self.fix(self.layout[name], f"flattened with the positions, then read by {what}")
 
     def module(self, node: fx.Node, module: nn.Module) -> None:
         source = node.args[0] if node.args else None
@@ -467,6 +495,11 @@ class _Analysis:
             self.fresh(node, f"written by the linear layer {name} on {rank} input")
             return
         self.layout[node.name] = (self.new_atom(linear.out_features, producer=name),)
+        atoms = self.atoms_of(source)
+        spread = self.spread.get(source.name, 1)
+        if sum(self.atom_size[a] for a in atoms) * spread != linear.in_features:
+            self.fix(atoms, f"read by the linear layer {name} in a layout not followed")
+            return
         if linear.in_features > MAX_LINEAR_FEATURES:
             self.fix(
                 self.atoms_of(source),
@@ -609,8 +642,14 @@ class _Analysis:
         if same_channels:
             self.carry(node, source)
         elif len(src) >= 3 and len(shape) == 2 and shape[0] == src[0]:
-            self.fix(self.atoms_of(source), f"flattened at {_describe(node, self.modules)}")
-            self.fresh(node, "flattened features")
+            # Channel-major: each channel's H * W features stay together, so the layout
+            # holds, counted in channels (checked where the value is read: _check_spread).
+            if source.name in self.layout and source.name not in self.spread:
+                self.layout[node.name] = self.layout[source.name]
+                self.spread[node.name] = math.prod(src[2:])
+            else:
+                self.fix(self.atoms_of(source), f"flattened at {_describe(node, self.modules)}")
+                self.fresh(node, "flattened features")
         else:
             self.unknown_op(node)
 
@@ -811,6 +850,7 @@ def trace_plan(
                 addend=None if addend is None else addend.name,
                 groups=getattr(conv, "groups", 1), stream=stream,
                 linear=isinstance(conv, nn.Linear),
+                spread=analysis.spread.get(node.args[0].name, 1),
             )
         )  # fmt: skip
         for root in {uf.find(a) for a in atoms}:
@@ -848,6 +888,7 @@ def trace_plan(
             name_of[r]: sorted(set(v)) for r, v in unknown.items() if name_of[r] in groups
         },
         layouts={name: group_layout(atoms) for name, atoms in analysis.layout.items()},
+        spread=dict(analysis.spread),
     )  # fmt: skip
     if plan.unknown_ops:
         listing = "; ".join(f"{g}: {', '.join(ops)}" for g, ops in plan.unknown_ops.items())
@@ -898,11 +939,14 @@ def _costs(gm, analysis: _Analysis, uf: _UnionFind, reasons, name_of) -> list[La
                           out_fixed)
             )  # fmt: skip
         elif isinstance(module, nn.Linear) and out_shape is not None:
-            if len(out_shape) == 2:  # a 1x1 conv on its features (Analysis.linear)
+            if len(out_shape) == 2:  # a conv on its features (Analysis.linear)
                 in_groups, in_fixed = split(analysis.atoms_of(node.args[0]))
                 out_groups, out_fixed = split(analysis.atoms_of(node))
+                spread = analysis.spread.get(node.args[0].name, 1)
+                if not in_groups:  # fixed features, however laid out: counted as such
+                    spread, in_fixed = 1, module.in_features
                 costs.append(
-                    LayerCost(node.target, 1, in_groups, in_fixed, out_groups, out_fixed)
+                    LayerCost(node.target, spread, in_groups, in_fixed, out_groups, out_fixed)
                 )
                 continue
             rows = math.prod(out_shape[1:-1]) if len(out_shape) > 2 else 1

@@ -830,7 +830,7 @@ def _graph_costs(
     modules = {c.name: plan.graph.get_submodule(c.name) for c in first.values()}
     moments = input_moments(
         plan.graph, images, modules, batch_size=batch_size, device=device,
-        process_group=process_group,
+        process_group=process_group, spread={c.name: c.spread for c in first.values()},
     )  # fmt: skip
     cost = {}
     for name, group in groups.items():
@@ -847,16 +847,18 @@ def _graph_costs(
 
 def _keep_undersampled(plan, cost: dict, n_images: int, process_group=None) -> dict:
     """``cost`` with the groups a linear layer reads kept whole (infinite cost below their
-    size) where the measured images are fewer than twice their channels: one vector per
-    image spans at most ``n_images`` of them, so a spectrum or a fitted prediction there
-    would call the rest free (a class-sorted prefix spans even fewer)."""
+    size) where its measured vectors are fewer than twice their channels: one per image
+    (``spread`` per image for a flattened map) spans at most that many of them, so a
+    spectrum or a fitted prediction there would call the rest free (a class-sorted prefix
+    spans even fewer)."""
     if process_group is not None:
         n_images = int(all_reduce_sum(torch.tensor(float(n_images)), process_group))
-    linear = {c.name for c in plan.consumers if c.linear}
+    spread = {c.name: c.spread for c in plan.consumers if c.linear}
     out = dict(cost)
     for name in cost:
         group = plan.groups[name]
-        if linear.intersection(group.consumers) and n_images < 2 * group.size:
+        readers = [spread[c] for c in group.consumers if c in spread]
+        if readers and n_images * min(readers) < 2 * group.size:
             out[name] = np.full(group.size + 1, np.inf)
             out[name][-1] = 0.0
             logger.info(

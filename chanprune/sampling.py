@@ -9,7 +9,7 @@ image with a seeded generator, so runs are reproducible.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Optional
 
@@ -246,6 +246,7 @@ def input_moments(
     batch_size: int = 100,
     device: Optional[torch.device | str] = None,
     process_group=None,
+    spread: Optional[Mapping[str, int]] = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Mean and covariance of each consumer's input channels, over every spatial position.
 
@@ -268,6 +269,9 @@ def input_moments(
     process_group : torch.distributed process group, optional
         Each rank passes its own images; the sums are all-reduced (float64) before the
         moments are formed, so every rank gets the moments of the union.
+    spread : dict of name -> int, optional
+        For a linear layer reading flattened maps: the features of each channel (``H *
+        W``), each a position of that channel (default 1).
 
     Returns
     -------
@@ -292,8 +296,8 @@ def input_moments(
     def pre_hook(name):
         def hook(module, args):
             x = args[0].detach()
-            if x.dim() == 2:  # a linear layer's (N, C): one position per image
-                x = x[:, :, None, None]
+            if x.dim() == 2:  # a linear layer's (N, C * spread): spread positions per image
+                x = x.reshape(x.shape[0], -1, 1, (spread or {}).get(name, 1))
             if x.dim() != 4:
                 raise ValueError(
                     f"{name}: expected an input (N, C, H, W) or (N, C); got {x.dim()}-d."

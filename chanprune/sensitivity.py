@@ -205,7 +205,7 @@ def measure_sensitivity(
     modules = {name: network.get_submodule(name) for name in readers}
     moments = input_moments(
         network, images, modules, batch_size=batch_size, device=device,
-        process_group=process_group,
+        process_group=process_group, spread={name: consumers[name].spread for name in readers},
     )  # fmt: skip
     n_images = float(images.shape[0])
     if process_group is not None:
@@ -244,7 +244,8 @@ def measure_sensitivity(
                 for reader in group.consumers:
                     mean, cov = moments[reader]
                     positions = group_positions(consumers[reader].layout, group.name)
-                    predict = _predictor(positions, kept, mean, cov, device)
+                    spread = consumers[reader].spread
+                    predict = _predictor(positions, kept, mean, cov, device, spread)
                     hooks.append(modules[reader].register_forward_pre_hook(predict))
                 total = 0.0
                 with torch.no_grad():
@@ -276,9 +277,10 @@ def _widths(size: int, step: int, ratios: Sequence[float]) -> np.ndarray:
     return np.asarray(sorted(w for w in widths if 0 < w < size), dtype=np.int64)
 
 
-def _predictor(positions, kept, mean, cov, device):
+def _predictor(positions, kept, mean, cov, device, spread: int = 1):
     """A pre-hook replacing a consumer's view of the group by its linear prediction from
-    the ``kept`` channels (of the group), fitted on the consumer's own input moments."""
+    the ``kept`` channels (of the group), fitted on the consumer's own input moments; a
+    linear layer's input ``(N, C * spread)`` is viewed as ``(N, C, 1, spread)``."""
     mean_g = mean[positions]
     cov_g = cov[positions][:, positions]
     a = cov_g[kept][:, kept]
@@ -292,12 +294,12 @@ def _predictor(positions, kept, mean, cov, device):
 
     def hook(module, args):
         x = args[0]
-        flat = x.dim() == 2  # a linear layer's (N, C)
-        x = x[:, :, None, None] if flat else x
+        flat = x.dim() == 2  # a linear layer's (N, C * spread)
+        x = x.reshape(x.shape[0], -1, 1, spread) if flat else x
         xk = x.index_select(1, kept_index) - mean_k.to(x).view(1, -1, 1, 1)
         pred = torch.einsum("nkhw,ks->nshw", xk, coef.to(x)) + mean_g.to(x).view(1, -1, 1, 1)
         x = x.clone()
         x[:, index] = pred
-        return (x[:, :, 0, 0] if flat else x,) + tuple(args[1:])
+        return (x.reshape(x.shape[0], -1) if flat else x,) + tuple(args[1:])
 
     return hook

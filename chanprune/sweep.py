@@ -117,28 +117,29 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def as_conv(layer: nn.Module) -> nn.Conv2d:
-    """``layer`` as a conv: a conv itself, a linear layer on ``(N, features)`` the 1x1 conv
-    it computes on ``(N, features, 1, 1)``, its parameters viewed, not copied."""
+def as_conv(layer: nn.Module, spread: int = 1) -> nn.Conv2d:
+    """``layer`` as a conv: a conv itself; a linear layer on ``(N, C * spread)`` the
+    ``(1, spread)`` conv it computes on ``(N, C, 1, spread)`` (a 1x1 conv at ``spread =
+    1``; over a whole flattened map otherwise), its parameters viewed, not copied."""
     if not isinstance(layer, nn.Linear):
         return layer
-    conv = nn.Conv2d(
-        layer.in_features, layer.out_features, 1, bias=layer.bias is not None, device="meta"
-    )  # meta: no memory, no initialisation; the parameters are replaced next
-    conv.weight = nn.Parameter(layer.weight.detach()[:, :, None, None], requires_grad=False)
+    c, n = layer.in_features // spread, layer.out_features
+    conv = nn.Conv2d(c, n, (1, spread), bias=layer.bias is not None, device="meta")
+    # (meta: no memory, no initialisation; the parameters are replaced next)
+    conv.weight = nn.Parameter(layer.weight.detach().view(n, c, 1, spread), requires_grad=False)
     if layer.bias is not None:
         conv.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
     return conv
 
 
 def folded_params(
-    layer: nn.Module, bn: Optional[nn.Module]
+    layer: nn.Module, bn: Optional[nn.Module], spread: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight (n, c, kh, kw) and bias (n,) of ``bn(layer(x))`` (eval mode) as one conv (a
-    linear layer as a 1x1 conv)."""
+    linear layer as :func:`as_conv` makes it)."""
     if bn is not None:
         layer = fold_batchnorm(layer, bn)
-    conv = as_conv(layer)
+    conv = as_conv(layer, spread)
     bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
     return conv.weight.detach(), bias.detach()
 
@@ -764,7 +765,7 @@ class _GraphSweep:
         ref_targets: list[str] = []
         pr_targets: list[str] = []
         for consumer in consumers:
-            conv = as_conv(self.gm.get_submodule(consumer.name))
+            conv = as_conv(self.gm.get_submodule(consumer.name), consumer.spread)
             convs.append(conv)
             stats.append(_ConsumerStats(conv, self.options))
             # A conv's output is one group; decided before this visit (a squeeze-excitation
@@ -814,8 +815,9 @@ class _GraphSweep:
                     y = y.index_select(1, kept_out.to(y.device))
                 if correct and consumer.addend is not None:
                     y = y + (ref_values[consumer.addend] - pr_values[consumer.addend])
-                if consumer.linear:  # as the 1x1 conv: one sample per image
-                    x, y = x[:, :, None, None], y[:, :, None, None]
+                if consumer.linear:  # as the conv: one sample per image
+                    x = x.reshape(x.shape[0], -1, 1, consumer.spread)
+                    y = y[:, :, None, None]
                 n = x.shape[0]
                 n_fit_here = int(min(max(self.n_fit - lo, 0), n))
                 tic = time.perf_counter()
@@ -870,7 +872,7 @@ class _GraphSweep:
             stats = sampled.get(consumer.name, first_stats)
             conv = self.gm.get_submodule(consumer.name)
             bn = self.gm.get_submodule(consumer.bn) if consumer.bn else None
-            weight, bias = folded_params(conv, bn)
+            weight, bias = folded_params(conv, bn, consumer.spread)
             gk, lk, tk, wk, l1k = stats.reduced(
                 weight.double().cpu().numpy(), bias.double().cpu().numpy()
             )
@@ -971,7 +973,7 @@ class _GraphSweep:
                 if self.plan.model is not None:
                     self.plan.model.set_submodule(consumer_name, sampled)
             elif consumer.linear:
-                prune_linear_in_features(conv, pos)
+                prune_linear_in_features(conv, pos, spatial_size=consumer.spread)
             elif conv.groups == 1:
                 prune_conv_in_channels(conv, pos)
             else:
@@ -982,6 +984,9 @@ class _GraphSweep:
                 layout = self.plan.layouts.get(node.name)
                 if layout and any(g == name for g, _ in layout) and torch.is_tensor(env[node]):
                     pos = torch.from_numpy(self.positions(layout, name, kept))
+                    spread = self.plan.spread.get(node.name, 1)
+                    if spread > 1:  # a flattened map: each channel's features
+                        pos = (pos[:, None] * spread + torch.arange(spread)).reshape(-1)
                     env[node] = env[node].index_select(1, pos.to(env[node].device))
         self.widths[name] = len(kept)
         self.kept[name] = kept
@@ -1030,13 +1035,13 @@ class _GraphSweep:
             return
         start = time.perf_counter()
         layer = self.gm.get_submodule(consumer.name)
-        conv = as_conv(layer)
+        conv = as_conv(layer, consumer.spread)
         bn = self.gm.get_submodule(consumer.bn) if consumer.bn else None
         c_before = conv.in_channels
         # Its output is kept only by caches that sit at it (within the budget).
         at_consumer = self.behind is None
         (stats,) = self.sample([consumer], envs_ref, envs_pr, keep_first=at_consumer)
-        weight0, bias0 = folded_params(layer, bn)
+        weight0, bias0 = folded_params(layer, bn, consumer.spread)
         weight0 = weight0.double().cpu().numpy()
         bias0 = bias0.double().cpu().numpy()
         fit_intercept = bn is not None or conv.bias is not None

@@ -166,8 +166,8 @@ class PooledHead(nn.Module):
 
 
 class ViewHead(nn.Module):
-    """Maps flattened by ``x.view`` (features of many positions per channel: kept whole)
-    into a hidden linear layer, whose output group is pruned."""
+    """Maps flattened by ``x.view`` (16 positions per channel) into a hidden linear layer:
+    the maps' channels and the hidden layer's outputs are both groups."""
 
     def __init__(self):
         super().__init__()
@@ -306,8 +306,10 @@ def masked_equivalent(original: nn.Module, pruned: nn.Module, plan, kept) -> nn.
             pos = _positions(out_layout, kept)
             for name in ("weight", "bias", "running_mean", "running_var"):
                 getattr(mod, name).data[pos] = getattr(src, name).detach()
-        elif isinstance(mod, nn.Linear):  # on (N, features): a 1x1 conv
+        elif isinstance(mod, nn.Linear):  # on (N, features): a conv on them
             in_pos = _positions(plan.layouts[node.args[0].name], kept)
+            spread = plan.spread.get(node.args[0].name, 1)  # features per channel
+            in_pos = (in_pos[:, None] * spread + torch.arange(spread)).reshape(-1)
             out_pos = _positions(out_layout, kept)
             w = torch.zeros_like(mod.weight)
             w[out_pos[:, None], in_pos[None, :]] = src.weight.detach()

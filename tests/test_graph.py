@@ -55,9 +55,12 @@ def _prune(model, speedup=2.0, **kwargs):
 # ---------------------------------------------------------------------------- the plan
 def test_chain_groups_and_reasons():
     plan = trace_plan(randomize(Chain()), SHAPE)
-    assert plan.prunable == {"body.a.0": 32, "body.b.0": 48}
-    fixed = plan.groups["body.c.0"]
-    assert not fixed.prunable and any("flattened" in r for r in fixed.fixed)
+    # The head reads the flattened 8x8 maps of body.c: a conv over the whole map.
+    assert plan.prunable == {"body.a.0": 32, "body.b.0": 48, "body.c.0": 32}
+    head = next(c for c in plan.consumers if c.name == "head")
+    assert head.linear and head.spread == 64 and head.layout == (("body.c.0", 32),)
+    assert plan.macs({"body.c.0": 16}) == plan.macs() - (32 - 16) * 64 * 10 - (
+        48 * 9 * 64 * 16)  # fmt: skip
     group = plan.groups["body.a.0"]
     assert group.producers == ("body.a.0",)
     assert group.consumers == ("body.b.0",)
@@ -109,11 +112,13 @@ def test_linear_layers_read_and_write_groups_as_1x1_convs():
     assert not consumers["body.2.0"].linear
     # A linear layer costs in x out per image, in its groups' widths.
     assert plan.macs({"fc1": 32}) == plan.macs() - 48 * 32 - 32 * 10
-    # Features flattened from 4x4 maps are many per channel: that group stays whole, while
-    # the hidden layer after them is a group.
+    # Maps flattened by x.view: 16 features per channel, read as a conv over the map.
     plan = trace_plan(randomize(ViewHead()), SHAPE)
-    assert plan.prunable == {"a.0": 16, "fc1": 32}
-    assert any("flattened" in why for why in plan.groups["b.0"].fixed)
+    assert plan.prunable == {"a.0": 16, "b.0": 16, "fc1": 32}
+    consumers = {c.name: c for c in plan.consumers}
+    assert consumers["fc1"].spread == 16 and consumers["fc2"].spread == 1
+    assert plan.macs() == conv_macs_by_hooks(ViewHead(), SHAPE, include_linear=True)
+    assert plan.macs({"b.0": 8}) == plan.macs() - 8 * 16 * 9 * 64 - 8 * 16 * 32
 
 
 class _Tokens(nn.Module):
@@ -139,6 +144,33 @@ class _Wide(nn.Module):
 
     def forward(self, x):
         return self.fc(self.wide(self.conv(x)).mean((2, 3)))
+
+
+class _FlatMix(nn.Module):
+    """Flattened 4x4 maps read per feature: a BatchNorm1d on one, a sum with the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1, stride=4)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm1d(64)
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x):
+        x = self.a(x)
+        return self.fc(self.bn(self.b(x).flatten(1)) + self.c(x).flatten(1))
+
+
+def test_flattened_maps_read_per_feature_keep_their_channels():
+    plan = trace_plan(_FlatMix(), SHAPE)
+    assert plan.prunable == {"a": 4}
+    group = plan.groups["b"]  # the sum ties c's channels to b's
+    assert group.producers == ("b", "c")
+    reasons = " ".join(group.fixed)
+    assert "flattened with the positions, then read by bn (BatchNorm1d)" in reasons
+    assert "then read by add()" in reasons
+    assert not any(c.linear for c in plan.consumers if c.in_groups)
 
 
 def test_linear_layers_the_planner_cannot_refit_keep_their_groups_whole():
@@ -280,6 +312,11 @@ def test_data_schedules_keep_groups_a_linear_layer_reads_from_too_few_images():
     assert not np.isinf(kept["body.2.0"]).any()  # 100 >= 2 x 48
     assert not np.isinf(kept["body.0.0"]).any()  # read by a conv
     assert not np.isinf(cost["fc1"]).any()  # the input is not changed
+    # A flattened map gives each image 16 vectors of b.0's 16 channels.
+    plan = trace_plan(randomize(ViewHead()), SHAPE)
+    cost = {name: np.zeros(g.size + 1) for name, g in plan.groups.items() if g.prunable}
+    assert np.isinf(_keep_undersampled(plan, cost, n_images=1)["b.0"][:-1]).all()
+    assert not np.isinf(_keep_undersampled(plan, cost, n_images=2)["b.0"]).any()
     images = torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(2))
     _, report = chanprune.prune_model(
         randomize(PooledHead()), images, speedup=1.3, schedule="energy", progress=False

@@ -152,6 +152,15 @@ def test_input_moments_of_a_linear_layer_are_those_of_its_rows():
     np.testing.assert_allclose(mean.numpy(), rows.mean(0), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(cov.numpy(), np.cov(rows, rowvar=False, bias=True), rtol=1e-5,
                                atol=1e-9)  # fmt: skip
+    # Flattened 2x2 maps: 4 features per channel, each a position of that channel.
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Flatten(), nn.Linear(16, 2)).eval()
+    x = torch.randn(9, 3, 5, 5, generator=torch.Generator().manual_seed(6))
+    mean, cov = input_moments(net, x, {"fc": net[2]}, spread={"fc": 4})["fc"]
+    with torch.no_grad():
+        rows = net[0](x).permute(0, 2, 3, 1).reshape(-1, 4).double().numpy()
+    np.testing.assert_allclose(mean.numpy(), rows.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(cov.numpy(), np.cov(rows, rowvar=False, bias=True), rtol=1e-5,
+                               atol=1e-9)  # fmt: skip
     tokens = nn.Sequential(nn.Linear(3, 2))
     with pytest.raises(ValueError, match="3-d"):
         input_moments(tokens, torch.randn(2, 5, 3), {"fc": tokens[0]})

@@ -128,6 +128,36 @@ def test_degradation_through_a_linear_layer_is_zero_at_the_planted_rank():
     assert torch.equal(plan.graph(images), model(images))  # the hooks are gone
 
 
+class _LowRankFlat(nn.Module):
+    """conv -> 2x2 maps flattened -> fc, all linear: the conv's 8 outputs are
+    combinations of 4, and fc reads each channel's 4 positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1))
+
+
+def test_degradation_through_a_flattened_map_is_zero_at_the_planted_rank():
+    torch.manual_seed(0)
+    model = _LowRankFlat().double().eval()
+    mix = torch.randn(4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        w, b = model.conv.weight, model.conv.bias
+        w[4:] = torch.einsum("ij,jchw->ichw", mix, w[:4])
+        b[4:] = mix @ b[:4]
+    images = torch.randn(40, 3, 8, 8, dtype=torch.float64)
+    plan = trace_plan(model, (3, 8, 8))
+    assert next(c for c in plan.consumers if c.name == "fc").spread == 4
+    curve = measure_sensitivity(plan, images, ratios=(0.25, 0.5, 0.75))["conv"]
+    assert curve.widths.tolist() == [2, 4, 6]
+    assert curve.degradation[0] > 1e-5 and np.all(curve.degradation[1:] < 1e-9)
+    assert torch.equal(plan.graph(images), model(images))  # the hooks are gone
+
+
 def test_cost_envelope_ignores_noise_that_rises_with_width():
     curve = SensitivityCurve(8, np.array([2, 4, 6]), np.array([0.5, 0.1, 0.2]))
     cost = curve.cost()
