@@ -90,6 +90,9 @@ logger = logging.getLogger(__name__)
 ACTIVATION_METHODS = ("apoz", "entropy", "bn_scale")
 #: Those of them accumulated from the fit images' activations (:class:`ActivationScores`).
 ACTIVATION_STATISTICS = ("apoz", "entropy")
+#: A refit is kept where it lowers the held-out rows' errors by this many standard errors
+#: of their mean drop (one-sided, about 98% sure), else the layer keeps its weights.
+REFIT_Z = 2.0
 
 
 @dataclass(frozen=True)
@@ -197,13 +200,38 @@ class HeldOut:
         """``(||Y - X_kept W^T - b||^2, ||Y||^2)`` over the rows (0, 0 without rows)."""
         if not self.patches:
             return 0.0, 0.0
+        Y = torch.cat(self.targets)
+        return float(self._row_errors(kept, weight, bias).sum()), float(Y.double().square().sum())
+
+    def _row_errors(self, kept: np.ndarray, weight: np.ndarray, bias: np.ndarray):
+        """Each row's ``||y - x_kept W^T - b||^2`` (float64)."""
         X = torch.cat(self.patches)
         Y = torch.cat(self.targets)
         X = X[:, torch.from_numpy(kept).to(X.device)].reshape(X.shape[0], -1)
         w = torch.as_tensor(weight, dtype=X.dtype, device=X.device).reshape(len(weight), -1)
         b = torch.as_tensor(bias, dtype=X.dtype, device=X.device)
         residual = torch.addmm(b, X, w.T, beta=1.0).sub_(Y)
-        return float(residual.double().square().sum()), float(Y.double().square().sum())
+        return residual.double().square().sum(dim=1)
+
+    def gain_z(self, kept: np.ndarray, before: tuple, after: tuple, process_group=None):
+        """How surely ``after`` = (weight, bias) fits the held-out rows better than
+        ``before``: the mean of the rows' error drops over its standard error (a paired
+        z-score; None without rows). With a process group, over every rank's rows."""
+        if self.patches:
+            drop = self._row_errors(kept, *before) - self._row_errors(kept, *after)
+            local = torch.stack([drop.sum(), drop.square().sum(), torch.tensor(drop.numel())])
+        else:
+            local = torch.zeros(3, dtype=torch.float64)
+        if process_group is not None:
+            local = all_reduce_sum(local.double().cpu(), process_group)
+        total, squares, n = local.double().cpu().tolist()
+        if n < 2:
+            return None
+        mean = total / n
+        var = max(squares / n - mean * mean, 0.0) * n / (n - 1)
+        if var > 0:
+            return mean / math.sqrt(var / n)
+        return math.copysign(math.inf, mean) if mean else 0.0
 
 
 def accumulate_samples(
@@ -1097,15 +1125,18 @@ class _GraphSweep:
         dense = _dense(weight, kept_pos, c_before, conv.groups)
         held = stats.held.rel_error(kept_pos, dense, bias, self.group)
         if options.refit and held is not None:
-            # A refit is kept where it lowers the held-out error: one that only fits the
-            # fit images (a classifier over one sample per image) keeps the weights.
+            # A refit is kept where it surely lowers the held-out error: one that fits
+            # only the fit images (a classifier over one sample per image) keeps the
+            # weights it had.
             w_sel = _grouped_slice(weight0, kept_pos, c_before, conv.groups)
             dense_sel = _dense(w_sel, kept_pos, c_before, conv.groups)
-            held_sel = stats.held.rel_error(kept_pos, dense_sel, bias0, self.group)
-            if held_sel <= held:
+            z = stats.held.gain_z(kept_pos, (dense_sel, bias0), (dense, bias), self.group)
+            if z is not None and z < REFIT_Z:
+                held_sel = stats.held.rel_error(kept_pos, dense_sel, bias0, self.group)
                 logger.info(
-                    "%s: the refit raises the held-out error (%.4f, %.4f without); the "
-                    "weights are kept.", consumer.name, held, held_sel,
+                    "%s: the refit does not surely lower the held-out error (%.4f, %.4f "
+                    "without, z = %.2f); the weights are kept.", consumer.name, held,
+                    held_sel, z,
                 )  # fmt: skip
                 weight, bias, held = w_sel, bias0, held_sel
                 err = err_before = stats.error_of(kept_pos, w_sel, bias0)

@@ -300,6 +300,32 @@ def test_a_refit_is_kept_only_where_it_lowers_the_held_out_error():
             assert not torch.allclose(fc1_of[pruned], fc1_of[model], rtol=1e-3, atol=1e-3)
 
 
+def test_held_out_gain_is_a_paired_z_score_of_the_row_errors():
+    """Against the z-score written out with numpy on the same rows."""
+    from chanprune.sweep import HeldOut
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 3, 1, 1))
+    w_true = rng.normal(size=(2, 3, 1, 1))
+    Y = np.einsum("rcij,ocij->ro", X, w_true) + 0.1 * rng.normal(size=(40, 2))
+    held = HeldOut()
+    for part in (slice(0, 25), slice(25, 40)):
+        held.add(torch.from_numpy(X[part]), torch.from_numpy(Y[part]))
+    kept = np.arange(3)
+    noisy = (w_true + 0.05 * rng.normal(size=w_true.shape), np.zeros(2))
+    exact = (w_true, np.zeros(2))
+
+    def rows(weight, bias):
+        return np.square(Y - np.einsum("rcij,ocij->ro", X, weight) - bias).sum(1)
+
+    drop = rows(*noisy) - rows(*exact)
+    expected = drop.mean() / (drop.std(ddof=1) / np.sqrt(len(drop)))
+    assert held.gain_z(kept, noisy, exact) == pytest.approx(expected, rel=1e-9)
+    assert held.gain_z(kept, exact, noisy) == pytest.approx(-expected, rel=1e-9)
+    assert held.gain_z(kept, exact, exact) == 0.0
+    assert HeldOut().gain_z(kept, exact, noisy) is None
+
+
 def test_data_schedules_keep_groups_a_linear_layer_reads_from_too_few_images():
     """One vector per image spans at most that many channels: with 24 images (18 fit,
     fewer than twice 48 or 64) the energy schedule would see a free cut there."""
