@@ -450,13 +450,16 @@ def _inverse_psd(gram: np.ndarray, ridge: float, moments: Moments) -> np.ndarray
     LU inverse, and a failed factorisation flags a Gram that is not positive definite.
     """
     cols = np.arange(gram.shape[0])
-    scale = float(np.mean(np.diag(gram))) or 1.0
     for attempt in range(6):
-        factor = cholesky_factor(gram)  # None: numerically singular, its inverse noise
+        # Diagonally scaled, so that features of very different scales (the ones column
+        # beside activations of 1e4) are not taken for a singular matrix: the pivots and
+        # diag(inverse) * diag(gram) are then those of the correlations.
+        d = np.sqrt(np.clip(np.diag(gram), np.finfo(float).tiny, None))
+        factor = cholesky_factor(gram / np.outer(d, d))  # None: numerically singular
         if factor is not None:
-            inverse = torch.cholesky_inverse(factor).numpy()
-            diag = np.diag(inverse)
-            if np.all(np.isfinite(diag)) and diag.min() > 0 and diag.max() * scale < 1e13:
+            inverse = torch.cholesky_inverse(factor).numpy() / np.outer(d, d)
+            diag = np.diag(inverse) * np.diag(gram)
+            if np.all(np.isfinite(diag)) and diag.min() > 0 and diag.max() < 1e13:
                 if attempt:
                     warnings.warn(
                         f"the Gram matrix is singular; greedy_ls used ridge={ridge:.1e} "

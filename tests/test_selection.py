@@ -212,6 +212,19 @@ def test_greedy_ls_singular_gram_grows_the_ridge_with_a_warning():
     assert sel.kept[0] == 0 and sel.kept[1] in (2, 5)
 
 
+def test_greedy_ls_with_few_samples_of_large_features_grows_the_ridge():
+    """5 samples of 12 features of scale 1e5 (a deep layer of a random network): beside
+    them the ones column's pivot is 1e-10 of the largest, which an unscaled test took for
+    a singular matrix at any ridge (LinAlgError). Scaled, the grown ridge makes it
+    regular and a selection comes back."""
+    rng = np.random.default_rng(4)
+    X = 1e5 * rng.normal(size=(5, 12))
+    Y = X[:, [3, 7]] @ rng.normal(size=(2, 3))
+    with pytest.warns(SingularGramWarning, match="greedy_ls used ridge="):
+        sel = select_greedy_ls(_moments(X, Y), keep=2, ridge=0.0)
+    assert sel.kept.size == 2 and sel.kept.max() < 12
+
+
 def test_greedy_ls_linear_layer_block_size_one():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(300, 9))
