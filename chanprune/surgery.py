@@ -441,10 +441,7 @@ def set_conv_params(
         The same module, modified in place.
     """
     _check_conv(conv, "conv")
-    if not isinstance(weight, (np.ndarray, torch.Tensor)):
-        raise TypeError(
-            f"weight must be a numpy array or a torch tensor; got {type(weight).__name__}."
-        )
+    _check_array(weight, "weight")
     shape = tuple(weight.shape)
     if len(shape) != 4 or shape[2:] != tuple(conv.kernel_size) or shape[0] < 1 or shape[1] < 1:
         raise ValueError(
@@ -458,16 +455,31 @@ def set_conv_params(
             "prune_conv_in_channels or insert_channel_sampler to read fewer)."
         )
     new_w = _as_tensor_like(weight, "weight", conv.weight, shape)
-    new_b = None
-    if bias is not None:
-        new_b = _as_tensor_like(bias, "bias", conv.weight, (shape[0],))
-    elif conv.bias is not None and conv.bias.shape[0] != shape[0]:
-        raise ValueError(
-            f"conv has a bias of {conv.bias.shape[0]} entries but the new weight has "
-            f"{shape[0]} filters; pass a bias of shape ({shape[0]},)."
-        )
+    new_b = _new_bias(conv, bias, shape[0], "conv", "filters")
     _set_conv_params_unchecked(conv, new_w, new_b)
     return conv
+
+
+def _check_array(value: Any, name: str) -> None:
+    if not isinstance(value, (np.ndarray, torch.Tensor)):
+        raise TypeError(
+            f"{name} must be a numpy array or a torch tensor; got {type(value).__name__}."
+        )
+
+
+def _new_bias(
+    module: nn.Module, bias: Optional[ArrayLike], n_out: int, name: str, rows: str
+) -> Optional[torch.Tensor]:
+    """The bias to install with a new weight of ``n_out`` rows: ``bias`` converted, or
+    None to keep the module's own, which must then fit (or be absent)."""
+    if bias is not None:
+        return _as_tensor_like(bias, "bias", module.weight, (n_out,))
+    if module.bias is not None and module.bias.shape[0] != n_out:
+        raise ValueError(
+            f"{name} has a bias of {module.bias.shape[0]} entries but the new weight has "
+            f"{n_out} {rows}; pass a bias of shape ({n_out},)."
+        )
+    return None
 
 
 def _prune_conv_in_unchecked(
@@ -772,23 +784,16 @@ def set_linear_params(
         The same module, modified in place.
     """
     _check_linear(linear, "linear")
-    if not isinstance(weight, (np.ndarray, torch.Tensor)):
-        raise TypeError(
-            f"weight must be a numpy array or a torch tensor; got {type(weight).__name__}."
-        )
+    _check_array(weight, "weight")
     shape = tuple(weight.shape)
     if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
         raise ValueError(
             f"weight must have shape (out_features, in_features), both non-zero; got {shape}."
         )
     new_w = _as_tensor_like(weight, "weight", linear.weight, shape)
-    if bias is not None:
-        _replace_param(linear, "bias", _as_tensor_like(bias, "bias", linear.weight, shape[:1]))
-    elif linear.bias is not None and linear.bias.shape[0] != shape[0]:
-        raise ValueError(
-            f"linear has a bias of {linear.bias.shape[0]} entries but the new weight has "
-            f"{shape[0]} rows; pass a bias of shape ({shape[0]},)."
-        )
+    new_b = _new_bias(linear, bias, shape[0], "linear", "rows")
+    if new_b is not None:
+        _replace_param(linear, "bias", new_b)
     _replace_param(linear, "weight", new_w)
     linear.out_features, linear.in_features = shape
     return linear

@@ -200,8 +200,8 @@ class HeldOut:
         """``(||Y - X_kept W^T - b||^2, ||Y||^2)`` over the rows (0, 0 without rows)."""
         if not self.patches:
             return 0.0, 0.0
-        Y = torch.cat(self.targets)
-        return float(self._row_errors(kept, weight, bias).sum()), float(Y.double().square().sum())
+        y2 = sum(float(Y.double().square().sum()) for Y in self.targets)
+        return float(self._row_errors(kept, weight, bias).sum()), y2
 
     def _row_errors(self, kept: np.ndarray, weight: np.ndarray, bias: np.ndarray):
         """Each row's ``||y - x_kept W^T - b||^2`` (float64)."""
@@ -217,14 +217,14 @@ class HeldOut:
         """How surely ``after`` = (weight, bias) fits the held-out rows better than
         ``before``: the mean of the rows' error drops over its standard error (a paired
         z-score; None without rows). With a process group, over every rank's rows."""
+        sums = [0.0, 0.0, 0.0]  # sum of the drops, of their squares, rows
         if self.patches:
             drop = self._row_errors(kept, *before) - self._row_errors(kept, *after)
-            local = torch.stack([drop.sum(), drop.square().sum(), torch.tensor(drop.numel())])
-        else:
-            local = torch.zeros(3, dtype=torch.float64)
+            sums = [float(drop.sum()), float(drop.square().sum()), float(drop.numel())]
+        local = torch.tensor(sums, dtype=torch.float64)
         if process_group is not None:
-            local = all_reduce_sum(local.double().cpu(), process_group)
-        total, squares, n = local.double().cpu().tolist()
+            local = all_reduce_sum(local, process_group)
+        total, squares, n = local.cpu().tolist()
         if n < 2:
             return None
         mean = total / n
