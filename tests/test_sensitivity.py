@@ -110,24 +110,6 @@ class _LowRankHead(nn.Module):
         return self.fc2(self.fc1(self.conv(x).mean((2, 3))))
 
 
-def test_degradation_through_a_linear_layer_is_zero_at_the_planted_rank():
-    torch.manual_seed(0)
-    model = _LowRankHead().double().eval()
-    mix = torch.randn(4, 4, dtype=torch.float64)
-    with torch.no_grad():
-        w, b = model.fc1.weight, model.fc1.bias
-        w[4:] = mix @ w[:4]
-        b[4:] = mix @ b[:4]
-    images = torch.randn(40, 3, 8, 8, dtype=torch.float64)
-    plan = trace_plan(model, (3, 8, 8))
-    assert set(plan.prunable) == {"conv", "fc1"}  # both read by a linear layer
-    curve = measure_sensitivity(plan, images, ratios=(0.25, 0.5, 0.75))["fc1"]
-    assert curve.widths.tolist() == [2, 4, 6]
-    # Two channels cannot carry four (small logits: a small KL, still 10^4 x rounding).
-    assert curve.degradation[0] > 1e-5 and np.all(curve.degradation[1:] < 1e-9)
-    assert torch.equal(plan.graph(images), model(images))  # the hooks are gone
-
-
 class _LowRankFlat(nn.Module):
     """conv -> 2x2 maps flattened -> fc, all linear: the conv's 8 outputs are
     combinations of 4, and fc reads each channel's 4 positions."""
@@ -141,19 +123,25 @@ class _LowRankFlat(nn.Module):
         return self.fc(self.conv(x).flatten(1))
 
 
-def test_degradation_through_a_flattened_map_is_zero_at_the_planted_rank():
+@pytest.mark.parametrize("make, layer, spread", [(_LowRankHead, "fc1", 1),
+                                                 (_LowRankFlat, "conv", 4)])
+def test_degradation_through_a_linear_reader_is_zero_at_the_planted_rank(make, layer, spread):
+    """The group is read by a linear layer: on pooled features (spread 1) or on a
+    flattened 2x2 map (4 features per channel); 4 of its 8 channels carry all 8."""
     torch.manual_seed(0)
-    model = _LowRankFlat().double().eval()
+    model = make().double().eval()
     mix = torch.randn(4, 4, dtype=torch.float64)
     with torch.no_grad():
-        w, b = model.conv.weight, model.conv.bias
-        w[4:] = torch.einsum("ij,jchw->ichw", mix, w[:4])
+        w, b = model.get_submodule(layer).weight, model.get_submodule(layer).bias
+        w[4:] = torch.einsum("ij,j...->i...", mix, w[:4])
         b[4:] = mix @ b[:4]
     images = torch.randn(40, 3, 8, 8, dtype=torch.float64)
     plan = trace_plan(model, (3, 8, 8))
-    assert next(c for c in plan.consumers if c.name == "fc").spread == 4
-    curve = measure_sensitivity(plan, images, ratios=(0.25, 0.5, 0.75))["conv"]
+    reader = next(c for c in plan.consumers if layer in c.in_groups)
+    assert reader.linear and reader.spread == spread
+    curve = measure_sensitivity(plan, images, ratios=(0.25, 0.5, 0.75))[layer]
     assert curve.widths.tolist() == [2, 4, 6]
+    # Two channels cannot carry four (small logits: a small KL, still 10^4 x rounding).
     assert curve.degradation[0] > 1e-5 and np.all(curve.degradation[1:] < 1e-9)
     assert torch.equal(plan.graph(images), model(images))  # the hooks are gone
 
