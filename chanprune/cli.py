@@ -60,7 +60,7 @@ from .graph import PlanWarning, trace_plan
 from .io import load, save, write_all_creating_folders
 from .models import get_model, list_models
 from .models._checkpoint import load_weights, read_checkpoint, strip_ansi
-from .prune import MODEL_METHODS, PLANNERS, prune_model
+from .prune import MODEL_METHODS, NAMES_PLANNER_GONE, PLANNERS, prune_model
 from .schedule import SCHEDULES
 
 __all__ = ["main", "build_parser", "PRESETS"]
@@ -152,6 +152,14 @@ def _add_output_options(p: argparse.ArgumentParser, *, quiet_help: str) -> None:
         default=0,
         help="log more library messages to stderr: -v info, -vv debug (default: warnings only)",
     )
+
+
+def _planner(value: str) -> str:
+    """``--planner``: the removed name-based planner is refused with its migration, not as
+    an unknown choice."""
+    if value == "names":
+        raise argparse.ArgumentTypeError(NAMES_PLANNER_GONE.replace("planner=", "--planner "))
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--planner",
+        type=_planner,
         choices=PLANNERS,
         default="auto",
         help=(

@@ -93,13 +93,17 @@ PLANNERS = ("auto", "graph")
 MODEL_METHODS = tuple(m for m in SELECTORS if m != "by_score") + ACTIVATION_METHODS
 
 
+#: Why ``planner="names"`` is refused, and what replaces it.
+NAMES_PLANNER_GONE = (
+    "planner='names' is gone: every network is planned from its traced graph. An explicit "
+    "width keyed by a layer's input is written '<layer>:in' (e.g. {'features.3:in': 32}); "
+    "see chanprune.prunable_groups for the keys."
+)
+
+
 def _check_planner(planner: str) -> str:
     if planner == "names":
-        raise ValueError(
-            "planner='names' is gone: every network is planned from its traced graph. An "
-            "explicit width keyed by a layer's input is written '<layer>:in' (e.g. "
-            "{'features.3:in': 32}); see chanprune.prunable_groups for the keys."
-        )
+        raise ValueError(NAMES_PLANNER_GONE)
     return check_choice(planner, "planner", PLANNERS)
 
 

@@ -200,7 +200,7 @@ def test_prune_sensitivity_schedule_with_recovery(tiny, tmp_path, capsys):
     code, _, err = run([*argv, "--recover-epochs", -1], capsys)
     assert code == 2 and "--recover-epochs must be an integer >= 0" in err
     code, _, err = run([*argv, "--planner", "names"], capsys)  # the name-based one is gone
-    assert code == 2 and "invalid choice: 'names'" in err
+    assert code == 2 and "--planner 'names' is gone" in err and "'<layer>:in'" in err
 
 
 def test_prune_with_explicit_widths(tiny, tmp_path, capsys):
