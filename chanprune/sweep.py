@@ -213,25 +213,36 @@ class HeldOut:
         residual = torch.addmm(b, X, w.T, beta=1.0).sub_(Y)
         return residual.double().square().sum(dim=1)
 
-    def gain_z(self, kept: np.ndarray, before: tuple, after: tuple, process_group=None):
-        """How surely ``after`` = (weight, bias) fits the held-out rows better than
-        ``before``: the mean of the rows' error drops over its standard error (a paired
-        z-score; None without rows). With a process group, over every rank's rows."""
-        sums = [0.0, 0.0, 0.0]  # sum of the drops, of their squares, rows
+    def compare(self, kept: np.ndarray, before: tuple, after: tuple, process_group=None):
+        """The relative errors of ``before`` and ``after`` = (weight, bias) on the rows,
+        and how surely ``after`` fits them better: the mean of the rows' error drops over
+        its standard error (a paired z-score; None under 2 rows). None without rows. With
+        a process group, over every rank's rows. Each weight's rows are computed once."""
+        sums = [0.0] * 6  # ||Y||^2, errors before, after, drops, squared drops, rows
         if self.patches:
-            drop = self._row_errors(kept, *before) - self._row_errors(kept, *after)
-            sums = [float(drop.sum()), float(drop.square().sum()), float(drop.numel())]
+            e_before = self._row_errors(kept, *before)
+            e_after = self._row_errors(kept, *after)
+            drop = e_before - e_after
+            y2 = sum(float(Y.double().square().sum()) for Y in self.targets)
+            sums = [y2, float(e_before.sum()), float(e_after.sum()), float(drop.sum()),
+                    float(drop.square().sum()), float(drop.numel())]  # fmt: skip
         local = torch.tensor(sums, dtype=torch.float64)
         if process_group is not None:
             local = all_reduce_sum(local, process_group)
-        total, squares, n = local.cpu().tolist()
-        if n < 2:
+        y2, r2_before, r2_after, total, squares, n = local.cpu().tolist()
+        if not n:
             return None
+        rel_before = r2_before / y2 if y2 > 0 else 0.0
+        rel_after = r2_after / y2 if y2 > 0 else 0.0
+        if n < 2:
+            return rel_before, rel_after, None
         mean = total / n
         var = max(squares / n - mean * mean, 0.0) * n / (n - 1)
         if var > 0:
-            return mean / math.sqrt(var / n)
-        return math.copysign(math.inf, mean) if mean else 0.0
+            z = mean / math.sqrt(var / n)
+        else:
+            z = math.copysign(math.inf, mean) if mean else 0.0
+        return rel_before, rel_after, z
 
 
 def accumulate_samples(
@@ -492,35 +503,9 @@ class ActivationScores:
         return bn_scale
 
 
-def unscaled_linear_groups(plan: Plan) -> list[str]:
-    """Prunable groups written by linear layers only and passing through no affine
-    BatchNorm (a classifier's hidden layers): ``bn_scale`` has nothing to rank them by."""
-    out = []
-    for name, group in plan.groups.items():
-        if not group.prunable or not group.producers:
-            continue
-        if not all(isinstance(plan.graph.get_submodule(p), nn.Linear) for p in group.producers):
-            continue
-        scaled = any(
-            isinstance(m := plan.graph.get_submodule(module), (nn.BatchNorm1d, nn.BatchNorm2d))
-            and m.affine
-            for module, _ in group.carriers
-        )  # fmt: skip
-        if not scaled:
-            out.append(name)
-    return out
-
-
-def bn_scales(plan: Plan) -> dict[str, np.ndarray]:
+def _gammas(plan: Plan) -> dict[str, np.ndarray]:
     """``|gamma|`` of each prunable group's channels, from the first affine BatchNorm the
-    group passes through (read before any refit turns it into the identity).
-
-    Raises
-    ------
-    UnsupportedLayerError
-        A prunable group that passes through no affine BatchNorm (the criterion has no
-        value for its channels); the message names the groups.
-    """
+    group passes through; groups that pass through none are absent."""
     out = {}
     for name, group in plan.groups.items():
         if not group.prunable:
@@ -538,6 +523,31 @@ def bn_scales(plan: Plan) -> dict[str, np.ndarray]:
                 offset += width
             if name in out:
                 break
+    return out
+
+
+def unscaled_linear_groups(plan: Plan) -> list[str]:
+    """Prunable groups written by linear layers only and passing through no affine
+    BatchNorm (a classifier's hidden layers): ``bn_scale`` has nothing to rank them by."""
+    scaled = _gammas(plan)
+    return [
+        name for name, group in plan.groups.items()
+        if group.prunable and group.producers and name not in scaled
+        and all(isinstance(plan.graph.get_submodule(p), nn.Linear) for p in group.producers)
+    ]  # fmt: skip
+
+
+def bn_scales(plan: Plan) -> dict[str, np.ndarray]:
+    """``|gamma|`` of each prunable group's channels, from the first affine BatchNorm the
+    group passes through (read before any refit turns it into the identity).
+
+    Raises
+    ------
+    UnsupportedLayerError
+        A prunable group that passes through no affine BatchNorm (the criterion has no
+        value for its channels); the message names the groups.
+    """
+    out = _gammas(plan)
     missing = [name for name, group in plan.groups.items() if group.prunable and name not in out]
     if missing:
         raise UnsupportedLayerError(
@@ -1123,16 +1133,17 @@ class _GraphSweep:
             )  # fmt: skip
         y2 = stats.yty if stats.yty > 0 else 1.0
         dense = _dense(weight, kept_pos, c_before, conv.groups)
-        held = stats.held.rel_error(kept_pos, dense, bias, self.group)
-        if options.refit and held is not None:
+        if not options.refit:
+            held = stats.held.rel_error(kept_pos, dense, bias, self.group)
+        else:
             # A refit is kept where it surely lowers the held-out error: one that fits
             # only the fit images (a classifier over one sample per image) keeps the
             # weights it had.
             w_sel = _grouped_slice(weight0, kept_pos, c_before, conv.groups)
             dense_sel = _dense(w_sel, kept_pos, c_before, conv.groups)
-            z = stats.held.gain_z(kept_pos, (dense_sel, bias0), (dense, bias), self.group)
+            check = stats.held.compare(kept_pos, (dense_sel, bias0), (dense, bias), self.group)
+            held_sel, held, z = check if check is not None else (None, None, None)
             if z is not None and z < REFIT_Z:
-                held_sel = stats.held.rel_error(kept_pos, dense_sel, bias0, self.group)
                 logger.info(
                     "%s: the refit does not surely lower the held-out error (%.4f, %.4f "
                     "without, z = %.2f); the weights are kept.", consumer.name, held,

@@ -300,7 +300,7 @@ def test_a_refit_is_kept_only_where_it_lowers_the_held_out_error():
             assert not torch.allclose(fc1_of[pruned], fc1_of[model], rtol=1e-3, atol=1e-3)
 
 
-def test_held_out_gain_is_a_paired_z_score_of_the_row_errors():
+def test_held_out_comparison_is_a_paired_z_score_of_the_row_errors():
     """Against the z-score written out with numpy on the same rows."""
     from chanprune.sweep import HeldOut
 
@@ -320,10 +320,15 @@ def test_held_out_gain_is_a_paired_z_score_of_the_row_errors():
 
     drop = rows(*noisy) - rows(*exact)
     expected = drop.mean() / (drop.std(ddof=1) / np.sqrt(len(drop)))
-    assert held.gain_z(kept, noisy, exact) == pytest.approx(expected, rel=1e-9)
-    assert held.gain_z(kept, exact, noisy) == pytest.approx(-expected, rel=1e-9)
-    assert held.gain_z(kept, exact, exact) == 0.0
-    assert HeldOut().gain_z(kept, exact, noisy) is None
+    rel_noisy, rel_exact, z = held.compare(kept, noisy, exact)
+    assert z == pytest.approx(expected, rel=1e-9)
+    y2 = np.square(Y).sum()
+    assert rel_noisy == pytest.approx(rows(*noisy).sum() / y2, rel=1e-9)
+    assert rel_exact == pytest.approx(rows(*exact).sum() / y2, rel=1e-9)
+    assert rel_exact == pytest.approx(held.rel_error(kept, *exact), rel=1e-12)
+    assert held.compare(kept, exact, noisy)[2] == pytest.approx(-expected, rel=1e-9)
+    assert held.compare(kept, exact, exact)[2] == 0.0
+    assert HeldOut().compare(kept, exact, noisy) is None
 
 
 def test_data_schedules_keep_groups_a_linear_layer_reads_from_too_few_images():
