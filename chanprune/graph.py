@@ -502,7 +502,7 @@ class _Analysis:
             return
         if linear.in_features > MAX_LINEAR_FEATURES:
             self.fix(
-                self.atoms_of(source),
+                atoms,
                 f"read by the linear layer {name} over {linear.in_features} features (its "
                 f"statistics are kept up to {MAX_LINEAR_FEATURES})",
             )  # fmt: skip
@@ -643,7 +643,7 @@ class _Analysis:
             self.carry(node, source)
         elif len(src) >= 3 and len(shape) == 2 and shape[0] == src[0]:
             # Channel-major: each channel's H * W features stay together, so the layout
-            # holds, counted in channels (checked where the value is read: _check_spread).
+            # holds, counted in channels (checked where the value is read: check_spread).
             if source.name in self.layout and source.name not in self.spread:
                 self.layout[node.name] = self.layout[source.name]
                 self.spread[node.name] = math.prod(src[2:])
